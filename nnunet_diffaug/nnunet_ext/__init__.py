@@ -1,0 +1,1 @@
+"""Holds only the trainer shim; nnUNet_extTrainer points here."""

@@ -1,0 +1,38 @@
+"""Training length from the environment, so two arms of a comparison get exactly the same budget.
+
+``DIFFAUG_NUM_EPOCHS``, ``DIFFAUG_ITERATIONS_PER_EPOCH`` and ``DIFFAUG_VAL_ITERATIONS`` override
+nnU-Net's 1000 x 250 (+50 validation) iterations when set; unset, nothing changes.
+"""
+from __future__ import annotations
+
+import os
+
+from nnunet_diffaug.errors import DiffAugError
+
+BUDGET_ENV = {
+    "DIFFAUG_NUM_EPOCHS": "num_epochs",
+    "DIFFAUG_ITERATIONS_PER_EPOCH": "num_iterations_per_epoch",
+    "DIFFAUG_VAL_ITERATIONS": "num_val_iterations_per_epoch",
+}
+
+
+def env_float(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DiffAugError(f"Environment variable {name}={raw!r} is not a number.") from None
+    if not low <= value <= high:
+        raise DiffAugError(f"Environment variable {name}={raw!r} must lie in [{low}, {high}].")
+    return value
+
+
+def apply_budget_from_env(trainer) -> None:
+    for env_name, attribute in BUDGET_ENV.items():
+        if os.environ.get(env_name):
+            value = env_float(env_name, 0, 1, 10 ** 9)
+            if value != int(value):
+                raise DiffAugError(f"Environment variable {env_name}={os.environ[env_name]!r} must be an integer.")
+            setattr(trainer, attribute, int(value))

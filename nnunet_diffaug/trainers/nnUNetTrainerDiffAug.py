@@ -1,0 +1,188 @@
+"""nnUNetTrainerDiffAug: nnU-Net's trainer with synthetic cases mixed into every training batch.
+
+What changes against the stock ``nnUNetTrainer``:
+- before training, the synthetic raw dataset made for this fold is located, checked (channels,
+  labels, file ending, and that its synthesizer never saw a validation case of this fold) and
+  preprocessed with this dataset's plans (incrementally, beside the real preprocessed data);
+- each training batch holds ``round(r * batch_size)`` synthetic samples (stochastic rounding),
+  shuffled among the real ones; the share actually drawn is written to the training log each epoch;
+- validation, checkpoint selection and the final validation use real cases only (unchanged code).
+
+The ratio r: class attribute ``synthetic_ratio`` (variants ``_r0`` ... ``_r100``), overridden by the
+environment variable ``DIFFAUG_SYNTHETIC_RATIO``. r = 0 trains exactly like the stock trainer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+from nnunet_diffaug import paths
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_float
+from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
+from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
+from nnunet_diffaug.trainers.synthetic_source import locate_synthetic_dataset, validate_synthetic_dataset
+
+RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
+# Seed (c) of ANCHORS.md, the one method evaluated inside nnU-Net, adds ~0.5 synthetic case per real
+# case: a synthetic share of 1/3 of the training pool.
+DEFAULT_SYNTHETIC_RATIO = 1 / 3
+
+
+class nnUNetTrainerBudget(nnUNetTrainer):
+    """The stock trainer, changed only in training length (see ``budget.py``): the control arm of benchmarks."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_from_env(self)
+
+
+class nnUNetTrainerDiffAug(nnUNetTrainer):
+    synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.configuration_manager.previous_stage_name is not None or \
+                self.configuration_manager.configuration.get("next_stage"):
+            raise DiffAugError(f"nnUNetTrainerDiffAug does not support cascade configurations ({configuration}): "
+                               f"synthetic cases have no previous-stage predictions. Use 2d or 3d_fullres.")
+        self.synthetic_ratio = env_float(RATIO_ENV, type(self).synthetic_ratio, 0.0, 1.0)
+        apply_budget_from_env(self)
+        self.synthetic_dataset_folder = None
+        self._samples_drawn = self._synthetic_drawn = 0
+
+    # ------------------------------------------------------------------------------------------
+    # data
+    # ------------------------------------------------------------------------------------------
+    def _prepare_synthetic_dataset(self, validation_cases: list[str]) -> nnUNetDatasetBlosc2:
+        real_name = self.plans_manager.dataset_name
+        folder = locate_synthetic_dataset(real_name, self.fold, self.configuration_name)
+        validate_synthetic_dataset(folder, self.dataset_json, real_name, self.fold, self.configuration_name,
+                                   validation_cases, is_3d=len(self.configuration_manager.patch_size) == 3)
+        output = paths.synthetic_preprocessed_folder(real_name, folder.name, self.configuration_manager.data_identifier)
+        if self.local_rank == 0:
+            identifiers = preprocess_synthetic_cases(folder, self.dataset_json, self.plans_manager.plans,
+                                                     self.configuration_name, output,
+                                                     num_processes=max(1, get_allowed_n_proc_DA() // 2))
+        if self.is_ddp:
+            dist.barrier()
+            if self.local_rank != 0:
+                identifiers = preprocess_synthetic_cases(folder, self.dataset_json, self.plans_manager.plans,
+                                                         self.configuration_name, output, verbose=False)
+        self.synthetic_dataset_folder = folder
+        self.print_to_log_file(f"DiffAug: {len(identifiers)} synthetic case(s) from {folder} "
+                               f"(preprocessed in {output}); synthetic share per batch r = {self.synthetic_ratio:.3f}")
+        return nnUNetDatasetBlosc2(str(output), identifiers)
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.synthetic_ratio > 0:
+            synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
+            dataset_tr = MixedDataset(dataset_tr, synthetic)
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        if self.synthetic_ratio == 0:
+            return super().get_dataloaders()
+        # Mirrors nnUNetTrainer.get_dataloaders (nnunetv2 2.8), with RatioDataLoader for training.
+        if self.dataset_class is None:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        label_kwargs = dict(foreground_labels=self.label_manager.foreground_labels,
+                            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+                            ignore_label=self.label_manager.ignore_label)
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            **label_kwargs)
+        val_transforms = self.get_validation_transforms(deep_supervision_scales, is_cascaded=self.is_cascaded,
+                                                        **label_kwargs)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        common = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
+                      pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = RatioDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                transforms=tr_transforms, synthetic_ratio=self.synthetic_ratio, **common)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
+                                  transforms=val_transforms, **common)
+        allowed_num_processes = get_allowed_n_proc_DA()
+        if allowed_num_processes == 0:
+            mt_gen_train, mt_gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == 'cuda'
+            mt_gen_train = NonDetMultiThreadedAugmenter(
+                data_loader=dl_tr, transform=None, num_processes=allowed_num_processes,
+                num_cached=max(6, allowed_num_processes // 2), seeds=None, pin_memory=pin, wait_time=0.002)
+            mt_gen_val = NonDetMultiThreadedAugmenter(
+                data_loader=dl_val, transform=None, num_processes=max(1, allowed_num_processes // 2),
+                num_cached=max(3, allowed_num_processes // 4), seeds=None, pin_memory=pin, wait_time=0.002)
+        _ = next(mt_gen_train)
+        _ = next(mt_gen_val)
+        return mt_gen_train, mt_gen_val
+
+    # ------------------------------------------------------------------------------------------
+    # logging what was actually drawn
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        keys = batch.get('keys', [])
+        self._samples_drawn += len(keys)
+        self._synthetic_drawn += sum(is_synthetic_key(k) for k in keys)
+        return super().train_step(batch)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self._samples_drawn:
+            share = self._synthetic_drawn / self._samples_drawn
+            self.print_to_log_file(f"DiffAug: synthetic share drawn this epoch: {share:.3f} "
+                                   f"({self._synthetic_drawn}/{self._samples_drawn} samples, target r = "
+                                   f"{self.synthetic_ratio:.3f})")
+        self._samples_drawn = self._synthetic_drawn = 0
+
+
+# ---- ratio variants (nnU-Net style: pick with -tr) ------------------------------------------------
+
+class nnUNetTrainerDiffAug_r0(nnUNetTrainerDiffAug):
+    synthetic_ratio = 0.0
+
+
+class nnUNetTrainerDiffAug_r10(nnUNetTrainerDiffAug):
+    synthetic_ratio = 0.10
+
+
+class nnUNetTrainerDiffAug_r25(nnUNetTrainerDiffAug):
+    synthetic_ratio = 0.25
+
+
+class nnUNetTrainerDiffAug_r50(nnUNetTrainerDiffAug):
+    synthetic_ratio = 0.50
+
+
+class nnUNetTrainerDiffAug_r75(nnUNetTrainerDiffAug):
+    synthetic_ratio = 0.75
+
+
+class nnUNetTrainerDiffAug_r100(nnUNetTrainerDiffAug):
+    """Synthetic-only training (seed (c)'s 'synthetic' arm); validation stays real."""
+    synthetic_ratio = 1.0
+
+
+# ---- short runs ---------------------------------------------------------------------------------
+
+class nnUNetTrainerDiffAug_5epochs(nnUNetTrainerDiffAug):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+        apply_budget_from_env(self)  # an explicit budget still wins

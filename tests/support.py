@@ -1,0 +1,104 @@
+"""Helpers shared by the tests: nnU-Net environments, subprocess runs, stand-in synthetic datasets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_diffaug.paths import trainer_shim_folder
+from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, load_dataset_json, list_cases
+
+EXAMPLE_ID = 990
+EXAMPLE_NAME = "Dataset990_ChestCTSlabs"
+
+
+def nnunet_env(root: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_extTrainer": str(trainer_shim_folder()),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def set_nnunet_env(monkeypatch, root: Path) -> None:
+    for k, v in nnunet_env(root).items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+
+
+def run(cmd: list[str], env: dict, timeout: int = 900, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script next to this interpreter (works inside venvs too)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def write_splits(preprocessed_dataset_folder: Path, case_ids: list[str], n_folds: int = 2) -> list[dict]:
+    """Deterministic k-fold splits (nnU-Net needs >= 5 cases for its own automatic split)."""
+    ids = sorted(case_ids)
+    splits = [{"train": [c for i, c in enumerate(ids) if i % n_folds != f],
+               "val": [c for i, c in enumerate(ids) if i % n_folds == f]} for f in range(n_folds)]
+    (preprocessed_dataset_folder / "splits_final.json").write_text(json.dumps(splits, indent=2))
+    return splits
+
+
+def _deform(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
+    """A random small affine warp plus an intensity change: a cheap stand-in for a generative model."""
+    transform = sitk.AffineTransform(3)
+    size = np.array(image.GetSize())
+    center = image.TransformContinuousIndexToPhysicalPoint((size - 1) / 2.0)
+    transform.SetCenter(center)
+    matrix = np.eye(3)
+    angle = rng.uniform(-0.15, 0.15)
+    matrix[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    matrix[:2, :2] *= rng.uniform(0.9, 1.1)
+    transform.SetMatrix(matrix.ravel().tolist())
+    warped_image = sitk.Resample(image, image, transform, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    warped_label = sitk.Resample(label, label, transform, sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    arr = sitk.GetArrayFromImage(warped_image)
+    arr = arr * rng.uniform(0.95, 1.05) + rng.normal(0, 10, size=arr.shape)
+    out = sitk.GetImageFromArray(arr.astype(np.float32))
+    out.CopyInformation(image)
+    return out, warped_label
+
+
+def make_stand_in_synthetic_set(raw_root: Path, real_dataset_name: str, fold, training_cases: list[str],
+                                n_cases: int, dataset_id: int = 901, seed: int = 0,
+                                provenance_training_cases: list[str] | None = None) -> Path:
+    """Writes deformed copies of real training cases as a synthetic raw dataset with provenance."""
+    real_folder = raw_root / real_dataset_name
+    real_json = load_dataset_json(real_folder)
+    real_cases = list_cases(real_folder, real_json)
+    folder = raw_root / f"Dataset{dataset_id:03d}_StandInSynthF{fold}"
+    provenance = SyntheticProvenance(
+        source_dataset=real_dataset_name, fold=fold, configuration="3d_fullres",
+        training_cases=list(provenance_training_cases if provenance_training_cases is not None else training_cases),
+        generator={"kind": "test-stand-in: random affine warp of real training cases"}, seed=seed)
+    writer = SyntheticDatasetWriter(folder, real_json, provenance)
+    rng = np.random.default_rng(seed)
+    for i in range(n_cases):
+        source = training_cases[i % len(training_cases)]
+        image = sitk.ReadImage(real_cases[source]["images"][0])
+        label = sitk.ReadImage(real_cases[source]["label"])
+        warped_image, warped_label = _deform(image, label, rng)
+        writer.write_case(f"synth_{i:05d}", [warped_image], warped_label, {"label_source": source})
+    writer.finalize()
+    return folder
