@@ -26,6 +26,8 @@ def nnunet_env(root: Path, **extra) -> dict:
         "nnUNet_extTrainer": str(trainer_shim_folder()),
         "OMP_WAIT_POLICY": "PASSIVE",
         "OMP_NUM_THREADS": "1",
+        # nnU-Net's export/evaluation pools default to 8 processes: on 2 cores their start-up dominates
+        "nnUNet_def_n_proc": "1",
         "MPLBACKEND": "Agg",
     })
     env.update({k: str(v) for k, v in extra.items()})

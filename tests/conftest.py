@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# CPU tests on 2 cores: busy-waiting OpenMP threads make torch up to 10x slower under contention
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run, write_splits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def planned_example(tmp_path_factory):
+    """The built-in chest CT example (8 slab cases, 64x64 in-plane), planned and preprocessed by nnU-Net's
+    own console script for 2d and 3d_fullres, with small plans 'nnUNetPlansDiffAugSmall' and 2-fold splits.
+
+    Returns (root, splits): nnU-Net folders under root/{raw,preprocessed,results}.
+    """
+    from nnunet_diffaug.example_data import build_example_dataset
+    from nnunet_diffaug.small_plans import write_small_plans
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    build_example_dataset(root / "raw", EXAMPLE_ID, slab_slices=4, in_plane_size=64)
+    run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID), "-c", "2d", "3d_fullres",
+         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+    splits = write_splits(root / "preprocessed" / EXAMPLE_NAME, [f"chest_{i:03d}" for i in range(8)], n_folds=2)
+    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    os.environ.update({k: env[k] for k in old})
+    try:
+        write_small_plans(EXAMPLE_NAME)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return root, splits
