@@ -1,0 +1,72 @@
+"""The image autoencoder: MONAI's AutoencoderKL, its loss, and the optional patch discriminator."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnunet_diffaug.synthesis.config import AutoencoderConfig
+
+
+def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int) -> nn.Module:
+    from monai.networks.nets import AutoencoderKL
+    return AutoencoderKL(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
+        channels=tuple(cfg.channels), latent_channels=cfg.latent_channels, num_res_blocks=cfg.num_res_blocks,
+        attention_levels=tuple(cfg.attention_levels), norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=cfg.nonlocal_attention, with_decoder_nonlocal_attn=cfg.nonlocal_attention,
+    )
+
+
+def build_discriminator(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int) -> nn.Module | None:
+    if cfg.adversarial_weight <= 0:
+        return None
+    from monai.networks.nets import PatchDiscriminator
+    return PatchDiscriminator(spatial_dims=spatial_dims, in_channels=in_channels,
+                              channels=cfg.discriminator_channels, num_layers_d=cfg.discriminator_layers)
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)), summed over latent voxels, averaged over the batch."""
+    dims = list(range(1, z_mu.ndim))
+    kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1, dim=dims)
+    return kl.mean()
+
+
+class AutoencoderLoss:
+    """L1 + KL, plus a least-squares patch-adversarial term once ``adversarial_start_step`` is reached."""
+
+    def __init__(self, cfg: AutoencoderConfig, discriminator: nn.Module | None):
+        self.cfg = cfg
+        self.discriminator = discriminator
+        if discriminator is not None:
+            from monai.losses import PatchAdversarialLoss
+            self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+
+    def adversarial_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.adversarial_start_step
+
+    def generator_loss(self, images, recon, z_mu, z_sigma, step: int) -> tuple[torch.Tensor, dict]:
+        l1 = torch.nn.functional.l1_loss(recon, images)
+        kl = kl_loss(z_mu, z_sigma)
+        loss = l1 + self.cfg.kl_weight * kl
+        parts = {"l1": float(l1), "kl": float(kl)}
+        if self.adversarial_active(step):
+            logits = self.discriminator(recon.contiguous())[-1]
+            adv = self.adversarial(logits, target_is_real=True, for_discriminator=False)
+            loss = loss + self.cfg.adversarial_weight * adv
+            parts["adv_g"] = float(adv)
+        return loss, parts
+
+    def discriminator_loss(self, images, recon) -> tuple[torch.Tensor, dict]:
+        fake = self.discriminator(recon.detach().contiguous())[-1]
+        real = self.discriminator(images.contiguous())[-1]
+        loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True)
+                      + self.adversarial(real, target_is_real=True, for_discriminator=True))
+        return loss, {"adv_d": float(loss)}
+
+
+@torch.no_grad()
+def encode_mean(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Latent means: the diffusion model learns the deterministic part of the posterior."""
+    z_mu, _ = autoencoder.encode(images)
+    return z_mu

@@ -1,0 +1,225 @@
+"""The synthesizer's configuration: one typed dataclass, presets, and a strict JSON round trip.
+
+A config describes models and training, never data: everything that comes from the dataset
+(channels, labels, spatial dims, intensity range) lives in :class:`synthesis.data.DataSpec`.
+
+Custom configs are JSON files holding any subset of the fields; missing fields come from the
+preset named by their ``"base"`` key (``"tiny"`` when absent). Unknown keys are refused, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nnunet_diffaug.errors import DiffAugError
+
+CONDITIONINGS = ("spade", "controlnet")
+SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")
+
+
+@dataclass
+class DataConfig:
+    patch_size_3d: tuple[int, ...] = (32, 32, 32)   # training crop; capped at the volume size
+    patch_size_2d: tuple[int, ...] = (64, 64)
+    foreground_crop_probability: float = 0.67       # crops centred on a random labelled voxel (class balanced)
+
+
+@dataclass
+class AutoencoderConfig:
+    channels: tuple[int, ...] = (16, 32)            # one entry per level; latent is 2**(len-1) times smaller
+    latent_channels: int = 3
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False)
+    nonlocal_attention: bool = False                # MONAI's mid-block attention; costly at 3D sizes
+    norm_num_groups: int = 8
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0                 # > 0 turns on a PatchDiscriminator
+    adversarial_start_step: int = 0                 # warm-up steps before the adversarial loss kicks in
+    discriminator_channels: int = 32
+    discriminator_layers: int = 2
+    perceptual_weight: float = 0.0                  # needs perceptual_weights_path; nothing is ever downloaded
+    perceptual_weights_path: str | None = None
+    learning_rate: float = 1e-3
+    batch_size: int = 2
+    steps: int = 300
+
+
+@dataclass
+class DiffusionConfig:
+    conditioning: str = "spade"                     # "spade" or "controlnet"
+    channels: tuple[int, ...] = (16, 32, 32)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    num_head_channels: int = 8
+    spade_hidden_channels: int = 32
+    controlnet_embedding_channels: tuple[int, ...] = (16, 32)   # len == len(autoencoder.channels): full res -> latent
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "epsilon"                # or "v_prediction"
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    steps: int = 400
+    scale_factor_batches: int = 20                  # batches used to estimate 1/std of the latents
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "dpmpp"
+    steps: int = 10
+    decode_overlap: float = 0.25                    # sliding-window VAE decoding, gaussian blending
+    rotate_degrees: float = 10.0                    # label-map augmentation: in-plane rotation range (+-)
+    scale_range: float = 0.1                        # isotropic zoom in [1 - r, 1 + r]
+    translate_fraction: float = 0.05                # shift of up to this fraction of each axis
+
+
+@dataclass
+class SynthesizerConfig:
+    base: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    checkpoint_every: int = 50                      # steps between resumable checkpoints
+    montage_cases: int = 4
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str = "config") -> "SynthesizerConfig":
+        if not isinstance(obj, dict):
+            raise DiffAugError(f"{where}: a synthesizer config must be a JSON object.")
+        base_name = obj.get("base", "tiny")
+        if base_name not in PRESETS:
+            raise DiffAugError(f"{where}: unknown base preset {base_name!r}; choose one of {sorted(PRESETS)}.")
+        cfg = _merge(PRESETS[base_name](), obj, where)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        ae, dm, s = self.autoencoder, self.diffusion, self.sampling
+        problems = []
+        if dm.conditioning not in CONDITIONINGS:
+            problems.append(f"diffusion.conditioning must be one of {CONDITIONINGS}, not {dm.conditioning!r}")
+        if s.sampler not in SAMPLERS:
+            problems.append(f"sampling.sampler must be one of {SAMPLERS}, not {s.sampler!r}")
+        if dm.prediction_type not in ("epsilon", "v_prediction"):
+            problems.append("diffusion.prediction_type must be 'epsilon' or 'v_prediction'")
+        if len(ae.attention_levels) != len(ae.channels):
+            problems.append("autoencoder.attention_levels needs one entry per autoencoder.channels entry")
+        if len(dm.attention_levels) != len(dm.channels):
+            problems.append("diffusion.attention_levels needs one entry per diffusion.channels entry")
+        if dm.conditioning == "controlnet" and len(dm.controlnet_embedding_channels) != len(ae.channels):
+            problems.append("diffusion.controlnet_embedding_channels needs len(autoencoder.channels) entries, "
+                            "so that the label map is embedded from full resolution down to the latent size")
+        for name, chans, groups in (("autoencoder", ae.channels, ae.norm_num_groups),
+                                    ("diffusion", dm.channels, dm.norm_num_groups)):
+            if any(c % groups for c in chans):
+                problems.append(f"{name}.channels {list(chans)} must be multiples of norm_num_groups={groups}")
+        if ae.perceptual_weight > 0 and not (ae.perceptual_weights_path and os.path.isfile(ae.perceptual_weights_path)):
+            problems.append("autoencoder.perceptual_weight > 0 needs autoencoder.perceptual_weights_path to name an "
+                            "existing local weights file (nothing is downloaded); set perceptual_weight to 0")
+        elif ae.perceptual_weight > 0:
+            problems.append("autoencoder.perceptual_weight > 0 is not supported in this version; set it to 0")
+        for name, value in (("autoencoder.steps", ae.steps), ("diffusion.steps", dm.steps),
+                            ("autoencoder.batch_size", ae.batch_size), ("diffusion.batch_size", dm.batch_size),
+                            ("checkpoint_every", self.checkpoint_every), ("sampling.steps", s.steps),
+                            ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
+            if value < 1:
+                problems.append(f"{name} must be >= 1, not {value}")
+        if problems:
+            raise DiffAugError(f"{where}: " + "; ".join(problems) + ".")
+
+    def divisor(self) -> int:
+        """Image sizes must be multiples of this: autoencoder downsampling times UNet downsampling."""
+        return 2 ** (len(self.autoencoder.channels) - 1) * 2 ** (len(self.diffusion.channels) - 1)
+
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.autoencoder.channels) - 1)
+
+
+def _merge(instance, obj: dict, where: str):
+    """Returns a copy of dataclass ``instance`` with the JSON ``obj`` applied, refusing unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise DiffAugError(f"{where}: unknown key(s) {unknown} in {type(instance).__name__}; "
+                           f"known keys are {sorted(fields)}.")
+    updates: dict[str, Any] = {}
+    for name, value in obj.items():
+        current = getattr(instance, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DiffAugError(f"{where}: {name!r} must be a JSON object.")
+            updates[name] = _merge(current, value, f"{where} [{name}]")
+        elif isinstance(current, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise DiffAugError(f"{where}: {name!r} must be a list, not {value!r}.")
+            updates[name] = tuple(value)
+        elif isinstance(current, bool) and not isinstance(value, bool):
+            raise DiffAugError(f"{where}: {name!r} must be true or false, not {value!r}.")
+        elif isinstance(current, (int, float)) and not isinstance(current, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DiffAugError(f"{where}: {name!r} must be a number, not {value!r}.")
+        elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+            if value != int(value):
+                raise DiffAugError(f"{where}: {name!r} must be an integer, not {value!r}.")
+            updates[name] = int(value)
+        else:
+            updates[name] = value
+    return dataclasses.replace(instance, **updates)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+def tiny() -> SynthesizerConfig:
+    """CPU-sized: a few minutes on 2 cores on small volumes; what the tests use."""
+    return SynthesizerConfig(base="tiny")
+
+
+def default() -> SynthesizerConfig:
+    """GPU-sized after the anchors (MAISI-like 4x compression, 4 latent channels; UNet [128, 256, 512])."""
+    return SynthesizerConfig(
+        base="default",
+        data=DataConfig(patch_size_3d=(96, 96, 96), patch_size_2d=(256, 256)),
+        autoencoder=AutoencoderConfig(channels=(64, 128, 256), latent_channels=4, num_res_blocks=2,
+                                      attention_levels=(False, False, False), norm_num_groups=32,
+                                      kl_weight=1e-6, adversarial_weight=0.01, adversarial_start_step=5000,
+                                      discriminator_channels=64, discriminator_layers=3,
+                                      learning_rate=1e-4, batch_size=2, steps=30000),
+        diffusion=DiffusionConfig(channels=(128, 256, 512), attention_levels=(False, True, True),
+                                  num_res_blocks=2, norm_num_groups=32, num_head_channels=64,
+                                  spade_hidden_channels=128, controlnet_embedding_channels=(32, 64, 128),
+                                  learning_rate=1e-4, batch_size=4, steps=50000, scale_factor_batches=50),
+        sampling=SamplingConfig(sampler="dpmpp", steps=20),
+        checkpoint_every=1000,
+        montage_cases=8,
+    )
+
+
+PRESETS = {"tiny": tiny, "default": default}
+
+
+def load_config(preset_or_path: str) -> SynthesizerConfig:
+    """A preset name (``tiny``, ``default``) or the path of a JSON config file."""
+    if preset_or_path in PRESETS:
+        cfg = PRESETS[preset_or_path]()
+        cfg.validate(f"preset {preset_or_path!r}")
+        return cfg
+    path = Path(preset_or_path)
+    if not path.is_file():
+        raise DiffAugError(f"{path}: no such config file, and not a preset name (presets: {sorted(PRESETS)}).")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+    return SynthesizerConfig.from_json(obj, str(path))

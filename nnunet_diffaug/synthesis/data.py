@@ -1,0 +1,259 @@
+"""Training samples from nnU-Net's preprocessed data: the training cases of one fold, one configuration.
+
+Everything happens in nnU-Net's preprocessed space (target spacing, transposed axes, normalised
+intensities). 2D configurations use slices along the first (transposed) axis, as nnU-Net does.
+
+Label maps are encoded as class indices: declared label value ``v`` -> its rank among the declared
+values; nnU-Net's ``-1`` ("outside the nonzero region", written by its cropping) -> one extra
+class, so the generator learns to paint the zero background there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffaug import paths
+from nnunet_diffaug.errors import DiffAugError
+
+OUTSIDE_LABEL = -1   # nnU-Net's marker for voxels outside the nonzero mask
+
+
+@dataclass
+class DataSpec:
+    """What the synthesizer learned from: recorded with the checkpoint, checked on resume and at synthesis."""
+    dataset_name: str
+    configuration: str
+    plans_identifier: str
+    fold: int
+    training_cases: list[str]
+    spatial_dims: int
+    in_channels: int
+    label_values: list[int]            # declared values, background first (class index = position)
+    normalization_schemes: list[str]
+    intensity_min: list[float]         # per channel, normalised space: decoded images are clamped to this
+    intensity_max: list[float]
+    patch_size: list[int]              # training crop actually used (a multiple of the config's divisor)
+
+    @property
+    def num_classes(self) -> int:      # declared labels + "outside"
+        return len(self.label_values) + 1
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str) -> "DataSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(obj))
+        if missing:
+            raise DiffAugError(f"{where} lacks field(s) {missing}; it was not written by this version.")
+        return cls(**{k: obj[k] for k in names})
+
+
+def _read_json(path: Path, what: str) -> dict | list:
+    if not path.is_file():
+        raise DiffAugError(what)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+
+
+class FoldData:
+    """The preprocessed training cases of one fold, read lazily (blosc2 slices only what a crop needs)."""
+
+    def __init__(self, dataset: str | int, configuration: str, fold: int, plans_identifier: str = "nnUNetPlans"):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.dataset_name = paths.resolve_dataset_name(dataset)
+        self.configuration = configuration
+        self.fold = int(fold)
+        self.plans_identifier = plans_identifier
+        self.folder = paths.nnunet_preprocessed() / self.dataset_name
+        plans_file = self.folder / f"{plans_identifier}.json"
+        plans = _read_json(plans_file, f"{plans_file} does not exist. Run nnUNetv2_plan_and_preprocess -d "
+                                       f"{self.dataset_name} -c {configuration} first (or pass the right -plans).")
+        self.plans_manager = PlansManager(plans)
+        if configuration not in self.plans_manager.available_configurations:
+            raise DiffAugError(f"{plans_file} has no configuration {configuration!r}; available: "
+                               f"{self.plans_manager.available_configurations}.")
+        self.cm = self.plans_manager.get_configuration(configuration)
+        if self.cm.previous_stage_name is not None:
+            raise DiffAugError(f"{plans_file}: configuration {configuration!r} is a cascade stage; train the "
+                               f"synthesizer on {self.cm.previous_stage_name!r} or 3d_fullres instead.")
+        self.spatial_dims = len(self.cm.patch_size)
+        self.data_folder = self.folder / self.cm.data_identifier
+        self.dataset_json = _read_json(self.folder / "dataset.json",
+                                       f"{self.folder / 'dataset.json'} does not exist: rerun nnUNetv2_plan_and_preprocess.")
+        self.label_values = sorted(v for k, v in self.dataset_json["labels"].items() if k != "ignore")
+        if any(isinstance(v, (list, tuple)) for v in self.label_values):
+            raise DiffAugError(f"{self.folder / 'dataset.json'}: region-based labels are not supported.")
+        self.in_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+        self.training_cases = self._training_cases()
+        self._lut = self._label_lookup()
+        self._cases: dict[str, tuple] = {}
+
+    # ------------------------------------------------------------------ fold and cases
+    def _training_cases(self) -> list[str]:
+        splits_file = self.folder / "splits_final.json"
+        splits = _read_json(splits_file, f"{splits_file} does not exist: the fold's training cases are unknown. "
+                                         f"Run nnUNetv2_train once (it writes the split) or write splits_final.json "
+                                         f"yourself (a list of {{'train': [...], 'val': [...]}} per fold).")
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s for s in splits):
+            raise DiffAugError(f"{splits_file}: expected a list of {{'train': [...], 'val': [...]}} objects.")
+        if not 0 <= self.fold < len(splits):
+            raise DiffAugError(f"{splits_file} defines folds 0..{len(splits) - 1}; fold {self.fold} does not exist.")
+        cases = sorted(splits[self.fold]["train"])
+        if not cases:
+            raise DiffAugError(f"{splits_file}: fold {self.fold} has no training cases.")
+        if not self.data_folder.is_dir():
+            raise DiffAugError(f"{self.data_folder} does not exist: run nnUNetv2_plan_and_preprocess -d "
+                               f"{self.dataset_name} -c {self.configuration} first.")
+        missing = [c for c in cases if not (self.data_folder / f"{c}.b2nd").is_file()
+                   or not (self.data_folder / f"{c}_seg.b2nd").is_file()]
+        if missing:
+            raise DiffAugError(f"{self.data_folder} lacks preprocessed file(s) for {len(missing)} training case(s) of "
+                               f"fold {self.fold} ({', '.join(missing[:5])}): rerun nnUNetv2_plan_and_preprocess.")
+        return cases
+
+    def _label_lookup(self) -> np.ndarray:
+        """Maps seg values (offset by 1 so -1 fits) to class indices; undeclared values -> 255."""
+        top = max(self.label_values) + 2
+        lut = np.full(top, 255, dtype=np.uint8)
+        for i, v in enumerate(self.label_values):
+            lut[v + 1] = i
+        lut[OUTSIDE_LABEL + 1] = len(self.label_values)
+        return lut
+
+    def encode_labels(self, seg: np.ndarray, case_id: str = "") -> np.ndarray:
+        seg = np.asarray(seg).astype(np.int64) + 1
+        if seg.min() < 0 or seg.max() >= len(self._lut) or np.any(self._lut[seg] == 255):
+            raise DiffAugError(f"{self.data_folder / (case_id + '_seg.b2nd')}: holds label values that "
+                               f"{self.folder / 'dataset.json'} does not declare.")
+        return self._lut[seg]
+
+    def case(self, case_id: str):
+        """(data, seg, properties) of a case; data/seg are lazy blosc2 arrays of shape (C, *spatial)."""
+        if case_id not in self._cases:
+            from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+            if not hasattr(self, "_dataset"):
+                self._dataset = nnUNetDatasetBlosc2(str(self.data_folder), identifiers=self.training_cases)
+            data, seg, _, props = self._dataset.load_case(case_id)
+            self._cases[case_id] = (data, seg, props)
+        return self._cases[case_id]
+
+    def volume_shape(self, case_id: str) -> tuple[int, ...]:
+        return tuple(self.case(case_id)[0].shape[1:])
+
+    def label_volume(self, case_id: str) -> np.ndarray:
+        """The class-index label volume of a case (3D, transposed axes)."""
+        return self.encode_labels(self.case(case_id)[1][0][...], case_id)
+
+    # ------------------------------------------------------------------ intensity range
+    def intensity_range(self, rng: np.random.Generator, n_samples: int = 32) -> tuple[list[float], list[float]]:
+        """Per-channel [min, max] of the normalised training data; decoded images are clamped to it.
+
+        CT normalisation clips to known percentiles, so its range is exact; other schemes are
+        estimated from whole cases (up to ``n_samples``), widened by 5%.
+        """
+        props = self.plans_manager.foreground_intensity_properties_per_channel
+        lo, hi = [], []
+        cases = list(self.training_cases)
+        rng.shuffle(cases)
+        for c, scheme in enumerate(self.cm.normalization_schemes):
+            p = props.get(str(c), props.get(c))
+            if scheme == "CTNormalization" and p is not None:
+                std = max(float(p["std"]), 1e-8)
+                lo.append((float(p["percentile_00_5"]) - float(p["mean"])) / std)
+                hi.append((float(p["percentile_99_5"]) - float(p["mean"])) / std)
+                continue
+            vmin, vmax = np.inf, -np.inf
+            for case_id in cases[:n_samples]:
+                arr = np.asarray(self.case(case_id)[0][c][...])
+                vmin, vmax = min(vmin, float(arr.min())), max(vmax, float(arr.max()))
+            margin = 0.05 * (vmax - vmin)
+            lo.append(vmin - margin)
+            hi.append(vmax + margin)
+        return lo, hi
+
+
+def fit_patch_size(requested: list[int], volume_shapes: list[tuple[int, ...]], divisor: int) -> list[int]:
+    """The configured patch, capped at the largest volume, rounded up to a multiple of ``divisor``."""
+    largest = np.max(np.array(volume_shapes), axis=0)
+    return [int(-(-min(r, int(s)) // divisor) * divisor) for r, s in zip(requested, largest)]
+
+
+def pad_to(array: np.ndarray, shape: list[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Mirror-pads the trailing spatial axes of ``array`` up to ``shape``; returns the padding used."""
+    spatial = array.shape[-len(shape):]
+    pads = [(0, 0)] * (array.ndim - len(shape))
+    for s, t in zip(spatial, shape):
+        before = max(t - s, 0) // 2
+        pads.append((before, max(t - s, 0) - before))
+    if any(p != (0, 0) for p in pads):
+        # 'symmetric' works for any axis length >= 1 (also a single slice), unlike 'reflect'
+        array = np.pad(array, pads, mode="symmetric")
+    return array, pads[array.ndim - len(shape):]
+
+
+class PatchSampler:
+    """Random training crops (3D) or crops of slices (2D), half of them centred on labelled voxels.
+
+    Deterministic given the numpy Generator, so a resumed run draws the same batches as an
+    uninterrupted one (the trainer seeds one Generator per step).
+    """
+
+    def __init__(self, data: FoldData, patch_size: list[int], foreground_probability: float):
+        self.data = data
+        self.patch_size = list(patch_size)
+        self.fg_prob = foreground_probability
+        self.cases = data.training_cases
+        self.shapes = {c: data.volume_shape(c) for c in self.cases}
+        # 2D: weight cases by their number of slices so every slice is equally likely
+        w = np.array([self.shapes[c][0] if data.spatial_dims == 2 else 1 for c in self.cases], dtype=float)
+        self.case_p = w / w.sum()
+
+    def _center(self, case_id: str, rng: np.random.Generator) -> list[int]:
+        """A voxel to centre on: a random labelled voxel of a random present class, or uniform."""
+        shape = self.shapes[case_id]
+        if rng.random() < self.fg_prob:
+            locs = self.data.case(case_id)[2].get("class_locations", {})
+            present = [k for k in sorted(locs) if len(locs[k])]
+            if present:
+                pts = locs[present[rng.integers(len(present))]]
+                return [int(v) for v in pts[rng.integers(len(pts))][1:]]
+        return [int(rng.integers(s)) for s in shape]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One (image (C, *patch) float32, labels (1, *patch) uint8 class indices) pair."""
+        case_id = self.cases[rng.choice(len(self.cases), p=self.case_p)]
+        data, seg, _ = self.data.case(case_id)
+        shape = self.shapes[case_id]
+        center = self._center(case_id, rng)
+        if self.data.spatial_dims == 2:
+            sl = center[0]
+            center, shape = center[1:], shape[1:]
+        slices = []
+        for c, s, p in zip(center, shape, self.patch_size):
+            start = int(np.clip(c - p // 2, 0, max(s - p, 0)))
+            slices.append(slice(start, start + min(p, s)))
+        if self.data.spatial_dims == 2:
+            img = np.asarray(data[(slice(None), sl, *slices)])
+            lab = np.asarray(seg[(slice(None), sl, *slices)])
+        else:
+            img = np.asarray(data[(slice(None), *slices)])
+            lab = np.asarray(seg[(slice(None), *slices)])
+        img, _ = pad_to(img.astype(np.float32), self.patch_size)
+        lab, _ = pad_to(self.data.encode_labels(lab, case_id), self.patch_size)
+        return img, lab
+
+    def batch(self, rng: np.random.Generator, batch_size: int):
+        import torch
+        pairs = [self.sample(rng) for _ in range(batch_size)]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+        return images, labels

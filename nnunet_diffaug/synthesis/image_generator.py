@@ -1,0 +1,68 @@
+"""Label-conditioned latent diffusion: one module, SPADE or ControlNet conditioning behind one call.
+
+- SPADE (default): ``SPADEDiffusionModelUNet`` normalises every block with the one-hot label map
+  (MONAI resizes it to each level).
+- ControlNet: a ``ControlNet`` reads the full-resolution one-hot label map (its embedding downsamples
+  it to the latent size with learned strided convolutions, so structures smaller than a latent voxel
+  still leave a trace) and adds residuals to a ``DiffusionModelUNet``. Both are trained jointly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnunet_diffaug.synthesis.config import DiffusionConfig
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, 1, *spatial) class indices -> (B, num_classes, *spatial) float one-hot."""
+    shape = list(labels.shape)
+    shape[1] = num_classes
+    out = torch.zeros(shape, dtype=torch.float32, device=labels.device)
+    return out.scatter_(1, labels.long(), 1.0)
+
+
+class LabelConditionedUNet(nn.Module):
+    """Predicts noise (or velocity) for latents ``z`` at ``timesteps`` given a one-hot label map."""
+
+    def __init__(self, cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int):
+        super().__init__()
+        from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
+        self.conditioning = cfg.conditioning
+        common = dict(spatial_dims=spatial_dims, in_channels=latent_channels, channels=tuple(cfg.channels),
+                      attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
+                      norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels)
+        if cfg.conditioning == "spade":
+            self.unet = SPADEDiffusionModelUNet(out_channels=latent_channels, label_nc=num_classes,
+                                                spade_intermediate_channels=cfg.spade_hidden_channels, **common)
+            self.controlnet = None
+        else:
+            self.unet = DiffusionModelUNet(out_channels=latent_channels, **common)
+            self.controlnet = ControlNet(conditioning_embedding_in_channels=num_classes,
+                                         conditioning_embedding_num_channels=tuple(cfg.controlnet_embedding_channels),
+                                         **common)
+
+    def forward(self, z: torch.Tensor, timesteps: torch.Tensor, labels_onehot: torch.Tensor) -> torch.Tensor:
+        if self.controlnet is None:
+            return self.unet(z, timesteps, seg=labels_onehot)
+        down, mid = self.controlnet(z, timesteps, controlnet_cond=labels_onehot)
+        return self.unet(z, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+
+def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channels: int,
+                          num_classes: int) -> LabelConditionedUNet:
+    return LabelConditionedUNet(cfg, spatial_dims, latent_channels, num_classes)
+
+
+def build_train_scheduler(cfg: DiffusionConfig):
+    """MONAI's DDPM scheduler; ``clip_sample=False`` because latents are not bounded to [-1, 1]."""
+    from monai.networks.schedulers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False,
+                         prediction_type=cfg.prediction_type)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise

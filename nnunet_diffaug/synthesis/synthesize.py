@@ -1,0 +1,170 @@
+"""A trained synthesizer -> a synthetic nnU-Net raw dataset (``--labels real``: reuse training label maps).
+
+Case ``i`` takes the label map of a training case of the fold (a seeded round robin), deforms it
+with a small random affine transform (nearest interpolation, so labels stay labels), paints an
+image for it and writes both in raw units. Everything random about case ``i`` derives from
+``(seed, i)``, so sharding with ``-num_parts/-part_id`` or resuming gives identical cases.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_diffaug import paths, rawdata
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis.config import SamplingConfig
+from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.rawspace import EXACT_INVERSE, PER_IMAGE, raw_spacing, to_raw_intensity, to_sitk
+from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
+
+LABEL_MODES = ("real",)
+
+
+def case_id_for(index: int) -> str:
+    return f"synth_{index:05d}"
+
+
+def _case_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+def augment_label_map(labels: np.ndarray, rng: np.random.Generator, cfg: SamplingConfig) -> tuple[np.ndarray, dict]:
+    """A small random affine deformation of a class-index map (nearest neighbour, border replicated).
+
+    Rotation only within the last two axes: in nnU-Net's transposed order the first axis is the
+    out-of-plane one, often much coarser, and tilting across it would smear structures.
+    """
+    from monai.transforms import Affine
+    dims = labels.ndim
+    angle = math.radians(float(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)))
+    zoom = float(rng.uniform(1 - cfg.scale_range, 1 + cfg.scale_range))
+    shift = [float(rng.uniform(-cfg.translate_fraction, cfg.translate_fraction) * s) for s in labels.shape]
+    if dims == 3:
+        shift[0] = 0.0  # keep the slab where it is along the coarse axis
+    rotate = (angle,) if dims == 2 else (angle, 0.0, 0.0)
+    affine = Affine(rotate_params=rotate, scale_params=[zoom] * dims, translate_params=shift,
+                    mode="nearest", padding_mode="border", image_only=True)
+    out = affine(torch.from_numpy(labels[None].astype(np.float32)))
+    out = np.rint(np.asarray(out)[0]).astype(labels.dtype)
+    return out, {"rotate_degrees": math.degrees(angle), "zoom": zoom, "translate_voxels": shift}
+
+
+def _pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator) -> tuple[str, int | None, np.ndarray]:
+    """Seeded round robin over the training cases; 2D: a random slice that holds foreground."""
+    cases = data.training_cases
+    order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(cases))
+    case_id = cases[int(order[index % len(cases)])]
+    volume = data.label_volume(case_id)
+    if data.spatial_dims == 3:
+        return case_id, None, volume
+    background = {0, len(data.label_values)}  # class indices of background and 'outside'
+    has_fg = [z for z in range(volume.shape[0]) if not set(np.unique(volume[z]).tolist()) <= background]
+    z = int(rng.choice(has_fg)) if has_fg else int(rng.integers(volume.shape[0]))
+    return case_id, z, volume[z]
+
+
+def _real_dataset_json(dataset_name: str, data: FoldData) -> dict:
+    raw = paths.nnunet_raw() / dataset_name
+    if (raw / "dataset.json").is_file():
+        return rawdata.load_dataset_json(raw)
+    return rawdata.load_dataset_json(data.folder)  # nnU-Net keeps a copy beside the plans
+
+
+def _output_folder(dataset_name: str, fold: int, provenance: rawdata.SyntheticProvenance,
+                   output_id: int | None, num_parts: int) -> Path:
+    raw_root = paths.nnunet_raw()
+    if output_id is not None:
+        if not 1 <= output_id <= 999:
+            raise DiffAugError(f"-o {output_id}: nnU-Net dataset ids are 1..999.")
+        name = rawdata.synthetic_dataset_name(output_id, dataset_name, fold)
+        clash = [p.name for p in raw_root.glob(f"Dataset{output_id:03d}_*") if p.name != name] if raw_root.is_dir() else []
+        if clash:
+            raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
+        return raw_root / name
+    for folder in rawdata.find_synthetic_datasets(raw_root, dataset_name, fold):
+        try:
+            if rawdata.read_provenance(folder).to_json() == provenance.to_json():
+                return folder  # the same request as before: continue that dataset
+        except DiffAugError:
+            continue
+    if num_parts > 1:
+        raise DiffAugError("With -num_parts > 1 pass -o OUTPUT_DATASET_ID, so that all parts write the same dataset.")
+    return raw_root / rawdata.synthetic_dataset_name(rawdata.next_free_dataset_id(), dataset_name, fold)
+
+
+def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
+               sampler: str | None = None, steps: int | None = None, seed: int = 0, num_parts: int = 1,
+               part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
+               progress: bool = True, verbose: bool = False) -> Path:
+    """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder."""
+    if labels not in LABEL_MODES:
+        raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
+    if num_cases < 1:
+        raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise DiffAugError(f"-part_id {part_id} must be in 0..{num_parts - 1} (-num_parts {num_parts}).")
+    dev = resolve_device(device)
+    dataset_name = paths.resolve_dataset_name(dataset)
+    syn_folder = paths.synthesizer_folder(dataset_name, configuration, fold)
+    syn = Synthesizer.load(syn_folder, dev)
+    spec = syn.spec
+    data = FoldData(dataset_name, configuration, fold, spec.plans_identifier)
+    if data.training_cases != spec.training_cases:
+        raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {fold}'s training cases changed since the "
+                           f"synthesizer in {syn_folder} was trained; retrain it (diffaug_train_synthesizer --overwrite).")
+    smp = syn.sampler(sampler, steps)
+    real_dj = _real_dataset_json(dataset_name, data)
+    provenance = rawdata.SyntheticProvenance(
+        source_dataset=dataset_name, fold=fold, configuration=configuration, training_cases=list(spec.training_cases),
+        generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
+                   "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
+                   "checkpoint": str(syn_folder), "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
+                   "sampler": smp.name, "steps": smp.steps,
+                   "augmentation": {k: getattr(syn.config.sampling, k)
+                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")}},
+        seed=seed)
+    out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
+    writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
+
+    spacing = raw_spacing(data.plans_manager, data.cm, spec.spatial_dims)
+    t_back = list(data.plans_manager.transpose_backward)
+    props = data.plans_manager.foreground_intensity_properties_per_channel
+    value_of_class = np.array(spec.label_values + [0], dtype=np.uint8 if max(spec.label_values) < 256 else np.int16)
+    outside = len(spec.label_values)
+    mine = [i for i in range(num_cases) if i % num_parts == part_id]
+    todo = [i for i in mine if not writer.has_case(case_id_for(i))]
+    if verbose:
+        print(f"{out_folder}: {len(mine) - len(todo)} of this part's {len(mine)} case(s) exist, writing {len(todo)}")
+
+    from tqdm import tqdm
+    for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
+        rng = _case_rng(seed, i)
+        source, z, label_map = _pick_source(data, i, seed, rng)
+        label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        t0 = time.perf_counter()
+        image = syn.generate(label_map[None], smp, gen)[0]          # (C, *spatial), normalised
+        seconds = time.perf_counter() - t0
+        if spec.spatial_dims == 2:
+            image, label_map = image[:, None], label_map[None]      # one-slice 3D volume
+        is_outside = label_map == outside
+        channels, notes = [], []
+        for c, scheme in enumerate(spec.normalization_schemes):
+            raw = to_raw_intensity(image[c], scheme, props.get(str(c), props.get(c))).astype(np.float32)
+            raw[is_outside] = 0.0  # nnU-Net's nonzero mask: 'outside' voxels were exactly zero in the raw data
+            if scheme not in EXACT_INVERSE | PER_IMAGE:
+                notes.append(f"channel {c}: unknown normalization {scheme!r}, written in normalised units")
+            channels.append(to_sitk(raw, spacing, t_back))
+        label_img = to_sitk(value_of_class[label_map], spacing, t_back)
+        record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
+                  "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
+                  "seconds": round(seconds, 3), "notes": notes}
+        writer.write_case(case_id_for(i), channels, label_img, record)
+    n = writer.finalize()
+    if verbose:
+        print(f"{out_folder}: {n} complete case(s)")
+    return out_folder

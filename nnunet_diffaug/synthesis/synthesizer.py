@@ -1,0 +1,131 @@
+"""A trained synthesizer: its files, loading them, and label map -> image in normalised space.
+
+Folder layout (``paths.synthesizer_folder(dataset, configuration, fold)``)::
+
+    config.json                         the SynthesizerConfig (reusable as ``-p path/to/config.json``)
+    synthesizer.json                    DataSpec + seed: what it was trained on
+    autoencoder.safetensors             final weights of stage 1 (+ JSON state in the metadata)
+    diffusion.safetensors               final weights of stage 2, incl. the latent scale factor
+    <stage>_checkpoint.safetensors      resumable state of an unfinished stage (weights + optimizers)
+    <stage>_losses.png, <stage>_montage.png, training_log.txt
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
+from nnunet_diffaug.synthesis.checkpoint import file_sha256, load_checkpoint, unprefixed
+from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.data import DataSpec, pad_to
+from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
+from nnunet_diffaug.synthesis.sampling import Sampler, generate_images, padded_shape
+
+CONFIG_FILE = "config.json"
+SPEC_FILE = "synthesizer.json"
+STAGES = ("autoencoder", "diffusion")
+
+
+def final_file(folder: Path, stage: str) -> Path:
+    return Path(folder) / f"{stage}.safetensors"
+
+
+def checkpoint_file(folder: Path, stage: str) -> Path:
+    return Path(folder) / f"{stage}_checkpoint.safetensors"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DiffAugError("-device cuda was requested but torch sees no CUDA device; use -device cpu.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DiffAugError("-device mps was requested but torch has no MPS backend here; use -device cpu.")
+    return torch.device(device)
+
+
+def read_run_files(folder: Path) -> tuple[SynthesizerConfig, DataSpec, int]:
+    folder = Path(folder)
+    for name in (CONFIG_FILE, SPEC_FILE):
+        if not (folder / name).is_file():
+            raise DiffAugError(f"{folder / name} does not exist: no synthesizer was trained here. Run "
+                               f"diffaug_train_synthesizer for this dataset, configuration and fold first.")
+    try:
+        cfg_obj = json.loads((folder / CONFIG_FILE).read_text())
+        spec_obj = json.loads((folder / SPEC_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise DiffAugError(f"{folder}: config.json or synthesizer.json is not valid JSON ({e}).") from None
+    cfg = SynthesizerConfig.from_json(cfg_obj, str(folder / CONFIG_FILE))
+    spec = DataSpec.from_json(spec_obj.get("spec", {}), str(folder / SPEC_FILE))
+    return cfg, spec, int(spec_obj.get("seed", 0))
+
+
+class Synthesizer:
+    """The autoencoder + label-conditioned diffusion model, ready to paint images for label maps."""
+
+    def __init__(self, config: SynthesizerConfig, spec: DataSpec, device: torch.device):
+        self.config, self.spec, self.device = config, spec, device
+        self.autoencoder = build_autoencoder(config.autoencoder, spec.spatial_dims, spec.in_channels).to(device).eval()
+        self.model = build_image_generator(config.diffusion, spec.spatial_dims, config.autoencoder.latent_channels,
+                                           spec.num_classes).to(device).eval()
+        self.train_scheduler = build_train_scheduler(config.diffusion)
+        self.scale_factor = 1.0
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device) -> "Synthesizer":
+        """Loads a finished synthesizer (both stages); refuses an unfinished one."""
+        folder = Path(folder)
+        config, spec, _ = read_run_files(folder)
+        syn = cls(config, spec, device)
+        for stage in STAGES:
+            if not final_file(folder, stage).is_file():
+                raise DiffAugError(f"{final_file(folder, stage)} does not exist: the synthesizer's {stage} stage has "
+                                   f"not finished. Rerun diffaug_train_synthesizer with the same arguments to finish it.")
+        ae_tensors, _ = load_checkpoint(final_file(folder, "autoencoder"), device)
+        syn.autoencoder.load_state_dict(unprefixed("autoencoder", ae_tensors))
+        dm_tensors, dm_state = load_checkpoint(final_file(folder, "diffusion"), device)
+        syn.model.load_state_dict(unprefixed("model", dm_tensors))
+        syn.scale_factor = float(dm_state["scale_factor"])
+        return syn
+
+    @staticmethod
+    def checkpoint_hash(folder: Path) -> str:
+        """sha256 over the final weight files: names the exact model that made a synthetic dataset."""
+        import hashlib
+        h = hashlib.sha256()
+        for stage in STAGES:
+            h.update(file_sha256(final_file(folder, stage)).encode())
+        return h.hexdigest()
+
+    @property
+    def latent_window(self) -> list[int]:
+        """Decoding window in latent voxels: the training patch, so decoder memory never exceeds training's."""
+        f = self.config.latent_factor()
+        return [max(1, p // f) for p in self.spec.patch_size]
+
+    @torch.no_grad()
+    def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator,
+                 progress: bool = False) -> np.ndarray:
+        """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial)."""
+        spatial = labels.shape[1:]
+        target = padded_shape(spatial, self.config.divisor())
+        padded, pads = pad_to(labels[:, None], target)
+        lab_t = torch.from_numpy(np.ascontiguousarray(padded).astype(np.int64)).to(self.device)
+        images = generate_images(self.autoencoder, self.model, self.scale_factor, lab_t, self.spec.num_classes,
+                                 self.config.autoencoder.latent_channels, self.config.latent_factor(),
+                                 self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
+                                 progress)
+        crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial))
+        images = images[(slice(None), slice(None), *crop)].float().cpu().numpy()
+        lo = np.asarray(self.spec.intensity_min, dtype=np.float32).reshape(1, -1, *[1] * len(spatial))
+        hi = np.asarray(self.spec.intensity_max, dtype=np.float32).reshape(1, -1, *[1] * len(spatial))
+        # untrained or unlucky samples can blow up: keep values inside the training data's range
+        return np.clip(np.nan_to_num(images, nan=0.0), lo, hi)
+
+    def sampler(self, name: str | None = None, steps: int | None = None) -> Sampler:
+        return Sampler(name or self.config.sampling.sampler, self.train_scheduler,
+                       steps or self.config.sampling.steps)

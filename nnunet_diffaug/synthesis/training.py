@@ -1,0 +1,330 @@
+"""Training the synthesizer on one fold: autoencoder, then label-conditioned latent diffusion.
+
+Each stage checkpoints every ``checkpoint_every`` steps (one safetensors file holding weights,
+optimizer moments and a JSON state), so a killed run continues where it stopped when the same
+command is run again; finished stages are skipped. Every step seeds its own random generators
+from (seed, stage, step), so a resumed run draws the same batches and noise as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_diffaug import paths
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.rawdata import atomic_write_json, folder_lock
+from nnunet_diffaug.synthesis import checkpoint as ckpt
+from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
+                                                  encode_mean)
+from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
+from nnunet_diffaug.synthesis.image_generator import diffusion_target, one_hot
+from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
+from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
+                                                  final_file, resolve_device)
+
+_STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
+
+
+def _step_seed(seed: int, stage: str, step: int) -> int:
+    return int(np.random.SeedSequence([seed, _STAGE_INDEX[stage], step]).generate_state(1)[0])
+
+
+class _Log:
+    """Appends to training_log.txt; echoes to the console when verbose."""
+
+    def __init__(self, path: Path, verbose: bool):
+        self.path, self.verbose = path, verbose
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        if self.verbose:
+            print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- run setup
+
+def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, seed: int, overwrite: bool) -> None:
+    """Writes config + spec for a new run; for an existing one, refuses a different config, data or seed."""
+    run = {"spec": spec.to_json(), "seed": seed}
+    cfg_path, spec_path = folder / CONFIG_FILE, folder / SPEC_FILE
+    if cfg_path.is_file() and spec_path.is_file() and not overwrite:
+        old_cfg = json.loads(cfg_path.read_text())
+        old_run = json.loads(spec_path.read_text())
+        if old_cfg != json.loads(json.dumps(config.to_json())):
+            raise DiffAugError(f"{cfg_path}: this fold's synthesizer was started with a different config. Rerun with "
+                               f"-p {cfg_path} to continue it, or pass --overwrite to start over.")
+        if old_run != json.loads(json.dumps(run)):
+            changed = [k for k in run["spec"] if old_run.get("spec", {}).get(k) != run["spec"][k]]
+            if old_run.get("seed") != seed:
+                changed.append("seed")
+            raise DiffAugError(f"{spec_path}: this fold's synthesizer was started with different data or seed "
+                               f"(changed: {changed}). Pass the same --seed to continue, or --overwrite to start over.")
+        return
+    if overwrite:
+        for stage in STAGES:
+            final_file(folder, stage).unlink(missing_ok=True)
+            checkpoint_file(folder, stage).unlink(missing_ok=True)
+    atomic_write_json(cfg_path, config.to_json())
+    atomic_write_json(spec_path, run)
+
+
+def build_spec(data: FoldData, config: SynthesizerConfig, seed: int) -> DataSpec:
+    requested = config.data.patch_size_3d if data.spatial_dims == 3 else config.data.patch_size_2d
+    if len(requested) != data.spatial_dims:
+        raise DiffAugError(f"config: patch size {list(requested)} has {len(requested)} axes; configuration "
+                           f"{data.configuration!r} is {data.spatial_dims}D.")
+    shapes = [data.volume_shape(c) for c in data.training_cases]
+    shapes = [s[1:] for s in shapes] if data.spatial_dims == 2 else shapes
+    lo, hi = data.intensity_range(np.random.default_rng(seed))
+    return DataSpec(dataset_name=data.dataset_name, configuration=data.configuration,
+                    plans_identifier=data.plans_identifier, fold=data.fold, training_cases=list(data.training_cases),
+                    spatial_dims=data.spatial_dims, in_channels=data.in_channels, label_values=data.label_values,
+                    normalization_schemes=list(data.cm.normalization_schemes), intensity_min=lo, intensity_max=hi,
+                    patch_size=fit_patch_size(list(requested), shapes, config.divisor()))
+
+
+# ---------------------------------------------------------------------------------------------- stage loop
+
+def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int,
+               modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+               step_fn: Callable[[int], dict[str, float]], extra_state: dict, final_modules: list[str],
+               log: _Log, progress: bool, stop_after: int | None = None) -> dict[str, list[float]]:
+    """Runs (or resumes) one stage. Returns its loss history. Saves a final weights-only file at the end."""
+    from tqdm import tqdm
+    losses: dict[str, list[float]] = {}
+    start = 0
+    cpath = checkpoint_file(folder, stage)
+    if cpath.is_file():
+        tensors, state = ckpt.load_checkpoint(cpath)
+        for name, m in modules.items():
+            m.load_state_dict(ckpt.unprefixed(name, tensors))
+        for name, opt in optimizers.items():
+            ckpt.optimizer_from_flat(f"opt_{name}", opt, tensors, state["optimizers"][name])
+        start, losses = int(state["step"]), state["losses"]
+        extra_state.update(state.get("extra", {}))
+        log(f"{stage}: resuming from step {start} of {total_steps} ({cpath.name})")
+    else:
+        log(f"{stage}: starting, {total_steps} steps")
+
+    def save_checkpoint(step: int) -> None:
+        tensors, opt_json = {}, {}
+        for name, m in modules.items():
+            tensors.update(ckpt.prefixed(name, m.state_dict()))
+        for name, opt in optimizers.items():
+            t, j = ckpt.optimizer_to_flat(f"opt_{name}", opt)
+            tensors.update(t)
+            opt_json[name] = j
+        ckpt.save_checkpoint(cpath, tensors, {"stage": stage, "step": step, "losses": losses,
+                                              "optimizers": opt_json, "extra": extra_state})
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=stage, disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        parts = step_fn(step)
+        if not all(math.isfinite(v) for v in parts.values()):
+            raise DiffAugError(f"{stage} loss became {parts} at step {step} ({folder}): training diverged. Lower the "
+                               f"learning rate in a config file (-p your.json, see {folder / CONFIG_FILE}) and "
+                               f"pass --overwrite to start over.")
+        for k, v in parts.items():
+            losses.setdefault(k, []).append(v)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()})
+        done = step + 1
+        if done % checkpoint_every == 0 and done < total_steps:
+            save_checkpoint(done)
+            log(f"{stage}: step {done}, " + ", ".join(f"{k} {np.mean(v[-checkpoint_every:]):.4g}"
+                                                       for k, v in losses.items()))
+        if stop_after is not None and done >= stop_after and done < total_steps:
+            save_checkpoint(done)
+            log(f"{stage}: stopped at step {done} as asked (stop_after); rerun to continue")
+            return losses
+    bar.close()
+    tensors = {}
+    for name in final_modules:
+        tensors.update(ckpt.prefixed(name, modules[name].state_dict()))
+    ckpt.save_checkpoint(final_file(folder, stage), tensors, {"stage": stage, "step": total_steps, "finished": True,
+                                                              "losses": losses, **extra_state})
+    cpath.unlink(missing_ok=True)
+    plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, {folder.name})")
+    log(f"{stage}: finished; " + ", ".join(f"{k} first {np.mean(v[:20]):.4g} -> last {np.mean(v[-20:]):.4g}"
+                                           for k, v in losses.items()))
+    return losses
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, folder: Path,
+                       device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
+    acfg = cfg.autoencoder
+    ae = build_autoencoder(acfg, spec.spatial_dims, spec.in_channels).to(device)
+    disc = build_discriminator(acfg, spec.spatial_dims, spec.in_channels)
+    modules = {"autoencoder": ae}
+    optimizers = {"autoencoder": torch.optim.Adam(ae.parameters(), lr=acfg.learning_rate)}
+    if disc is not None:
+        disc = disc.to(device)
+        modules["discriminator"] = disc
+        optimizers["discriminator"] = torch.optim.Adam(disc.parameters(), lr=acfg.learning_rate)
+    loss_fn = AutoencoderLoss(acfg, disc)
+
+    def step_fn(step: int) -> dict[str, float]:
+        s = _step_seed(seed, "autoencoder", step)
+        torch.manual_seed(s)  # the posterior sample inside AutoencoderKL uses the global generator
+        images, _ = patches.batch(np.random.default_rng(s), acfg.batch_size)
+        images = images.to(device)
+        ae.train()
+        recon, z_mu, z_sigma = ae(images)
+        loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step)
+        optimizers["autoencoder"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["autoencoder"].step()
+        if loss_fn.adversarial_active(step):
+            d_loss, d_parts = loss_fn.discriminator_loss(images, recon)
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["discriminator"].step()
+            parts.update(d_parts)
+        return parts
+
+    losses = _run_stage("autoencoder", folder, acfg.steps, cfg.checkpoint_every, modules, optimizers, step_fn, {},
+                        ["autoencoder"], log, progress, stop_after)
+    return ae.eval(), losses
+
+
+@torch.no_grad()
+def estimate_scale_factor(ae: nn.Module, patches: PatchSampler, n_batches: int, batch_size: int,
+                          device: torch.device, seed: int) -> float:
+    """1 / std of the latents over many batches (one batch is too noisy a estimate)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for k in range(n_batches):
+        images, _ = patches.batch(np.random.default_rng([seed, 99, k]), batch_size)
+        z = encode_mean(ae, images.to(device)).double()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+        count += z.numel()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 1e-12))
+    return 1.0 / std
+
+
+def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
+                     device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
+    dcfg = cfg.diffusion
+    syn = Synthesizer(cfg, spec, device)
+    syn.autoencoder = ae
+    model, scheduler = syn.model, syn.train_scheduler
+    optimizers = {"model": torch.optim.Adam(model.parameters(), lr=dcfg.learning_rate)}
+    extra: dict = {}
+    cpath = checkpoint_file(folder, "diffusion")
+    if cpath.is_file():
+        extra["scale_factor"] = float(ckpt.read_state(cpath)["extra"]["scale_factor"])
+    else:
+        extra["scale_factor"] = estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size,
+                                                      device, seed)
+        log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
+            f"(1/std over {dcfg.scale_factor_batches} batches)")
+
+    def step_fn(step: int) -> dict[str, float]:
+        s = _step_seed(seed, "diffusion", step)
+        gen = torch.Generator().manual_seed(s)
+        images, labels = patches.batch(np.random.default_rng(s), dcfg.batch_size)
+        z = encode_mean(ae, images.to(device)) * extra["scale_factor"]
+        noise = torch.randn(z.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
+        noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
+        model.train()
+        pred = model(noisy, t, one_hot(labels.to(device), spec.num_classes))
+        loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
+        optimizers["model"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # guards against the NaN blow-ups users report
+        optimizers["model"].step()
+        return {"mse": float(loss)}
+
+    losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, {"model": model}, optimizers,
+                        step_fn, extra, ["model"], log, progress, stop_after)
+    syn.scale_factor = extra["scale_factor"]
+    model.eval()
+    return syn, losses
+
+
+# ---------------------------------------------------------------------------------------------- montages
+
+@torch.no_grad()
+def _montages(stage: str, syn: Synthesizer, patches: PatchSampler, folder: Path, seed: int) -> None:
+    n = syn.config.montage_cases
+    images, labels = patches.batch(np.random.default_rng([seed, 77]), n)
+    real = images[:, 0].numpy()
+    lab = labels[:, 0].numpy()
+    vmin, vmax = float(syn.spec.intensity_min[0]), float(syn.spec.intensity_max[0])
+    if stage == "autoencoder":
+        recon = syn.autoencoder.reconstruct(images.to(syn.device))  # decodes the posterior mean
+        rows = [("real", list(real)), ("reconstruction", list(recon[:, 0].cpu().numpy()))]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        fake = syn.generate(lab, syn.sampler(), gen)
+        rows = [("real", list(real)), ("generated", list(fake[:, 0]))]
+    save_montage(folder / f"{stage}_montage.png", rows, list(lab), syn.spec.num_classes,
+                 f"{stage}: {syn.spec.dataset_name} {syn.spec.configuration} fold {syn.spec.fold}", vmin, vmax)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+def train_synthesizer(dataset: str | int, configuration: str, fold: int, config: SynthesizerConfig,
+                      plans_identifier: str = "nnUNetPlans", device: str = "auto", seed: int = 0,
+                      overwrite: bool = False, progress: bool = True, verbose: bool = False,
+                      stop_after: int | None = None) -> Path:
+    """Trains (or resumes) the synthesizer of one fold. Returns its folder.
+
+    ``stop_after``: stop each unfinished stage after this many steps (with a checkpoint), as if killed.
+    """
+    dev = resolve_device(device)
+    data = FoldData(dataset, configuration, fold, plans_identifier)
+    folder = paths.synthesizer_folder(data.dataset_name, configuration, fold)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder, timeout_s=5.0, name=".train.lock"):
+        spec = build_spec(data, config, seed)
+        _prepare_folder(folder, config, spec, seed, overwrite)
+        log = _Log(folder / "training_log.txt", verbose)
+        log(f"training synthesizer: {data.dataset_name} {configuration} fold {fold}, {len(spec.training_cases)} "
+            f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}")
+        _seed_everything(seed)
+        patches = PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability)
+
+        if final_file(folder, "autoencoder").is_file():
+            log("autoencoder: finished earlier, skipped")
+            ae = build_autoencoder(config.autoencoder, spec.spatial_dims, spec.in_channels).to(dev)
+            tensors, _ = ckpt.load_checkpoint(final_file(folder, "autoencoder"), dev)
+            ae.load_state_dict(ckpt.unprefixed("autoencoder", tensors))
+            ae.eval()
+        else:
+            ae, _ = _train_autoencoder(config, spec, patches, folder, dev, seed, log, progress, stop_after)
+            if not final_file(folder, "autoencoder").is_file():
+                return folder  # stopped early on request
+            syn = Synthesizer(config, spec, dev)
+            syn.autoencoder = ae
+            _montages("autoencoder", syn, patches, folder, seed)
+        for p in ae.parameters():
+            p.requires_grad_(False)
+
+        if final_file(folder, "diffusion").is_file():
+            log("diffusion: finished earlier, skipped")
+            return folder
+        syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after)
+        if final_file(folder, "diffusion").is_file():
+            _montages("diffusion", syn, patches, folder, seed)
+            log(f"done: {folder}")
+    return folder
