@@ -101,11 +101,69 @@ def small_plans_entry(argv=None):
 # generative side (parsers owned by the synthesis package's authors; keep them thin)
 # ----------------------------------------------------------------------------------------------
 
+def _add_common_synthesizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", required=True, help="dataset name or id (as for nnUNetv2_train)")
+    p.add_argument("-f", type=int, required=True,
+                   help="fold: the synthesizer sees only this fold's training cases (from splits_final.json)")
+    p.add_argument("-c", default="3d_fullres", help="nnU-Net configuration whose preprocessed data are used "
+                                                     "(3d_fullres, 2d, 3d_lowres)")
+    p.add_argument("-device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
+                   help="torch device; auto = cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; the same seed gives the same result on the same device")
+    p.add_argument("--verbose", action="store_true", help="print progress messages besides the progress bar")
+
+
 @_friendly_errors
 def train_synthesizer_entry(argv=None):
-    raise DiffAugError("diffaug_train_synthesizer is not available yet in this build.")
+    p = argparse.ArgumentParser(
+        prog="diffaug_train_synthesizer", formatter_class=_formatter,
+        description="Train the label-conditioned image synthesizer of one fold on nnU-Net's preprocessed data: "
+                    "an autoencoder, then a latent diffusion model conditioned on the label map (SPADE or "
+                    "ControlNet). Checkpoints go to $nnUNet_results/<dataset>/diffaug_synthesizer__<config>/"
+                    "fold_<f>/. An interrupted run continues when the same command is run again.")
+    _add_common_synthesizer_args(p)
+    p.add_argument("-p", "--preset", default="default",
+                   help="model/training preset: 'tiny' (CPU, minutes), 'default' (GPU), or a JSON config file "
+                        "(any subset of fields; missing ones come from its 'base' preset)")
+    p.add_argument("-plans", default="nnUNetPlans", help="nnU-Net plans identifier of the preprocessed data")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard this fold's existing synthesizer (other config or seed) and start over")
+    args = p.parse_args(argv)
+    from nnunet_diffaug.synthesis.config import load_config
+    from nnunet_diffaug.synthesis.training import train_synthesizer
+    folder = train_synthesizer(args.d, args.c, args.f, load_config(args.preset), plans_identifier=args.plans,
+                               device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
+    print(folder)
 
 
 @_friendly_errors
 def synthesize_entry(argv=None):
-    raise DiffAugError("diffaug_synthesize is not available yet in this build.")
+    from nnunet_diffaug.synthesis.config import SAMPLERS
+    p = argparse.ArgumentParser(
+        prog="diffaug_synthesize", formatter_class=_formatter,
+        description="Write a synthetic nnU-Net raw dataset ($nnUNet_raw/DatasetYYY_<Task>SynthF<f>) with the "
+                    "fold's trained synthesizer: each case reuses a training label map of the fold, randomly "
+                    "deformed, with a newly painted image in raw units. Rerunning continues; complete cases "
+                    "are kept.")
+    _add_common_synthesizer_args(p)
+    p.add_argument("-n", type=int, required=True, help="number of synthetic cases (over all parts)")
+    p.add_argument("--labels", default="real", choices=["real"],
+                   help="where label maps come from: 'real' = deformed training label maps of the fold")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
+                        "training timesteps")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the synthesizer config's)")
+    p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts (parallel runs)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this run writes (0 .. num_parts-1)")
+    p.add_argument("-o", type=int, default=None,
+                   help="output dataset id; default: the dataset of an identical earlier request, else the next "
+                        "free id from 900")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output dataset that holds other synthetic cases (different provenance)")
+    args = p.parse_args(argv)
+    from nnunet_diffaug.synthesis.synthesize import synthesize
+    folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
+                        seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
+                        overwrite=args.overwrite, device=args.device, verbose=args.verbose)
+    print(folder)
