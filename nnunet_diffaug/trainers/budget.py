@@ -1,7 +1,9 @@
-"""Training length from the environment, so two arms of a comparison get exactly the same budget.
+"""Training length and seed from the environment, so two arms of a comparison get the same budget.
 
 ``DIFFAUG_NUM_EPOCHS``, ``DIFFAUG_ITERATIONS_PER_EPOCH`` and ``DIFFAUG_VAL_ITERATIONS`` override
-nnU-Net's 1000 x 250 (+50 validation) iterations when set; unset, nothing changes.
+nnU-Net's 1000 x 250 (+50 validation) iterations when set; ``DIFFAUG_SEED`` seeds Python, NumPy and
+torch in the main process (network initialisation, batch composition without workers). Unset,
+nothing changes.
 """
 from __future__ import annotations
 
@@ -36,3 +38,11 @@ def apply_budget_from_env(trainer) -> None:
             if value != int(value):
                 raise DiffAugError(f"Environment variable {env_name}={os.environ[env_name]!r} must be an integer.")
             setattr(trainer, attribute, int(value))
+    if os.environ.get("DIFFAUG_SEED"):
+        seed = int(env_float("DIFFAUG_SEED", 0, 0, 2 ** 31 - 1))
+        import random
+        import numpy as np
+        import torch
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
