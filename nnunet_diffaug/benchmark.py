@@ -149,9 +149,8 @@ def _summary_file(workdir: Path, arm: str, dataset: str, trainer: str, plans: st
 def _train_synthesizer_and_synthesize(run: _Runner, fold: int, seed: int) -> None:
     s = run.s
     env = run.env("synthesizer")
-    common = ["-d", s.dataset, "-f", str(fold), "-c", s.configuration, "-plans", s.plans, "-device", s.device,
-              "--seed", str(seed)]
-    run([_script("diffaug_train_synthesizer"), *common, "-p", s.synthesizer_preset], env)
+    common = ["-d", s.dataset, "-f", str(fold), "-c", s.configuration, "-device", s.device, "--seed", str(seed)]
+    run([_script("diffaug_train_synthesizer"), *common, "-p", s.synthesizer_preset, "-plans", s.plans], env)
     run([_script("diffaug_synthesize"), *common, "-n", str(s.n_synthetic), "--labels", "real",
          "--sampler", s.sampler, "--steps", str(s.steps)], env)
 
