@@ -84,8 +84,11 @@ def _deform(image: sitk.Image, label: sitk.Image, rng: np.random.Generator):
 
 def make_stand_in_synthetic_set(raw_root: Path, real_dataset_name: str, fold, training_cases: list[str],
                                 n_cases: int, dataset_id: int = 901, seed: int = 0,
-                                provenance_training_cases: list[str] | None = None) -> Path:
-    """Writes deformed copies of real training cases as a synthetic raw dataset with provenance."""
+                                provenance_training_cases: list[str] | None = None, aligned: bool = False) -> Path:
+    """Writes deformed copies of real training cases as a synthetic raw dataset with provenance.
+
+    ``aligned``: no spatial change (only intensities), recorded as aligned variants of their source case.
+    """
     real_folder = raw_root / real_dataset_name
     real_json = load_dataset_json(real_folder)
     real_cases = list_cases(real_folder, real_json)
@@ -100,7 +103,14 @@ def make_stand_in_synthetic_set(raw_root: Path, real_dataset_name: str, fold, tr
         source = training_cases[i % len(training_cases)]
         image = sitk.ReadImage(real_cases[source]["images"][0])
         label = sitk.ReadImage(real_cases[source]["label"])
-        warped_image, warped_label = _deform(image, label, rng)
-        writer.write_case(f"synth_{i:05d}", [warped_image], warped_label, {"label_source": source})
+        if aligned:
+            arr = sitk.GetArrayFromImage(image).astype(np.float32)
+            warped_image = sitk.GetImageFromArray(arr * rng.uniform(0.9, 1.1) + rng.normal(0, 20, size=arr.shape))
+            warped_image.CopyInformation(image)
+            warped_label = label
+        else:
+            warped_image, warped_label = _deform(image, label, rng)
+        writer.write_case(f"synth_{i:05d}", [warped_image], warped_label,
+                          {"source_case": source, "aligned_with_source": aligned})
     writer.finalize()
     return folder

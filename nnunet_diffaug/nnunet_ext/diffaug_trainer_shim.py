@@ -3,7 +3,4 @@
 nnU-Net imports every module in that folder while looking for a trainer by name. The classes
 themselves live in the installed package, so data-augmentation worker processes can import them.
 """
-from nnunet_diffaug.trainers.nnUNetTrainerDiffAug import (  # noqa: F401
-    nnUNetTrainerBudget, nnUNetTrainerDiffAug, nnUNetTrainerDiffAug_5epochs, nnUNetTrainerDiffAug_r0,
-    nnUNetTrainerDiffAug_r10, nnUNetTrainerDiffAug_r25, nnUNetTrainerDiffAug_r50, nnUNetTrainerDiffAug_r75,
-    nnUNetTrainerDiffAug_r100)
+from nnunet_diffaug.trainers.nnUNetTrainerDiffAug import *  # noqa: F401,F403  (the names in its __all__)

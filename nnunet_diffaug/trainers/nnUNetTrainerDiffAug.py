@@ -13,6 +13,8 @@ environment variable ``DIFFAUG_SYNTHETIC_RATIO``. r = 0 trains exactly like the 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -27,10 +29,19 @@ from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_float
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
+from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
+                                               merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
 from nnunet_diffaug.trainers.synthetic_source import locate_synthetic_dataset, validate_synthetic_dataset
 
+__all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_r0", "nnUNetTrainerDiffAug_r10",
+           "nnUNetTrainerDiffAug_r25", "nnUNetTrainerDiffAug_r50", "nnUNetTrainerDiffAug_r75",
+           "nnUNetTrainerDiffAug_r100", "nnUNetTrainerDiffAugPatchMix", "nnUNetTrainerDiffAugPatchMix_alpha80",
+           "nnUNetTrainerDiffAugPatchMix_alpha100", "nnUNetTrainerDiffAug_5epochs"]
+
 RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
+ALPHA_ENV = "DIFFAUG_PATCHMIX_ALPHA"
+PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
 # Seed (c) of ANCHORS.md, the one method evaluated inside nnU-Net, adds ~0.5 synthetic case per real
 # case: a synthetic share of 1/3 of the training pool.
 DEFAULT_SYNTHETIC_RATIO = 1 / 3
@@ -80,7 +91,7 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
                                                          self.configuration_name, output, verbose=False)
         self.synthetic_dataset_folder = folder
         self.print_to_log_file(f"DiffAug: {len(identifiers)} synthetic case(s) from {folder} "
-                               f"(preprocessed in {output}); synthetic share per batch r = {self.synthetic_ratio:.3f}")
+                               f"(preprocessed in {output})")
         return nnUNetDatasetBlosc2(str(output), identifiers)
 
     def get_tr_and_val_datasets(self):
@@ -88,6 +99,7 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         if self.synthetic_ratio > 0:
             synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
             dataset_tr = MixedDataset(dataset_tr, synthetic)
+            self.print_to_log_file(f"DiffAug: synthetic share per batch r = {self.synthetic_ratio:.3f}")
         return dataset_tr, dataset_val
 
     def get_dataloaders(self):
@@ -176,6 +188,53 @@ class nnUNetTrainerDiffAug_r75(nnUNetTrainerDiffAug):
 class nnUNetTrainerDiffAug_r100(nnUNetTrainerDiffAug):
     """Synthetic-only training (seed (c)'s 'synthetic' arm); validation stays real."""
     synthetic_ratio = 1.0
+
+
+# ---- patch-level merging (DiffBoost) ------------------------------------------------------------
+
+class nnUNetTrainerDiffAugPatchMix(nnUNetTrainerDiffAug):
+    """Every real sample is paired with an aligned synthetic variant of the same case; the network's
+    outputs on the two are merged patch by patch (real with probability ``patch_mix_alpha``) and
+    trained against the real label. See ``patch_mix.py``. Validation stays real-only."""
+    patch_mix_alpha: float = 0.6          # seed (d): probability of a patch being real
+    patch_mix_patch: int | tuple = 64     # voxels per axis (seed (d): 64 px), at most half the training patch
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.synthetic_ratio = 0.0  # no ratio mixing: every sample is a pair
+        self.patch_mix_alpha = env_float(ALPHA_ENV, type(self).patch_mix_alpha, 0.0, 1.0)
+        self.patch_mix_patch = merge_patch_size(os.environ.get(PATCH_ENV) or type(self).patch_mix_patch,
+                                                self.configuration_manager.patch_size)
+        self._patch_mix_network = None
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = nnUNetTrainer.get_tr_and_val_datasets(self)
+        synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
+        variants = aligned_variants(self.synthetic_dataset_folder, synthetic.identifiers)
+        self.print_to_log_file(f"DiffAug PatchMix: alpha = {self.patch_mix_alpha:.2f} (share of real patches), "
+                               f"merge patch {list(self.patch_mix_patch)} voxels, "
+                               f"{sum(len(v) for v in variants.values())} aligned variant(s)")
+        return PairedDataset(dataset_tr, synthetic, variants), dataset_val
+
+    def train_step(self, batch: dict) -> dict:
+        # nnU-Net's train_step (AMP, grad scaling, clipping) runs unchanged around a network that
+        # splits the stacked channels and merges the two outputs.
+        network = self.network
+        self.network = PatchMixForward(network, self.num_input_channels, self.patch_mix_patch, self.patch_mix_alpha)
+        try:
+            return nnUNetTrainer.train_step(self, batch)
+        finally:
+            self.network = network
+
+
+class nnUNetTrainerDiffAugPatchMix_alpha80(nnUNetTrainerDiffAugPatchMix):
+    patch_mix_alpha = 0.8
+
+
+class nnUNetTrainerDiffAugPatchMix_alpha100(nnUNetTrainerDiffAugPatchMix):
+    """alpha = 1: every patch real, so training equals the stock trainer's (a sanity check)."""
+    patch_mix_alpha = 1.0
 
 
 # ---- short runs ---------------------------------------------------------------------------------
