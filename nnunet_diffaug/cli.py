@@ -181,6 +181,11 @@ def demo_entry(argv=None):
              n_synthetic=args.n_synthetic, verbose=args.verbose)
 
 
+@_friendly_errors
+def evaluate_entry(argv=None):
+    raise DiffAugError("diffaug_evaluate is not available yet in this build.")
+
+
 # ----------------------------------------------------------------------------------------------
 # generative side (parsers owned by the synthesis package's authors; keep them thin)
 # ----------------------------------------------------------------------------------------------
