@@ -62,6 +62,16 @@ def _arm_names(s: BenchmarkSettings) -> list[tuple[str, float | None]]:
 # workspace and subsets
 # ----------------------------------------------------------------------------------------------
 
+def check_inputs(dataset: str, plans: str, user_raw: Path, user_preprocessed: Path) -> None:
+    """Refuses before anything is written when the dataset is not planned and preprocessed."""
+    if not (user_raw / dataset / "dataset.json").is_file():
+        raise DiffAugError(f"{user_raw / dataset / 'dataset.json'} does not exist: {dataset} is not a raw dataset "
+                           f"in nnUNet_raw.")
+    plans_file = user_preprocessed / dataset / f"{plans}.json"
+    if not plans_file.is_file():
+        raise DiffAugError(f"{plans_file} does not exist. Run nnUNetv2_plan_and_preprocess -d {dataset} first.")
+
+
 def make_workspace(workdir: Path, dataset: str, user_raw: Path, user_preprocessed: Path) -> None:
     """Links the user's raw and preprocessed dataset into the workspace (everything except the splits)."""
     raw_link = workdir / "raw" / dataset
@@ -70,10 +80,7 @@ def make_workspace(workdir: Path, dataset: str, user_raw: Path, user_preprocesse
         raw_link.symlink_to((user_raw / dataset).resolve(), target_is_directory=True)
     pre = workdir / "preprocessed" / dataset
     pre.mkdir(parents=True, exist_ok=True)
-    source = user_preprocessed / dataset
-    if not source.is_dir():
-        raise DiffAugError(f"{source} does not exist. Run nnUNetv2_plan_and_preprocess -d {dataset} first.")
-    for item in source.iterdir():
+    for item in (user_preprocessed / dataset).iterdir():
         if item.name in ("splits_final.json", "diffaug_synthetic"):
             continue
         link = pre / item.name
@@ -174,9 +181,10 @@ def _train_arm(run: _Runner, arm: str, ratio: float | None, fold: int, seed: int
 
 def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbose: bool = False) -> dict:
     from tqdm import tqdm
+    s = settings
+    check_inputs(s.dataset, s.plans, paths.nnunet_raw(), paths.nnunet_preprocessed())
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    s = settings
     make_workspace(workdir, s.dataset, paths.nnunet_raw(), paths.nnunet_preprocessed())
     pre = workdir / "preprocessed" / s.dataset
     if s.small_plans:

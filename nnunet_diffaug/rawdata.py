@@ -210,6 +210,75 @@ def list_cases(dataset_folder: str | os.PathLike, dataset_json: dict | None = No
     return cases
 
 
+def _read_image(path: str | os.PathLike):
+    import SimpleITK as sitk
+    if not Path(path).is_file():
+        raise DiffAugError(f"{path} does not exist.")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise DiffAugError(f"{path} cannot be read as an image ({first_line}).") from None
+
+
+def image_dimension(path: str | os.PathLike) -> int:
+    """Spatial dimension of an image file, from its header only."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return _read_image(path).GetDimension()
+    return reader.GetDimension()
+
+
+def _same_geometry(a, b, tolerance: float = 1e-3) -> bool:
+    import numpy as np
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance, atol=tolerance)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=tolerance, atol=tolerance)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def check_case(case_id: str, images: list[str], label: str, dataset_json: dict,
+               expected_dimension: int | None = None) -> None:
+    """Refuses a case nnU-Net would choke on or learn garbage from, naming the file and the problem:
+    unreadable files, multi-component pixels, wrong dimension, image/label geometry mismatch, NaN/Inf
+    voxels, non-integer or undeclared label values, and label maps without any foreground."""
+    import numpy as np
+    import SimpleITK as sitk
+    validate_case_id(case_id)
+    label_img = _read_image(label)
+    declared = set(dataset_json["labels"].values())
+    for path in [*images, label]:
+        img = label_img if path == label else _read_image(path)
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise DiffAugError(f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel; nnU-Net "
+                               f"expects one file per channel (_0000, _0001, ...).")
+        if expected_dimension is not None and img.GetDimension() != expected_dimension:
+            raise DiffAugError(f"{path} is {img.GetDimension()}D, but the dataset's cases are {expected_dimension}D.")
+        if path != label:
+            if not _same_geometry(img, label_img):
+                raise DiffAugError(
+                    f"{path} and its label {label} differ in geometry (size {img.GetSize()} vs {label_img.GetSize()}, "
+                    f"spacing {tuple(round(x, 4) for x in img.GetSpacing())} vs "
+                    f"{tuple(round(x, 4) for x in label_img.GetSpacing())}, or origin/direction).")
+            if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+                raise DiffAugError(f"{path} holds NaN or Inf voxels.")
+    values = sitk.GetArrayViewFromImage(label_img)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all() or np.any(values != np.round(values)):
+            raise DiffAugError(f"{label} holds non-integer label values; labels must be whole numbers.")
+    present = set(np.unique(values).astype(np.int64).tolist())
+    undeclared = sorted(present - declared)
+    if undeclared:
+        raise DiffAugError(f"{label} holds label value(s) {undeclared} that dataset.json does not declare "
+                           f"(declared: {sorted(declared)}).")
+    if present <= {0, dataset_json["labels"].get("ignore", 0)}:
+        raise DiffAugError(f"{label} is empty: it holds no foreground label.")
+
+
 # ----------------------------------------------------------------------------------------------
 # provenance of synthetic datasets
 # ----------------------------------------------------------------------------------------------

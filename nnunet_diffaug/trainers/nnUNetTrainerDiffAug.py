@@ -32,7 +32,8 @@ from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_syn
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-from nnunet_diffaug.trainers.synthetic_source import locate_synthetic_dataset, validate_synthetic_dataset
+from nnunet_diffaug.trainers.synthetic_source import (locate_synthetic_dataset, real_image_dimension,
+                                                      validate_synthetic_dataset)
 
 __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_r0", "nnUNetTrainerDiffAug_r10",
            "nnUNetTrainerDiffAug_r25", "nnUNetTrainerDiffAug_r50", "nnUNetTrainerDiffAug_r75",
@@ -83,7 +84,8 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         if self.local_rank == 0:
             identifiers = preprocess_synthetic_cases(folder, self.dataset_json, self.plans_manager.plans,
                                                      self.configuration_name, output,
-                                                     num_processes=max(1, get_allowed_n_proc_DA() // 2))
+                                                     num_processes=max(1, get_allowed_n_proc_DA() // 2),
+                                                     expected_dimension=real_image_dimension(real_name))
         if self.is_ddp:
             dist.barrier()
             if self.local_rank != 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nnunet_diffaug.rawdata import atomic_write_json, list_cases
+from nnunet_diffaug.rawdata import atomic_write_json, check_case, list_cases
 
 MARKER_SUFFIX = ".diffaug.json"
 _CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
@@ -84,10 +84,13 @@ def _preprocess_one(job) -> str:
 
 def preprocess_synthetic_cases(synthetic_raw_folder: str | os.PathLike, real_dataset_json: dict, plans: dict,
                                configuration_name: str, output_folder: str | os.PathLike,
-                               num_processes: int = 1, verbose: bool = True) -> list[str]:
+                               num_processes: int = 1, verbose: bool = True,
+                               expected_dimension: int | None = None) -> list[str]:
     """Brings ``output_folder`` up to date with the complete cases of ``synthetic_raw_folder``.
 
-    Returns the identifiers of the usable preprocessed cases (sorted).
+    Every new or changed case is checked first (``rawdata.check_case``): a bad case stops the run with
+    a message naming its file, before anything of it is written. Returns the identifiers of the usable
+    preprocessed cases (sorted).
     """
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ def preprocess_synthetic_cases(synthetic_raw_folder: str | os.PathLike, real_dat
     for vanished in sorted(present - set(cases)):
         _remove_case(output_folder, vanished)
     todo = [cid for cid in cases if not _case_is_current(output_folder, cid, expected[cid])]
+    for cid in todo:
+        check_case(cid, cases[cid]["images"], cases[cid]["label"], real_dataset_json, expected_dimension)
 
     jobs = [(cid, cases[cid], str(output_folder), plans, configuration_name, real_dataset_json, expected[cid])
             for cid in todo]

@@ -12,7 +12,7 @@ from pathlib import Path
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import (check_no_validation_leak, check_synthetic_matches_real, find_synthetic_datasets,
-                                    list_cases, read_provenance)
+                                    image_dimension, list_cases, read_provenance)
 
 SYNTHETIC_DATASET_ENV = "DIFFAUG_SYNTHETIC_DATASET"
 
@@ -72,3 +72,14 @@ def validate_synthetic_dataset(folder: Path, real_dataset_json: dict, real_datas
         raise DiffAugError(f"{folder} holds no complete synthetic case. " + _how_to_make(real_dataset_name, fold,
                                                                                          configuration))
     return sorted(cases)
+
+
+def real_image_dimension(real_dataset_name: str) -> int | None:
+    """Dimension of the real raw images (2 for PNG-style 2D datasets, 3 for volumes); None if the raw
+    dataset is not on this machine (nnU-Net trains from preprocessed data alone)."""
+    try:
+        folder = paths.nnunet_raw() / real_dataset_name
+        first = next(iter(list_cases(folder).values()), None)
+    except DiffAugError:
+        return None
+    return image_dimension(first["images"][0]) if first else None
