@@ -1,0 +1,86 @@
+"""Faults lose nothing: SIGKILL during synthetic preprocessing, concurrent writers, held locks."""
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.rawdata import folder_lock, load_dataset_json
+from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, _CASE_FILE_SUFFIXES, preprocess_synthetic_cases
+from support import EXAMPLE_NAME, make_stand_in_synthetic_set, nnunet_env
+
+_PREPROCESS_SCRIPT = """
+import json, sys
+from nnunet_diffaug.rawdata import load_dataset_json
+from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
+synth, real, plans, out = sys.argv[1:5]
+preprocess_synthetic_cases(synth, load_dataset_json(real), json.load(open(plans)), "3d_fullres", out, verbose=False)
+"""
+
+
+def _visible_cases_are_complete(folder):
+    markers = [p.name[: -len(MARKER_SUFFIX)] for p in folder.glob(f"*{MARKER_SUFFIX}")]
+    for case in markers:
+        assert all((folder / f"{case}{s}").is_file() for s in _CASE_FILE_SUFFIXES), case
+    return sorted(markers)
+
+
+@pytest.mark.slow
+def test_sigkill_during_preprocessing_leaves_only_complete_cases_and_rerun_finishes(planned_example, tmp_path):
+    root, splits = planned_example
+    synth = make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 0, splits[0]["train"], 8, dataset_id=960)
+    plans = root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans.json"
+    out = tmp_path / "pre"
+    env = nnunet_env(root)
+    args = [sys.executable, "-c", _PREPROCESS_SCRIPT, str(synth), str(root / "raw" / EXAMPLE_NAME), str(plans),
+            str(out)]
+    kills = 0
+    for delay_cases in (1, 3):  # kill after the first, then after a few more cases were done
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and len(list(out.glob(f"*{MARKER_SUFFIX}"))) >= delay_cases:
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        done = _visible_cases_are_complete(out)
+        assert len(done) < 8 or proc.returncode == 0
+    assert kills >= 1
+    ids = preprocess_synthetic_cases(synth, load_dataset_json(root / "raw" / EXAMPLE_NAME),
+                                     json.loads(plans.read_text()), "3d_fullres", out, verbose=False)
+    assert ids == [f"synth_{i:05d}" for i in range(8)]
+    assert _visible_cases_are_complete(out) == ids
+    assert not list(out.glob(".partial-*"))
+
+
+def _hold_lock(folder, started, release):
+    with folder_lock(folder):
+        started.set()
+        release.wait(30)
+
+
+def test_a_held_lock_makes_a_second_writer_wait_then_refuse(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    started, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(tmp_path, started, release))
+    holder.start()
+    try:
+        assert started.wait(30)
+        t0 = time.monotonic()
+        with pytest.raises(DiffAugError, match="is locked by another process"):
+            with folder_lock(tmp_path, timeout_s=0.5):
+                pass
+        assert time.monotonic() - t0 >= 0.5  # it waited before refusing
+    finally:
+        release.set()
+        holder.join(30)
+    with folder_lock(tmp_path, timeout_s=5):  # free again once the holder is gone
+        pass
