@@ -63,8 +63,10 @@ class DiffusionConfig:
     beta_schedule: str = "scaled_linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
-    prediction_type: str = "epsilon"                # or "v_prediction"
+    prediction_type: str = "v_prediction"           # or "epsilon"; v makes the model use the labels at high noise
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"                     # "cosine" (decays to 10% at the end) or "constant"
+    warmup_steps: int = 20
     batch_size: int = 4
     steps: int = 400
     scale_factor_batches: int = 20                  # batches used to estimate 1/std of the latents
@@ -112,6 +114,8 @@ class SynthesizerConfig:
             problems.append(f"diffusion.conditioning must be one of {CONDITIONINGS}, not {dm.conditioning!r}")
         if s.sampler not in SAMPLERS:
             problems.append(f"sampling.sampler must be one of {SAMPLERS}, not {s.sampler!r}")
+        if dm.lr_schedule not in ("cosine", "constant"):
+            problems.append(f"diffusion.lr_schedule must be 'cosine' or 'constant', not {dm.lr_schedule!r}")
         if dm.prediction_type not in ("epsilon", "v_prediction"):
             problems.append("diffusion.prediction_type must be 'epsilon' or 'v_prediction'")
         if len(ae.attention_levels) != len(ae.channels):
@@ -199,7 +203,8 @@ def default() -> SynthesizerConfig:
         diffusion=DiffusionConfig(channels=(128, 256, 512), attention_levels=(False, True, True),
                                   num_res_blocks=2, norm_num_groups=32, num_head_channels=64,
                                   spade_hidden_channels=128, controlnet_embedding_channels=(32, 64, 128),
-                                  learning_rate=1e-4, batch_size=4, steps=50000, scale_factor_batches=50),
+                                  learning_rate=1e-4, warmup_steps=500, batch_size=4, steps=50000,
+                                  scale_factor_batches=50),
         sampling=SamplingConfig(sampler="dpmpp", steps=20),
         checkpoint_every=1000,
         montage_cases=8,

@@ -160,6 +160,16 @@ def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int
     return losses
 
 
+def learning_rate_at(step: int, base: float, total: int, schedule: str, warmup: int) -> float:
+    """Stateless schedule (a function of the step only), so resuming needs no scheduler state."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def _seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -245,6 +255,8 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         noise = torch.randn(z.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
+        for group in optimizers["model"].param_groups:
+            group["lr"] = learning_rate_at(step, dcfg.learning_rate, dcfg.steps, dcfg.lr_schedule, dcfg.warmup_steps)
         model.train()
         pred = model(noisy, t, one_hot(labels.to(device), spec.num_classes))
         loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
