@@ -1,0 +1,92 @@
+"""A tiny benchmark run on CPU: report files, values in range, and both arms provably on equal terms."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from nnunet_diffaug.benchmark import BenchmarkSettings, aggregate, draw_subsets
+from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run
+
+# a synthesizer small enough for a test: a few dozen steps (the loss-drop and label-following
+# behaviour of real presets is tested in test_synthesis_*.py)
+MICRO_SYNTHESIZER = {"base": "tiny", "autoencoder": {"steps": 15}, "diffusion": {"steps": 15, "scale_factor_batches": 2},
+                     "checkpoint_every": 15, "montage_cases": 2}
+
+
+def test_subsets_are_fixed_disjoint_from_the_test_set_and_nested_by_seed():
+    cases = [f"c{i:02d}" for i in range(12)]
+    s = BenchmarkSettings(dataset="X", train_sizes=(2, 5, "all"), seeds=(0, 1), test_fraction=0.25)
+    test, folds = draw_subsets(cases, s)
+    assert len(test) == 3 and all(f["val"] == test for f in folds)
+    assert all(not set(f["train"]) & set(test) for f in folds)
+    assert [f["n_train"] for f in folds] == [2, 2, 5, 5, 9, 9]
+    assert folds[0]["train"] != folds[1]["train"]  # seeds draw different subsets
+    assert draw_subsets(cases, s) == (test, folds)  # and always the same ones
+
+
+def test_paired_difference_and_test_across_seeds():
+    runs = []
+    for seed, (stock, diffaug) in enumerate([(0.50, 0.60), (0.40, 0.55), (0.45, 0.52)]):
+        for arm, v in (("stock", stock), ("diffaug_r33", diffaug)):
+            runs.append({"arm": arm, "n_train": 2, "seed": seed, "mean_foreground_dice": v, "dice": {"a": v}})
+    rows = {r["arm"]: r for r in aggregate(runs, ["stock", "diffaug_r33"])}
+    assert rows["diffaug_r33"]["difference_vs_stock"] == pytest.approx(np.mean([0.10, 0.15, 0.07]))
+    assert 0 < rows["diffaug_r33"]["paired_t_p_value"] < 0.05
+    assert rows["stock"]["sd"] == pytest.approx(np.std([0.5, 0.4, 0.45], ddof=1))
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_run(planned_example, tmp_path):
+    root, _ = planned_example
+    config = tmp_path / "micro_synthesizer.json"
+    config.write_text(json.dumps(MICRO_SYNTHESIZER))
+    out = tmp_path / "bench"
+    env = nnunet_env(root)
+    cmd = [console_script("diffaug_benchmark"), "-d", str(EXAMPLE_ID), "-c", "3d_fullres", "-o", str(out),
+           "--train-sizes", "2", "--seeds", "0", "1", "--test-fraction", "0.25", "--epochs", "2", "--iterations", "4",
+           "--n-synthetic", "2", "--synthesizer-preset", str(config), "--sampler", "ddim", "--steps", "3",
+           "--small-plans", "-device", "cpu"]
+    run(cmd, env)
+
+    results = json.loads((out / "benchmark_results.json").read_text())
+    assert (out / "benchmark_plot.png").stat().st_size > 1000
+    table = (out / "benchmark_table.md").read_text()
+    assert "| 2 | stock |" in table and "| 2 | diffaug_r33 |" in table
+    classes = ["ribs", "spine", "right_lung", "left_lung", "soft_tissue"]
+    assert results["classes"] == classes
+    assert len(results["runs"]) == 4
+    for r in results["runs"]:
+        assert 0.0 <= r["mean_foreground_dice"] <= 1.0
+        assert set(r["dice"]) == set(classes)
+        assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in r["dice"].values())
+
+    # both arms of a fold: same subset, same seed, same held-out cases, same budget
+    splits = json.loads((out / "preprocessed" / EXAMPLE_NAME / "splits_final.json").read_text())
+    for fold in (0, 1):
+        pair = [r for r in results["runs"] if r["fold"] == fold]
+        assert {r["arm"] for r in pair} == {"stock", "diffaug_r33"}
+        assert pair[0]["train_cases"] == pair[1]["train_cases"] == splits[fold]["train"]
+        assert pair[0]["seed"] == pair[1]["seed"]
+        budgets = []
+        for arm, trainer in (("stock", "nnUNetTrainerBudget"), ("diffaug_r33", "nnUNetTrainerDiffAug")):
+            fold_dir = (out / "results" / arm / EXAMPLE_NAME / f"{trainer}__nnUNetPlansDiffAugSmall__3d_fullres"
+                        / f"fold_{fold}")
+            debug = json.loads((fold_dir / "debug.json").read_text())
+            budgets.append((debug["num_epochs"], debug["num_iterations_per_epoch"], debug["batch_size"]))
+            log = sorted(fold_dir.glob("training_log_*.txt"))[-1].read_text()
+            assert re.search(r"This split has 2 training and 2 validation cases", log)
+            validated = sorted(p.name[:-7] for p in (fold_dir / "validation").glob("*.nii.gz"))
+            assert validated == sorted(splits[fold]["val"])
+        assert budgets[0] == budgets[1] == ("2", "4", "2") or budgets[0] == budgets[1] == (2, 4, 2)
+        # the synthesizer of this fold saw exactly the fold's training subset
+        synthetic = [p for p in (out / "raw").iterdir() if (p / "diffaug_provenance.json").is_file()]
+        provs = [json.loads((p / "diffaug_provenance.json").read_text()) for p in synthetic]
+        prov = next(p for p in provs if p["fold"] == fold)
+        assert sorted(prov["training_cases"]) == sorted(splits[fold]["train"])
+
+    # resumable: a rerun retrains nothing
+    finals = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("checkpoint_final.pth")}
+    assert len(finals) == 4
+    run(cmd, env)
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("checkpoint_final.pth")} == finals
