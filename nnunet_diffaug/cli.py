@@ -183,7 +183,54 @@ def demo_entry(argv=None):
 
 @_friendly_errors
 def evaluate_entry(argv=None):
-    raise DiffAugError("diffaug_evaluate is not available yet in this build.")
+    p = argparse.ArgumentParser(
+        prog="diffaug_evaluate", formatter_class=_formatter,
+        description="Quality of a synthetic raw dataset, with no downloaded weights: a trained nnU-Net model of the "
+                    "real dataset segments the synthetic images (label fidelity) and gives encoder features "
+                    "(Fréchet distance); plus diversity (MS-SSIM), label statistics and memorisation (near-copies "
+                    "of training cases). The fold's validation cases are the held-out real reference. Writes "
+                    "evaluation.json, evaluation.md and evaluation_montage.png.")
+    p.add_argument("-d", required=True, help="real dataset name or id")
+    p.add_argument("-f", type=int, required=True, help="fold (splits_final.json): its training cases are what the "
+                                                        "synthesizer and the model saw, its validation cases are held out")
+    p.add_argument("--synthetic", default=None,
+                   help="synthetic dataset (DatasetYYY_Name, id or folder); default: the one whose provenance names "
+                        "this dataset and fold")
+    p.add_argument("--model", default=None,
+                   help="folder of a trained nnU-Net model (e.g. $nnUNet_results/DatasetXXX/"
+                        "nnUNetTrainer__nnUNetPlans__3d_fullres); default: built from -tr, -p and -c")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer of the model (when --model is not given)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the model (when --model is not given)")
+    p.add_argument("-c", default="3d_fullres", help="configuration of the model (when --model is not given)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file of the fold")
+    p.add_argument("-o", default=None,
+                   help="output folder; default: <synthetic>/diffaug_evaluation/<model folder name>/fold_<f>")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
+    p.add_argument("--max-cases", type=int, default=None,
+                   help="use at most this many cases of each set (synthetic, training, validation), evenly spread")
+    p.add_argument("--disable_tta", action="store_true",
+                   help="no test-time mirroring (faster; the validation cases are then predicted again so both "
+                        "Dice values are made the same way)")
+    p.add_argument("--max-tiles", type=int, default=16, help="encoder-feature tiles per case for the Fréchet distance")
+    p.add_argument("--memorisation-percentile", type=float, default=5.0,
+                   help="flag a synthetic case closer to a training case than this percentile of real-to-real "
+                        "nearest distances")
+    p.add_argument("--memorisation-threshold", type=float, default=0.01,
+                   help="also flag any synthetic case whose distance (1 - NCC) to a training case is below this")
+    args = p.parse_args(argv)
+    if args.max_cases is not None and args.max_cases < 2:
+        raise DiffAugError(f"--max-cases {args.max_cases}: at least 2 cases per set are needed for pairwise metrics.")
+    ensure_trainer_discoverable()  # the model's trainer class may be one of ours
+    from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
+    inputs = resolve_inputs(args.d, args.f, synthetic=args.synthetic, model_folder=args.model, trainer=args.tr,
+                            plans=args.p, configuration=args.c, checkpoint=args.chk, max_cases=args.max_cases)
+    settings = Settings(device=args.device or _default_device(), use_mirroring=not args.disable_tta,
+                        max_tiles_per_case=args.max_tiles, memorisation_percentile=args.memorisation_percentile,
+                        memorisation_absolute=args.memorisation_threshold)
+    result = evaluate(inputs, args.o, settings)
+    from nnunet_diffaug.evaluation.report import render_markdown, json_safe
+    print(render_markdown(json_safe(result)).split("## Label fidelity per class")[0].rstrip())
+    print(f"\nWritten to {result['output_folder']}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""A trained nnU-Net model used as an offline judge: nnU-Net's own preprocessing, predictor and encoder.
+
+One class, three jobs that share the loaded network: preprocess a raw case exactly as nnU-Net does for
+inference, segment it (nnU-Net's sliding window and export), and read its encoder's features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_diffaug.errors import DiffAugError
+
+
+@dataclass
+class PreprocessedCase:
+    case_id: str
+    data: np.ndarray          # (channels, *spatial) in nnU-Net's preprocessed space (target spacing, normalised)
+    properties: dict          # nnU-Net's properties, needed to export a prediction back to raw geometry
+    label_file: str
+
+
+class TrainedModel:
+    def __init__(self, model_folder: Path, fold: int, checkpoint: str = "checkpoint_final.pth",
+                 device: str = "cpu", use_mirroring: bool = True):
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        self.device = torch.device(device)
+        self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                         perform_everything_on_device=self.device.type == "cuda",
+                                         device=self.device, verbose=False, verbose_preprocessing=False,
+                                         allow_tqdm=False)
+        try:
+            self.predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                                checkpoint_name=checkpoint)
+        except RuntimeError as e:
+            raise DiffAugError(f"nnU-Net could not load {model_folder}/fold_{fold}/{checkpoint}: {e}") from None
+        self.use_mirroring = use_mirroring
+        cm = self.predictor.configuration_manager
+        self.patch_size = tuple(int(p) for p in cm.patch_size)
+        self.preprocessor = cm.preprocessor_class(verbose=False)
+        self.foreground_labels = list(self.predictor.label_manager.foreground_labels)
+        self.reader_writer = self.predictor.plans_manager.image_reader_writer_class()
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.patch_size)
+
+    def preprocess(self, case_id: str, case: dict) -> PreprocessedCase:
+        p = self.predictor
+        data, _, props = self.preprocessor.run_case(case["images"], None, p.plans_manager, p.configuration_manager,
+                                                    p.dataset_json)
+        return PreprocessedCase(case_id, np.asarray(data, dtype=np.float32), props, case["label"])
+
+    def segment(self, case: PreprocessedCase, output_file_truncated: Path) -> Path:
+        """nnU-Net's prediction of one preprocessed case, exported in raw geometry; returns the file."""
+        from nnunetv2.inference.export_prediction import export_prediction_from_logits
+        p = self.predictor
+        Path(output_file_truncated).parent.mkdir(parents=True, exist_ok=True)
+        logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(case.data)).cpu()
+        export_prediction_from_logits(logits, case.properties, p.configuration_manager, p.plans_manager,
+                                      p.dataset_json, str(output_file_truncated), False)
+        return Path(str(output_file_truncated) + p.dataset_json["file_ending"])
+
+    # ------------------------------------------------------------------------------------------
+    # encoder features
+    # ------------------------------------------------------------------------------------------
+
+    def _feature_layers(self):
+        """The last convolution of every encoder stage.
+
+        Why the convolution and not the stage output: nnU-Net normalises every block with instance
+        norm, which removes each case's per-channel mean and variance, exactly what global average
+        pooling would read. The convolution just before it still carries them.
+        """
+        net = getattr(self.predictor.network, "_orig_mod", self.predictor.network)
+        stages = getattr(getattr(net, "encoder", None), "stages", None)
+        if stages is None:
+            raise DiffAugError(f"{type(net).__name__} has no encoder.stages: realism features need one of "
+                               f"nnU-Net's U-Net architectures (PlainConvUNet, ResidualEncoderUNet).")
+        convs = [[m for m in stage.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)] for stage in stages]
+        return net, [c[-1] for c in convs if c]
+
+    def tiles(self, data: np.ndarray, max_tiles: int) -> list[np.ndarray]:
+        """Patch-sized tiles at nnU-Net's sliding-window positions (2d: per slice), at most ``max_tiles``."""
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+        patch = self.patch_size
+        if len(patch) == 2:  # nnU-Net 2d: the network sees axial slices
+            slices = [data[:, z] for z in range(data.shape[1])]
+        else:
+            slices = [data]
+        tiles = []
+        for img in slices:
+            img = pad_nd_image(img, patch, "constant", {"value": 0}, False)
+            steps = compute_steps_for_sliding_window(img.shape[1:], patch, 0.5)
+            for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
+                sl = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch))
+                tiles.append(img[(slice(None),) + sl])
+        if len(tiles) > max_tiles:  # spread evenly so every part of the case is represented
+            keep = np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)).astype(int))
+            tiles = [tiles[i] for i in keep]
+        return tiles
+
+    @torch.inference_mode()
+    def encoder_features(self, data: np.ndarray, max_tiles: int = 16, batch_size: int = 8) -> np.ndarray:
+        """(tiles, features): each encoder stage's last convolution, global-average-pooled, concatenated."""
+        net, layers = self._feature_layers()
+        net.to(self.device).eval()
+        pooled: list[torch.Tensor] = []
+        hooks = [s.register_forward_hook(lambda _m, _i, out: pooled.append(
+            out.flatten(2).mean(-1).float().cpu())) for s in layers]
+        rows = []
+        try:
+            tiles = self.tiles(data, max_tiles)
+            for i in range(0, len(tiles), batch_size):
+                pooled.clear()
+                x = torch.from_numpy(np.stack(tiles[i:i + batch_size])).to(self.device)
+                net.encoder(x)
+                rows.append(torch.cat(pooled, dim=1).numpy())
+        finally:
+            for h in hooks:
+                h.remove()
+        return np.concatenate(rows).astype(np.float64)

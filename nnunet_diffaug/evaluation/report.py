@@ -1,0 +1,111 @@
+"""evaluation.json (everything) and evaluation.md (the summary a person reads), written atomically."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from nnunet_diffaug.rawdata import atomic_write_json, atomic_write_text
+
+CASES_USED = """| metric | synthetic cases | real cases | why these |
+|---|---|---|---|
+| label fidelity | all evaluated | validation of the fold | the model was trained on the training cases; its Dice there would flatter it |
+| realism (Fréchet) | all evaluated | target: validation; reference: training vs validation | validation cases were seen by neither the model nor the synthesizer |
+| diversity (MS-SSIM) | pairs among synthetic | pairs among training, among validation (pairs within one case skipped) | each set's own spread |
+| label statistics | all evaluated | target: validation; reference: training vs validation | as for realism |
+| memorisation | nearest training case | training cases among themselves (leave-one-case-out) | only the training cases can have been memorised |
+"""
+
+
+def json_safe(obj):
+    """NaN/inf -> null (strict JSON), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _f(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def render_markdown(r: dict) -> str:
+    fid, rea, div, lab, mem = (r["label_fidelity"], r["realism"], r["diversity"], r["label_statistics"],
+                               r["memorisation"])
+    n = {k: len(v) for k, v in r["cases"].items()}
+    lines = [
+        f"# Synthesis quality: {Path(r['synthetic_dataset']).name}",
+        "",
+        f"Real dataset {r['dataset']}, fold {r['fold']} ({n['training']} training, {n['validation']} validation "
+        f"cases); {n['synthetic']} synthetic cases. Judge: the nnU-Net model `{r['model']['checkpoint']}`.",
+        "",
+        "| metric | synthetic | real reference | better when |",
+        "|---|---|---|---|",
+        f"| label fidelity: mean foreground Dice of nnU-Net vs the cases' own labels | "
+        f"{_f(fid['synthetic']['foreground_mean_dice'])} | {_f(fid['validation']['foreground_mean_dice'])} "
+        f"(validation cases) | synthetic close to real |",
+        f"| realism: Fréchet distance of encoder features to the validation cases | "
+        f"{_f(rea['frechet_synthetic_vs_validation'], 2)} | {_f(rea['frechet_training_vs_validation'], 2)} "
+        f"(training cases) | synthetic close to real |",
+        f"| diversity: mean pairwise MS-SSIM | {_f(div['synthetic']['mean'])} | "
+        f"{_f(div['training']['mean'])} (training), {_f(div['validation']['mean'])} (validation) | "
+        f"synthetic not above real |",
+        f"| label statistics: mean W1 of per-class volume fractions to validation | "
+        f"{_f(lab['mean_fraction_w1_synthetic_vs_validation'], 4)} | "
+        f"{_f(lab['mean_fraction_w1_training_vs_validation'], 4)} (training) | synthetic close to real |",
+        f"| label statistics: mean W1 of connected-component counts to validation | "
+        f"{_f(lab['mean_components_w1_synthetic_vs_validation'], 2)} | "
+        f"{_f(lab['mean_components_w1_training_vs_validation'], 2)} (training) | synthetic close to real |",
+        f"| memorisation: median distance to the nearest training case | {_f(mem['synthetic_nearest_median'])} | "
+        f"{_f(mem['real_nearest_median'])} (training to training) | synthetic not far below real |",
+        "",
+        f"**Near-copies flagged: {len(mem['flagged'])}** "
+        f"(distance below {_f(mem['threshold_from_real'], 4)}, the {mem['threshold_percentile']:g}th percentile of "
+        f"real-to-real nearest distances, or below {mem['threshold_absolute']:g})"
+        + (": " + ", ".join(f"{c} (~{r['per_synthetic_case'][c]['memorisation_nearest_training_case']})"
+                            for c in mem["flagged"]) if mem["flagged"] else "."),
+        "",
+        "## Label fidelity per class",
+        "",
+        "| class | synthetic Dice | validation Dice | volume fraction synthetic / training / validation | "
+        "components synthetic / training / validation |",
+        "|---|---|---|---|---|",
+    ]
+    for c, row in lab["per_class"].items():
+        fm, cm = row["fraction_mean"], row["components_mean"]
+        lines.append(f"| {c} | {_f(fid['synthetic']['mean_dice_per_class'].get(c))} | "
+                     f"{_f(fid['validation']['mean_dice_per_class'].get(c))} | "
+                     f"{_f(fm['synthetic'], 4)} / {_f(fm['training'], 4)} / {_f(fm['validation'], 4)} | "
+                     f"{_f(cm['synthetic'], 1)} / {_f(cm['training'], 1)} / {_f(cm['validation'], 1)} |")
+    lines += [
+        "",
+        "## Which cases each metric uses",
+        "",
+        CASES_USED,
+        "## How the numbers are made",
+        "",
+        f"- Label fidelity: nnU-Net's predictor (test-time mirroring {'on' if fid['test_time_mirroring'] else 'off'}) "
+        f"and nnU-Net's `compute_metrics`; validation Dice from {fid['validation'].get('source')}.",
+        f"- Realism: {rea['feature_dims']} features per patch-sized tile (last convolution of every encoder stage, "
+        f"global-average-pooled), tiles per set {rea['tiles']}, z-scored with the real tiles' statistics. "
+        f"Covariances are regularised with {rea['covariance_regularisation_eps']:g}·I because there are fewer "
+        f"tiles than features; compare the numbers with each other, not with published FIDs.",
+        f"- Diversity: MONAI MS-SSIM on nnU-Net-preprocessed images mapped to [0, 1] with the real 0.5-99.5 "
+        f"percentiles and cropped/padded to a common shape; settings {div['settings']}"
+        + (" (per slice along the thinnest axis)." if div["settings"]["spatial_dims"] == 2 else "."),
+        f"- Memorisation: {mem['distance']}.",
+        f"- Label statistics on the raw label maps (Wasserstein-1 between per-case distributions).",
+    ]
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in r["notes"]]
+    lines += ["", "![montage](evaluation_montage.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, folder: Path) -> None:
+    atomic_write_json(folder / "evaluation.json", json_safe(result))
+    atomic_write_text(folder / "evaluation.md", render_markdown(json_safe(result)))

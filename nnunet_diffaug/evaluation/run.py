@@ -1,0 +1,158 @@
+"""One evaluation run: preprocess every case once, compute the five metric families, write the report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_diffaug.evaluation import diversity, fidelity, grid, label_stats, memorisation, realism
+from nnunet_diffaug.evaluation.inputs import EvaluationInputs
+from nnunet_diffaug.evaluation.montage import write_montage
+from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
+from nnunet_diffaug.evaluation.report import write_report
+from nnunet_diffaug.rawdata import CASE_RECORDS_DIR
+
+SETS = ("synthetic", "training", "validation")
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    use_mirroring: bool = True           # nnU-Net's test-time mirroring, as in its own validation
+    max_tiles_per_case: int = 16         # encoder-feature tiles per case
+    frechet_eps: float = realism.DEFAULT_EPS
+    memorisation_percentile: float = memorisation.DEFAULT_PERCENTILE
+    memorisation_absolute: float = memorisation.DEFAULT_ABSOLUTE
+    max_ssim_pairs: int = 2000
+    montage_rows: int = 4
+    progress: bool = True
+
+
+def default_output_folder(inputs: EvaluationInputs) -> Path:
+    # one folder per judging model, so evaluations with different models do not replace each other
+    return inputs.synthetic_folder / "diffaug_evaluation" / inputs.model_folder.name / f"fold_{inputs.fold}"
+
+
+def _case_sets(inputs: EvaluationInputs) -> dict[str, dict]:
+    return {"synthetic": inputs.synthetic_cases,
+            "training": {c: inputs.real_cases[c] for c in inputs.training_cases},
+            "validation": {c: inputs.real_cases[c] for c in inputs.validation_cases}}
+
+
+def _source_case(inputs: EvaluationInputs, case_id: str) -> str | None:
+    import json
+    record = inputs.synthetic_folder / CASE_RECORDS_DIR / f"{case_id}.json"
+    try:
+        return json.loads(record.read_text()).get("source_case") if record.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, out: Path, s: Settings):
+    labels = model.foreground_labels
+    predictions, per_case = {}, {}
+    for cid, case in tqdm(pre["synthetic"].items(), desc="segmenting synthetic cases", disable=not s.progress):
+        predictions[cid] = model.segment(case, out / "predictions_synthetic" / cid)
+        per_case[cid] = fidelity.case_dice(case.label_file, predictions[cid], model.reader_writer, labels)
+    synthetic = fidelity.summarise(per_case, labels)
+    # nnU-Net's own final validation is reused when it was made the same way (mirroring on, same checkpoint)
+    real = fidelity.validation_summary(inputs.model_folder, inputs.fold) \
+        if s.use_mirroring and inputs.checkpoint == "checkpoint_final.pth" else None
+    if real is None:
+        real_cases = {}
+        for cid, case in tqdm(pre["validation"].items(), desc="segmenting validation cases", disable=not s.progress):
+            f = model.segment(case, out / "predictions_validation" / cid)
+            real_cases[cid] = fidelity.case_dice(case.label_file, f, model.reader_writer, labels)
+        real = {**fidelity.summarise(real_cases, labels), "source": "predicted by diffaug_evaluate"}
+    return {"synthetic": synthetic, "validation": real,
+            "ratio_synthetic_to_validation": synthetic["foreground_mean_dice"] / real["foreground_mean_dice"]
+            if real["foreground_mean_dice"] > 0 else float("nan"),
+            "test_time_mirroring": s.use_mirroring}, per_case, predictions
+
+
+def _unit_items(model: TrainedModel, pre: dict) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """(case id, item) per set on one grid in [0, 1]: what diversity and memorisation compare."""
+    items = {k: [(cid, it) for cid, c in pre[k].items() for it in grid.items_of(c.data, model.spatial_dims)]
+             for k in SETS}
+    ranges = grid.intensity_range([it for k in ("training", "validation") for _, it in items[k]])
+    shape = grid.common_shape([it for k in SETS for _, it in items[k]])
+    return {k: [(cid, grid.to_shape(grid.to_unit_range(it, ranges), shape)) for cid, it in v]
+            for k, v in items.items()}
+
+
+def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None, settings: Settings | None = None) -> dict:
+    """Runs every metric and writes evaluation.json, evaluation.md and evaluation_montage.png. Returns the JSON."""
+    s = settings or Settings()
+    out = Path(output_folder) if output_folder else default_output_folder(inputs)
+    t0 = time.perf_counter()
+    model = TrainedModel(inputs.model_folder, inputs.fold, inputs.checkpoint, s.device, s.use_mirroring)
+    sets = _case_sets(inputs)
+
+    # every case once through nnU-Net's preprocessing; all image metrics work in that space
+    pre: dict[str, dict[str, PreprocessedCase]] = {}
+    for name, cases in sets.items():
+        pre[name] = {cid: model.preprocess(cid, case)
+                     for cid, case in tqdm(cases.items(), desc=f"preprocessing {name} cases", disable=not s.progress)}
+
+    fidelity_result, fid_per_case, predictions = _label_fidelity(model, inputs, pre, out, s)
+
+    features = {k: np.concatenate([model.encoder_features(c.data, s.max_tiles_per_case)
+                                   for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
+                                                 disable=not s.progress)]) for k in SETS}
+    realism_result = realism.realism_report(features, s.frechet_eps)
+
+    items = _unit_items(model, pre)
+    ssim_settings = diversity.choose_settings(items["synthetic"][0][1].shape[1:])
+    div = {k: diversity.pairwise_ms_ssim([it for _, it in items[k]], [cid for cid, _ in items[k]], ssim_settings,
+                                         s.max_ssim_pairs, desc=f"MS-SSIM ({k})") for k in SETS}
+    div["settings"] = ssim_settings.as_dict()
+
+    memo = memorisation.memorisation_report(
+        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it) in enumerate(items["synthetic"])},
+        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it) in enumerate(items["training"])},
+        [cid for cid, _ in items["synthetic"]], [cid for cid, _ in items["training"]],
+        s.memorisation_percentile, s.memorisation_absolute)
+
+    classes = model.foreground_labels
+    stats = {k: [label_stats.case_label_stats(label_stats.read_label(c["label"]), classes) for c in sets[k].values()]
+             for k in SETS}
+    lab = label_stats.label_stats_report(stats, classes)
+
+    per_case = {cid: {"source_case": _source_case(inputs, cid), "dice": fid_per_case[cid],
+                      **{f"memorisation_{k}": v for k, v in memo["per_case"][cid].items()}}
+                for cid in inputs.synthetic_cases}
+    result = {
+        "dataset": inputs.dataset_name, "fold": inputs.fold,
+        "synthetic_dataset": str(inputs.synthetic_folder),
+        "model": {"folder": str(inputs.model_folder), "checkpoint": str(inputs.checkpoint_file),
+                  "configuration": inputs.model_folder.name.split("__")[-1]},
+        "cases": {k: sorted(v) for k, v in sets.items()},
+        "label_fidelity": fidelity_result, "realism": realism_result, "diversity": div, "label_statistics": lab,
+        "memorisation": {k: v for k, v in memo.items() if k != "per_case"},
+        "per_synthetic_case": per_case,
+        "notes": list(inputs.notes),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _montage_rows(inputs, predictions, s.montage_rows)
+    write_montage(rows, out / "evaluation_montage.png", len(classes),
+                  f"{inputs.synthetic_folder.name} vs {inputs.dataset_name} fold {inputs.fold}")
+    write_report(result, out)
+    result["output_folder"] = str(out)
+    return result
+
+
+def _montage_rows(inputs: EvaluationInputs, predictions: dict, n: int) -> list[dict]:
+    """Each shown synthetic case beside its source case when its record names one, else a validation case."""
+    rows = []
+    for i, cid in enumerate(sorted(inputs.synthetic_cases)[:n]):
+        src = _source_case(inputs, cid)
+        real_id = src if src in inputs.real_cases else inputs.validation_cases[i % len(inputs.validation_cases)]
+        real, syn = inputs.real_cases[real_id], inputs.synthetic_cases[cid]
+        rows.append({"real": {"name": real_id, "image": real["images"][0], "label": real["label"]},
+                     "synthetic": {"name": cid, "image": syn["images"][0], "label": syn["label"]},
+                     "prediction": predictions.get(cid)})
+    return rows

@@ -1,0 +1,245 @@
+"""diffaug_evaluate: the metrics behave as metrics, on a tiny nnU-Net trained by its own console script.
+
+Synthetic sets used as probes (all for fold 0 of the example, in a private copy of it):
+- stand-in: deformed real training cases (images follow their labels)
+- noise: the same label maps with noise images
+- copy: one exact copy of a training case among noise cases (memorisation must flag it)
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_diffaug import cli
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
+from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, list_cases, load_dataset_json
+from support import EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run, set_nnunet_env
+
+pytestmark = pytest.mark.slow
+TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
+FAST = Settings(device="cpu", use_mirroring=False, progress=False)
+
+
+def _write_set(raw, dataset_id, fold, training_cases, cases):
+    """cases: [(case_id, image array or None for an exact copy, source case)] -> synthetic raw dataset."""
+    real_folder = raw / EXAMPLE_NAME
+    real_json, real = load_dataset_json(real_folder), list_cases(raw / EXAMPLE_NAME)
+    prov = SyntheticProvenance(source_dataset=EXAMPLE_NAME, fold=fold, configuration=CONFIG,
+                               training_cases=list(training_cases), generator={"kind": "test probe"}, seed=0)
+    folder = raw / f"Dataset{dataset_id:03d}_ProbeSynthF{fold}"
+    writer = SyntheticDatasetWriter(folder, real_json, prov)
+    for case_id, array, source in cases:
+        image = sitk.ReadImage(real[source]["images"][0])
+        if array is not None:
+            new = sitk.GetImageFromArray(array.astype(np.float32))
+            new.CopyInformation(image)
+            image = new
+        writer.write_case(case_id, [image], sitk.ReadImage(real[source]["label"]), {"source_case": source})
+    writer.finalize()
+    return folder
+
+
+def _noise_like(raw, source, rng):
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")))
+    return rng.normal(ref.mean(), ref.std(), size=ref.shape)
+
+
+def _rescaled_copy(raw, source, rng):
+    """A training case with its intensities scaled and noise added: still a copy of its anatomy."""
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")))
+    return ref * 1.05 + rng.normal(0, 20, size=ref.shape)
+
+
+@pytest.fixture(scope="module")
+def judge(planned_example, tmp_path_factory):
+    """A private copy of the example with a tiny real-trained nnU-Net (fold 0) and three probe sets."""
+    src, splits = planned_example
+    root = tmp_path_factory.mktemp("evaluate")
+    for sub in ("raw", "preprocessed"):
+        shutil.copytree(src / sub / EXAMPLE_NAME, root / sub / EXAMPLE_NAME)
+    (root / "results").mkdir()
+    env = nnunet_env(root)
+    old = {k: os.environ.get(k) for k in env if k.startswith("nnUNet_")}
+    os.environ.update({k: env[k] for k in old})
+    budget = {"DIFFAUG_NUM_EPOCHS": 8, "DIFFAUG_ITERATIONS_PER_EPOCH": 20, "DIFFAUG_VAL_ITERATIONS": 1,
+              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+    run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
+        nnunet_env(root, **budget))
+    raw, train = root / "raw", splits[0]["train"]
+    rng = np.random.default_rng(0)
+    sets = {
+        "stand_in": make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 0, train, 4, dataset_id=921),
+        "noise": _write_set(raw, 922, 0, train, [(f"noise_{i}", _noise_like(raw, c, rng), c)
+                                                 for i, c in enumerate(train)]),
+        "copy": _write_set(raw, 923, 0, train, [("copy_0", None, train[0]),
+                                                ("rescaled_1", _rescaled_copy(raw, train[1], rng), train[1])] +
+                           [(f"noise_{i}", _noise_like(raw, c, rng), c) for i, c in enumerate(train[2:])]),
+    }
+    yield root, splits, sets
+    for k, v in old.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def results(judge, tmp_path_factory):
+    """The three probe sets evaluated in-process (no test-time mirroring, for speed)."""
+    _, _, sets = judge
+    out = tmp_path_factory.mktemp("evaluations")
+    return {name: evaluate(resolve_inputs(EXAMPLE_NAME, 0, synthetic=str(folder), trainer=TRAINER, plans=PLANS,
+                                          configuration=CONFIG), out / name, FAST)
+            for name, folder in sets.items()}
+
+
+def _entry(argv):
+    return cli.evaluate_entry([str(a) for a in argv])
+
+
+# ------------------------------------------------------------------------------------------------
+# the metrics behave as metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_images_that_follow_their_labels_score_better_than_noise(results):
+    good, noise = results["stand_in"], results["noise"]
+    fid_good = good["label_fidelity"]["synthetic"]["foreground_mean_dice"]
+    fid_noise = noise["label_fidelity"]["synthetic"]["foreground_mean_dice"]
+    fid_real = good["label_fidelity"]["validation"]["foreground_mean_dice"]
+    assert fid_good > fid_noise + 0.1
+    assert fid_noise < 0.5 * fid_real  # the judge cannot read noise
+    # realism: noise is far from the real validation cases, much farther than real training cases are
+    fd_noise = noise["realism"]["frechet_synthetic_vs_validation"]
+    fd_good = good["realism"]["frechet_synthetic_vs_validation"]
+    fd_real = good["realism"]["frechet_training_vs_validation"]
+    assert fd_noise > 3 * fd_real and fd_noise > 3 * fd_good
+    # the reference does not depend on the synthetic set
+    assert fd_real == pytest.approx(noise["realism"]["frechet_training_vs_validation"])
+
+
+def test_fréchet_distance_of_a_set_with_itself_is_zero(judge):
+    from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
+    from nnunet_diffaug.evaluation.realism import frechet_distance, standardiser
+    root, splits, _ = judge
+    model = TrainedModel(root / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__{CONFIG}", 0, use_mirroring=False)
+    cases = list_cases(root / "raw" / EXAMPLE_NAME)
+    feats = {c: model.encoder_features(model.preprocess(c, cases[c]).data) for c in sorted(cases)}
+    val = np.concatenate([feats[c] for c in splits[0]["val"]])
+    train = np.concatenate([feats[c] for c in splits[0]["train"]])
+    z = standardiser(np.concatenate([train, val]))
+    assert frechet_distance(z(val), z(val)) < 1e-6
+    assert frechet_distance(z(train), z(val)) > 100 * frechet_distance(z(val), z(val)) + 1e-3
+
+
+def test_copies_of_training_cases_are_flagged_and_noise_is_not(results, judge):
+    _, splits, _ = judge
+    train = splits[0]["train"]
+    memo = results["copy"]["memorisation"]
+    assert memo["flagged"] == ["copy_0", "rescaled_1"]
+    cases = results["copy"]["per_synthetic_case"]
+    assert cases["copy_0"]["memorisation_nearest_training_case"] == train[0]
+    assert cases["copy_0"]["memorisation_distance"] < 1e-4
+    # a global intensity change and voxel noise do not hide a copy
+    assert cases["rescaled_1"]["memorisation_nearest_training_case"] == train[1]
+    assert results["noise"]["memorisation"]["flagged"] == []
+    # warped training cases lie closer to the training cases than real cases lie to each other
+    stand_in = results["stand_in"]["memorisation"]
+    assert stand_in["synthetic_nearest_median"] < stand_in["real_nearest_median"]
+
+
+def test_label_statistics_compare_distributions(results):
+    # the noise set reuses the training label maps: its label statistics are exactly the training cases'
+    lab = results["noise"]["label_statistics"]
+    assert lab["mean_fraction_w1_synthetic_vs_validation"] == pytest.approx(lab["mean_fraction_w1_training_vs_validation"])
+    assert lab["mean_components_w1_synthetic_vs_validation"] == pytest.approx(
+        lab["mean_components_w1_training_vs_validation"])
+    # warped labels change volumes a little, not a lot
+    stand_in = results["stand_in"]["label_statistics"]
+    assert 0 < stand_in["mean_fraction_w1_synthetic_vs_validation"] < 0.05
+
+
+def test_diversity_of_noise_is_high_and_identical_images_have_ms_ssim_one(results):
+    from nnunet_diffaug.evaluation.diversity import choose_settings, pairwise_ms_ssim
+    div = results["noise"]["diversity"]
+    assert div["synthetic"]["mean"] < div["training"]["mean"]  # independent noise images share no structure
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(np.cumsum(rng.random((1, 4, 64, 64)), -1), -2)
+    smooth = (smooth / smooth.max()).astype(np.float32)
+    same = pairwise_ms_ssim([smooth] * 3, settings=choose_settings(smooth.shape[1:]))
+    assert same["mean"] == pytest.approx(1.0, abs=1e-4) and same["pairs"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# the console script: report files, nnU-Net's own validation reused, refusals
+# ------------------------------------------------------------------------------------------------
+
+def test_console_script_writes_the_report(judge, tmp_path, capsys):
+    root, splits, sets = judge
+    _entry(["-d", EXAMPLE_NAME, "-f", 0, "--synthetic", "921", "-tr", TRAINER, "-p", PLANS, "-c", CONFIG,
+            "-device", "cpu", "--max-cases", 3])
+    out = sets["stand_in"] / "diffaug_evaluation" / f"{TRAINER}__{PLANS}__{CONFIG}" / "fold_0"
+    report = json.loads((out / "evaluation.json").read_text())
+    # --max-cases 3: three of each set, and real cases only from the fold's own split
+    assert {k: len(v) for k, v in report["cases"].items()} == {"synthetic": 3, "training": 3, "validation": 3}
+    assert set(report["cases"]["training"]) <= set(splits[0]["train"])
+    assert set(report["cases"]["validation"]) <= set(splits[0]["val"])
+    # with test-time mirroring on, the real Dice is nnU-Net's own final validation, not recomputed
+    assert report["label_fidelity"]["validation"]["source"].endswith("fold_0/validation/summary.json")
+    assert sorted(p.name for p in (out / "predictions_synthetic").iterdir()) == \
+        [f"{c}.nii.gz" for c in report["cases"]["synthetic"]]
+    md = (out / "evaluation.md").read_text()
+    assert "Which cases each metric uses" in md and "regularised" in md
+    png = (out / "evaluation_montage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Near-copies flagged" in capsys.readouterr().out
+
+
+def _refusal(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        _entry(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_refusals(judge, tmp_path, capsys):
+    root, splits, sets = judge
+    raw = root / "raw"
+    base = ["-d", EXAMPLE_NAME, "-f", 0, "-tr", TRAINER, "-p", PLANS, "-c", CONFIG, "-device", "cpu"]
+
+    assert "--synthetic 'Dataset999_Nothing' is neither a folder nor a dataset" in _refusal(
+        base + ["--synthetic", "Dataset999_Nothing"], capsys)
+    # three probe sets name fold 0: the user must choose
+    err = _refusal(base, capsys)
+    assert "Several synthetic datasets" in err and "Dataset921_StandInSynthF0" in err
+
+    # a model folder without the fold's checkpoint
+    fold1 = make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 1, splits[1]["train"], 2, dataset_id=931)
+    err = _refusal(["-d", EXAMPLE_NAME, "-f", 1, "-tr", TRAINER, "-p", PLANS, "-c", CONFIG], capsys)
+    assert "fold_1/checkpoint_final.pth does not exist" in err
+    assert "no synthetic" not in err.lower()
+    shutil.rmtree(fold1)
+
+    # labels that differ from the real dataset's
+    bad = tmp_path / "Dataset932_BadLabels"
+    shutil.copytree(sets["stand_in"], bad)
+    dj = json.loads((bad / "dataset.json").read_text())
+    dj["labels"] = {"background": 0, "something_else": 1}
+    (bad / "dataset.json").write_text(json.dumps(dj))
+    assert "differ from the real dataset's" in _refusal(base + ["--synthetic", bad], capsys)
+
+    # a model trained with other labels
+    model = root / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__{CONFIG}"
+    other = tmp_path / "other_model"
+    shutil.copytree(model, other)
+    (other / "dataset.json").write_text(json.dumps(dj))
+    err = _refusal(base + ["--synthetic", "921", "--model", other], capsys)
+    assert "the model's labels" in err and "differ" in err
+
+    # a synthesizer that saw validation cases of the fold: the held-out reference would be contaminated
+    leak_dir = tmp_path / "leaky"
+    shutil.copytree(sets["copy"], leak_dir)
+    prov = json.loads((leak_dir / "diffaug_provenance.json").read_text())
+    prov["training_cases"] = prov["training_cases"] + [splits[0]["val"][0]]
+    (leak_dir / "diffaug_provenance.json").write_text(json.dumps(prov))
+    assert "would leak validation data" in _refusal(base + ["--synthetic", leak_dir], capsys)
