@@ -33,9 +33,9 @@ def _shrink_configuration(cfg: dict, features: list[int], max_patch: int, patch_
     # the patch must stay divisible by the total downsampling of each axis
     divisor = np.prod(np.array(kw["strides"]), axis=0)
     source = np.array(cfg["patch_size"])
-    wanted = np.array(patch_size) if patch_size is not None else np.minimum(source, max_patch)
-    if len(wanted) != len(source):
-        raise DiffAugError(f"--patch-size needs {len(source)} values for this configuration, got {len(wanted)}.")
+    # an explicit patch size applies to the configurations of its dimensionality; the others are capped
+    explicit = patch_size is not None and len(patch_size) == len(source)
+    wanted = np.array(patch_size) if explicit else np.minimum(source, max_patch)
     cfg["patch_size"] = [int(max(d, (w // d) * d)) for w, d in zip(wanted, divisor)]
     cfg["batch_size"] = int(batch_size)
     return cfg
@@ -52,6 +52,8 @@ def write_small_plans(dataset_name: str, source_plans: str = "nnUNetPlans", targ
     out = folder / f"{target_plans}.json"
     if out.is_file() and not overwrite:
         raise DiffAugError(f"{out} exists; pass --overwrite to replace it.")
+    if patch_size is not None and len(patch_size) not in (2, 3):
+        raise DiffAugError(f"--patch-size needs 2 (2d) or 3 (3d) values, got {len(patch_size)}.")
     if target_plans == source_plans:
         raise DiffAugError("The small plans need their own identifier; the source plans are never edited.")
     plans = json.loads(src.read_text())
