@@ -17,7 +17,7 @@ from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
 from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, list_cases, load_dataset_json
-from support import EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run, set_nnunet_env
+from support import EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run
 
 pytestmark = pytest.mark.slow
 TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
@@ -65,7 +65,7 @@ def judge(planned_example, tmp_path_factory):
     env = nnunet_env(root)
     old = {k: os.environ.get(k) for k in env if k.startswith("nnUNet_")}
     os.environ.update({k: env[k] for k in old})
-    budget = {"DIFFAUG_NUM_EPOCHS": 8, "DIFFAUG_ITERATIONS_PER_EPOCH": 20, "DIFFAUG_VAL_ITERATIONS": 1,
+    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
               "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
     run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
         nnunet_env(root, **budget))
@@ -151,7 +151,8 @@ def test_copies_of_training_cases_are_flagged_and_noise_is_not(results, judge):
 def test_label_statistics_compare_distributions(results):
     # the noise set reuses the training label maps: its label statistics are exactly the training cases'
     lab = results["noise"]["label_statistics"]
-    assert lab["mean_fraction_w1_synthetic_vs_validation"] == pytest.approx(lab["mean_fraction_w1_training_vs_validation"])
+    assert lab["mean_fraction_w1_synthetic_vs_validation"] == pytest.approx(
+        lab["mean_fraction_w1_training_vs_validation"])
     assert lab["mean_components_w1_synthetic_vs_validation"] == pytest.approx(
         lab["mean_components_w1_training_vs_validation"])
     # warped labels change volumes a little, not a lot
@@ -235,6 +236,10 @@ def test_refusals(judge, tmp_path, capsys):
     (other / "dataset.json").write_text(json.dumps(dj))
     err = _refusal(base + ["--synthetic", "921", "--model", other], capsys)
     assert "the model's labels" in err and "differ" in err
+
+    # a fold the splits do not have
+    with pytest.raises(DiffAugError, match="fold 5 does not exist"):
+        resolve_inputs(EXAMPLE_NAME, 5, synthetic="921", trainer=TRAINER, plans=PLANS, configuration=CONFIG)
 
     # a synthesizer that saw validation cases of the fold: the held-out reference would be contaminated
     leak_dir = tmp_path / "leaky"

@@ -6,14 +6,19 @@ from pathlib import Path
 
 from nnunet_diffaug.rawdata import atomic_write_json, atomic_write_text
 
-CASES_USED = """| metric | synthetic cases | real cases | why these |
-|---|---|---|---|
-| label fidelity | all evaluated | validation of the fold | the model was trained on the training cases; its Dice there would flatter it |
-| realism (Fréchet) | all evaluated | target: validation; reference: training vs validation | validation cases were seen by neither the model nor the synthesizer |
-| diversity (MS-SSIM) | pairs among synthetic | pairs among training, among validation (pairs within one case skipped) | each set's own spread |
-| label statistics | all evaluated | target: validation; reference: training vs validation | as for realism |
-| memorisation | nearest training case | training cases among themselves (leave-one-case-out) | only the training cases can have been memorised |
-"""
+CASES_USED = "\n".join([
+    "| metric | synthetic cases | real cases | why these |",
+    "|---|---|---|---|",
+    "| label fidelity | all evaluated | validation of the fold | the model was trained on the training cases; "
+    "its Dice there would flatter it |",
+    "| realism (Fréchet) | all evaluated | target: validation; reference: training vs validation | validation "
+    "cases were seen by neither the model nor the synthesizer |",
+    "| diversity (MS-SSIM) | pairs among synthetic | pairs among training, among validation (pairs within one "
+    "case skipped) | each set's own spread |",
+    "| label statistics | all evaluated | target: validation; reference: training vs validation | as for realism |",
+    "| memorisation | nearest training case | training cases among themselves (leave-one-case-out) | only the "
+    "training cases can have been memorised |",
+]) + "\n"
 
 
 def json_safe(obj):
@@ -89,7 +94,10 @@ def render_markdown(r: dict) -> str:
         "## How the numbers are made",
         "",
         f"- Label fidelity: nnU-Net's predictor (test-time mirroring {'on' if fid['test_time_mirroring'] else 'off'}) "
-        f"and nnU-Net's `compute_metrics`; validation Dice from {fid['validation'].get('source')}.",
+        f"and nnU-Net's `compute_metrics`; validation Dice ({fid['validation']['cases']} cases): "
+        f"{fid['validation'].get('source')}. Synthetic Dice above the validation Dice is a warning sign, not a "
+        f"success: the model was trained on the training cases, so copies of them are easy to read (see "
+        f"memorisation).",
         f"- Realism: {rea['feature_dims']} features per patch-sized tile (last convolution of every encoder stage, "
         f"global-average-pooled), tiles per set {rea['tiles']}, z-scored with the real tiles' statistics. "
         f"Covariances are regularised with {rea['covariance_regularisation_eps']:g}·I because there are fewer "

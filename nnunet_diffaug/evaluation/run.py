@@ -66,7 +66,8 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
         for cid, case in tqdm(pre["validation"].items(), desc="segmenting validation cases", disable=not s.progress):
             f = model.segment(case, out / "predictions_validation" / cid)
             real_cases[cid] = fidelity.case_dice(case.label_file, f, model.reader_writer, labels)
-        real = {**fidelity.summarise(real_cases, labels), "source": "predicted by diffaug_evaluate"}
+        real = {**fidelity.summarise(real_cases, labels),
+                "source": "predicted here with the same settings as the synthetic cases"}
     return {"synthetic": synthetic, "validation": real,
             "ratio_synthetic_to_validation": synthetic["foreground_mean_dice"] / real["foreground_mean_dice"]
             if real["foreground_mean_dice"] > 0 else float("nan"),
@@ -83,7 +84,8 @@ def _unit_items(model: TrainedModel, pre: dict) -> dict[str, list[tuple[str, np.
             for k, v in items.items()}
 
 
-def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None, settings: Settings | None = None) -> dict:
+def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
+             settings: Settings | None = None) -> dict:
     """Runs every metric and writes evaluation.json, evaluation.md and evaluation_montage.png. Returns the JSON."""
     s = settings or Settings()
     out = Path(output_folder) if output_folder else default_output_folder(inputs)
@@ -133,7 +135,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None, 
         "label_fidelity": fidelity_result, "realism": realism_result, "diversity": div, "label_statistics": lab,
         "memorisation": {k: v for k, v in memo.items() if k != "per_case"},
         "per_synthetic_case": per_case,
-        "notes": list(inputs.notes),
+        "notes": list(inputs.notes) + _memorisation_notes(per_case),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,17 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None, 
     write_report(result, out)
     result["output_folder"] = str(out)
     return result
+
+
+def _memorisation_notes(per_case: dict) -> list[str]:
+    with_source = [c for c, r in per_case.items() if r["source_case"]]
+    if not with_source:
+        return []
+    same = sum(per_case[c]["memorisation_nearest_training_case"] == per_case[c]["source_case"] for c in with_source)
+    return [f"{len(with_source)} synthetic case(s) record a real source case (their label map was made from a "
+            f"training case), and for {same} of them that case is also the nearest training image. Anatomy reused "
+            f"from a training label map is by design in that mode and shows as a small distance; a copied image "
+            f"shows as a distance near 0."]
 
 
 def _montage_rows(inputs: EvaluationInputs, predictions: dict, n: int) -> list[dict]:
