@@ -21,7 +21,10 @@ from nnunet_diffaug.errors import DiffAugError
 EXAMPLE_ID = 990
 
 
-def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 30, iterations: int = 25,
+DEMO_PLANS = "nnUNetPlansDiffAugDemo"
+
+
+def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, iterations: int = 25,
              n_synthetic: int = 16, verbose: bool = False) -> dict:
     from nnunet_diffaug.example_data import build_example_dataset
     workdir = Path(workdir).resolve()
@@ -46,11 +49,20 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 30, 
         if proc.returncode != 0:
             raise DiffAugError(f"nnUNetv2_plan_and_preprocess failed:\n{(proc.stdout or '')[-3000:]}"
                                f"{(proc.stderr or '')[-3000:]}")
+    dataset = f"Dataset{EXAMPLE_ID:03d}_ChestCTSlabs"
+    plans_identifier = "nnUNetPlans"
+    if device == "cpu":
+        # a narrow network, but the whole 64 x 64 slice in view: with half of it a patch holding one lung
+        # cannot tell the left lung from the right one
+        from nnunet_diffaug.small_plans import write_small_plans
+        if not (plans.parent / f"{DEMO_PLANS}.json").is_file():
+            write_small_plans(dataset, "nnUNetPlans", DEMO_PLANS, max_patch=64)
+        plans_identifier = DEMO_PLANS
     print("[3/3] Benchmark: synthesizer -> synthetic cases -> stock vs DiffAug nnU-Net -> held-out Dice")
     settings = BenchmarkSettings(
-        dataset=f"Dataset{EXAMPLE_ID:03d}_ChestCTSlabs", configuration="3d_fullres", train_sizes=("all",),
+        dataset=dataset, configuration="3d_fullres", plans=plans_identifier, train_sizes=("all",),
         seeds=(0,), test_fraction=0.375, epochs=epochs, iterations=iterations, val_iterations=2,
-        n_synthetic=n_synthetic, device=device, small_plans=device == "cpu")
+        n_synthetic=n_synthetic, device=device)
     results = run_benchmark(settings, workdir / "benchmark", verbose=verbose)
     print()
     print(format_table(results))
