@@ -86,14 +86,17 @@ def small_plans_entry(argv=None):
     p.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32],
                    help="feature maps per resolution stage (also sets the number of stages)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None,
-                   help="patch size per configuration axis; default: the source patch capped at 32 per axis")
+                   help="patch size (3 values for 3D configurations, 2 for 2d); default: the source patch capped "
+                        "at --max-patch per axis")
+    p.add_argument("--max-patch", type=int, default=32, help="cap per axis for configurations without --patch-size")
     p.add_argument("--batch-size", type=int, default=2, help="batch size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plans file of that name")
     args = p.parse_args(argv)
     from nnunet_diffaug.small_plans import write_small_plans
     from nnunet_diffaug.paths import resolve_dataset_name
     out = write_small_plans(resolve_dataset_name(args.d), args.p, args.o, features=args.features,
-                            patch_size=args.patch_size, batch_size=args.batch_size, overwrite=args.overwrite)
+                            patch_size=args.patch_size, max_patch=args.max_patch, batch_size=args.batch_size,
+                            overwrite=args.overwrite)
     print(out)
 
 
@@ -170,7 +173,7 @@ def demo_entry(argv=None):
                     "inside the output folder.")
     p.add_argument("-o", default="diffaug_demo_output", help="output folder")
     p.add_argument("-device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
-    p.add_argument("--epochs", type=int, default=30, help="nnU-Net epochs per arm")
+    p.add_argument("--epochs", type=int, default=80, help="nnU-Net epochs per arm")
     p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     p.add_argument("--n-synthetic", type=int, default=16, help="synthetic cases to generate")
     p.add_argument("--verbose", action="store_true", help="show the output of every step")
