@@ -59,6 +59,31 @@ class Sampler:
         return self._s.step(model_output, t, sample).prev_sample
 
 
+def _mkldnn_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if (not self.training and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32):
+        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                        self.groups)
+    return type(self).forward(self, x)
+
+
+def enable_fast_cpu_convolutions(module: nn.Module) -> nn.Module:
+    """Routes inference convolutions on the CPU through oneDNN.
+
+    Why: for batch 1 and small volumes torch's heuristic picks its native ``slow_conv3d`` kernel,
+    about 7x slower than oneDNN for the same fp32 result (differences ~1e-6). Training (grad
+    enabled) and other devices keep the stock path.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return module
+    for m in module.modules():
+        if (type(m) in (nn.Conv2d, nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                and not getattr(m, "_diffaug_fast_cpu", False)):
+            m.forward = _mkldnn_conv_forward.__get__(m)
+            m._diffaug_fast_cpu = True
+    return module
+
+
 def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
     # noise is drawn on the CPU so a seed gives the same start on every device
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

@@ -23,7 +23,7 @@ from nnunet_diffaug.synthesis.checkpoint import file_sha256, load_checkpoint, un
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
 from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
-from nnunet_diffaug.synthesis.sampling import Sampler, generate_images, padded_shape
+from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions, generate_images, padded_shape
 
 CONFIG_FILE = "config.json"
 SPEC_FILE = "synthesizer.json"
@@ -111,6 +111,9 @@ class Synthesizer:
     def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator,
                  progress: bool = False) -> np.ndarray:
         """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial)."""
+        if self.device.type == "cpu":
+            enable_fast_cpu_convolutions(self.model)
+            enable_fast_cpu_convolutions(self.autoencoder)
         spatial = labels.shape[1:]
         target = padded_shape(spatial, self.config.divisor())
         padded, pads = pad_to(labels[:, None], target)
