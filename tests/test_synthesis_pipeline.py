@@ -76,6 +76,22 @@ def _verify_integrity(folder: Path) -> None:
     verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
 
 
+def _loads_in_diffaug_trainer(folder: Path, configuration: str, fold: int, root: Path) -> None:
+    """The trainer side's own checks and preprocessing with the REAL plans accept the synthetic set."""
+    from nnunet_diffaug.rawdata import load_dataset_json
+    from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
+    from nnunet_diffaug.trainers.synthetic_source import real_image_dimension, validate_synthetic_dataset
+    real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)
+    pre = root / "preprocessed" / EXAMPLE_NAME
+    splits = json.loads((pre / "splits_final.json").read_text())
+    cases = validate_synthetic_dataset(folder, real_json, EXAMPLE_NAME, fold, configuration, splits[fold]["val"],
+                                       is_3d=configuration != "2d")
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    done = preprocess_synthetic_cases(folder, real_json, plans, configuration, root / "tmp_pre" / folder.name,
+                                      verbose=False, expected_dimension=real_image_dimension(EXAMPLE_NAME))
+    assert done == cases
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def test_training_lowers_both_losses_far_below_their_start(trained_2d):
@@ -132,6 +148,7 @@ def test_synthesized_2d_dataset_is_valid_resumable_and_reproducible(trained_2d, 
                           "-device", "cpu"])
     out = raw / "Dataset950_ChestCTSlabsSynthF0"
     _verify_integrity(out)
+    _loads_in_diffaug_trainer(out, "2d", 0, root)
     dj = json.loads((out / "dataset.json").read_text())
     assert dj["numTraining"] == 4 and dj["labels"] == json.loads((raw / EXAMPLE_NAME / "dataset.json").read_text())["labels"]
     prov = read_provenance(out)
@@ -258,6 +275,7 @@ def test_3d_training_killed_mid_stage_resumes_from_its_checkpoint(root, tmp_path
                           "--steps", "4", "-device", "cpu"])
     out = root / "raw" / "Dataset960_ChestCTSlabsSynthF0"
     _verify_integrity(out)
+    _loads_in_diffaug_trainer(out, "3d_fullres", 0, root)
     img, lab = _case_arrays(out, "synth_00000")
     assert img.shape == lab.shape == (4, 64, 64)
 

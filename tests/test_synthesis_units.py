@@ -114,6 +114,23 @@ def test_samplers_run_on_5d_latents_with_a_monai_unet(name):
     assert len(sampler.timesteps) == (50 if name == "ddpm" else 5)
 
 
+def test_fast_cpu_convolutions_give_the_stock_result():
+    from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
+    from nnunet_diffaug.synthesis.sampling import enable_fast_cpu_convolutions
+    torch.manual_seed(0)
+    ae = build_autoencoder(load_config("tiny").autoencoder, 3, 1).eval()
+    z = torch.randn(1, 3, 4, 8, 8)
+    with torch.no_grad():
+        stock = ae.decode_stage_2_outputs(z)
+        enable_fast_cpu_convolutions(ae)
+        fast = ae.decode_stage_2_outputs(z)
+    assert torch.allclose(stock, fast, atol=1e-4)
+    # training keeps the stock path (gradients flow as usual)
+    ae.train()
+    ae.decode_stage_2_outputs(z).mean().backward()
+    assert all(p.grad is not None for p in ae.decoder.parameters() if p.requires_grad)
+
+
 def test_controlnet_generator_matches_latent_size():
     cfg = load_config("tiny").diffusion
     cfg.conditioning = "controlnet"

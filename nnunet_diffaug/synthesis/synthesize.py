@@ -96,6 +96,23 @@ def _output_folder(dataset_name: str, fold: int, provenance: rawdata.SyntheticPr
     return raw_root / rawdata.synthetic_dataset_name(rawdata.next_free_dataset_id(), dataset_name, fold)
 
 
+MONTAGE_FILE = "diffaug_montage.png"
+
+
+def write_montage(folder: Path, dataset_json: dict, max_cases: int = 8) -> None:
+    """A PNG of the first complete cases (middle slice, first channel) with their labels overlaid."""
+    import SimpleITK as sitk
+    from nnunet_diffaug.synthesis.plotting import save_montage
+    cases = list(rawdata.list_cases(folder, dataset_json).items())[:max_cases]
+    if not cases:
+        return
+    images = [sitk.GetArrayFromImage(sitk.ReadImage(c["images"][0])) for _, c in cases]
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(c["label"])) for _, c in cases]
+    lo, hi = np.percentile(np.concatenate([i.ravel() for i in images]), [1, 99])
+    save_montage(folder / MONTAGE_FILE, [("synthetic", images)], labels, max(rawdata.label_values(dataset_json)) + 1,
+                 f"{folder.name}: {', '.join(cid for cid, _ in cases)}", float(lo), float(hi))
+
+
 def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
                sampler: str | None = None, steps: int | None = None, seed: int = 0, num_parts: int = 1,
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
@@ -165,6 +182,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                   "seconds": round(seconds, 3), "notes": notes}
         writer.write_case(case_id_for(i), channels, label_img, record)
     n = writer.finalize()
+    if todo:
+        write_montage(out_folder, real_dj)
     if verbose:
         print(f"{out_folder}: {n} complete case(s)")
     return out_folder
