@@ -135,9 +135,10 @@ def test_trained_images_follow_their_label_maps_and_untrained_ones_do_not(traine
         images = [syn.generate(lab[None], syn.sampler(), gen)[0, 0] for lab in labels]
         scores[name] = label_fidelity(clf, images, labels, INTENSITY_GROUPS)
     print("label fidelity (grouped Dice of a real-fitted voxel classifier):", scores)
-    assert scores["trained"] > 0.4
-    assert scores["untrained"] < 0.3
-    assert scores["trained"] > scores["untrained"] + 0.15
+    # measured on 2 CPU cores: trained 0.77, untrained 0.26 (real validation images: 0.93)
+    assert scores["trained"] > 0.55
+    assert scores["untrained"] < 0.35
+    assert scores["trained"] > scores["untrained"] + 0.25
 
 
 # ---------------------------------------------------------------------------------------------- synthesis

@@ -52,6 +52,17 @@ def test_bad_config_files_are_refused_naming_the_file(tmp_path, content, words):
         assert w in str(e.value)
 
 
+def test_default_preset_builds_and_runs_in_2d():
+    from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
+    cfg = load_config("default")
+    model = build_image_generator(cfg.diffusion, 2, cfg.autoencoder.latent_channels, 7).eval()
+    ae = build_autoencoder(cfg.autoencoder, 2, 1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, 8, 8), torch.tensor([3]), one_hot(torch.zeros(1, 1, 32, 32), 7))
+        img = ae.decode_stage_2_outputs(out)
+    assert out.shape == (1, 4, 8, 8) and img.shape == (1, 1, 32, 32)
+
+
 def test_missing_config_file_is_refused():
     with pytest.raises(DiffAugError, match="no such config file"):
         load_config("/nonexistent/cfg.json")

@@ -90,6 +90,7 @@ class SynthesizerConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     checkpoint_every: int = 50                      # steps between resumable checkpoints
+    mixed_precision: bool = True                    # bf16 autocast on CUDA (training and sampling); CPU stays fp32
     montage_cases: int = 4
 
     # ------------------------------------------------------------------ JSON

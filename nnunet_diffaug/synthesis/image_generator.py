@@ -31,7 +31,8 @@ class LabelConditionedUNet(nn.Module):
         self.conditioning = cfg.conditioning
         common = dict(spatial_dims=spatial_dims, in_channels=latent_channels, channels=tuple(cfg.channels),
                       attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
-                      norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels)
+                      norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels,
+                      use_flash_attention=True)  # fused attention: same weights, bounded memory on large latents
         if cfg.conditioning == "spade":
             self.unet = SPADEDiffusionModelUNet(out_channels=latent_channels, label_nc=num_classes,
                                                 spade_intermediate_channels=cfg.spade_hidden_channels, **common)

@@ -102,7 +102,7 @@ def sample_latents(model: nn.Module, labels_onehot: torch.Tensor, latent_shape: 
         steps = tqdm(steps, desc=f"{sampler.name} sampling", leave=False)
     for t in steps:
         tt = torch.full((latent_shape[0],), t, device=device, dtype=torch.long)
-        out = model(z, tt, labels_onehot)
+        out = model(z, tt, labels_onehot).float()  # schedulers step in fp32 even under autocast
         z = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)
     return z
 
@@ -115,11 +115,19 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, window: list[int], o
     """
     spatial = list(z.shape[2:])
     if all(s <= w for s, w in zip(spatial, window)):
-        return autoencoder.decode_stage_2_outputs(z)
+        return autoencoder.decode_stage_2_outputs(z).float()
     from monai.inferers import sliding_window_inference
     roi = [min(s, w) for s, w in zip(spatial, window)]
     return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=autoencoder.decode_stage_2_outputs,
-                                    overlap=overlap, mode="gaussian")
+                                    overlap=overlap, mode="gaussian").float()
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU results stay fp32 and exact)."""
+    import contextlib
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def padded_shape(shape: tuple[int, ...], divisor: int) -> list[int]:

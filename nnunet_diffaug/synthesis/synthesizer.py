@@ -23,7 +23,8 @@ from nnunet_diffaug.synthesis.checkpoint import file_sha256, load_checkpoint, un
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
 from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
-from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions, generate_images, padded_shape
+from nnunet_diffaug.synthesis.sampling import (Sampler, autocast, enable_fast_cpu_convolutions, generate_images,
+                                               padded_shape)
 
 CONFIG_FILE = "config.json"
 SPEC_FILE = "synthesizer.json"
@@ -118,10 +119,11 @@ class Synthesizer:
         target = padded_shape(spatial, self.config.divisor())
         padded, pads = pad_to(labels[:, None], target)
         lab_t = torch.from_numpy(np.ascontiguousarray(padded).astype(np.int64)).to(self.device)
-        images = generate_images(self.autoencoder, self.model, self.scale_factor, lab_t, self.spec.num_classes,
-                                 self.config.autoencoder.latent_channels, self.config.latent_factor(),
-                                 self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
-                                 progress)
+        with autocast(self.device, self.config.mixed_precision):
+            images = generate_images(self.autoencoder, self.model, self.scale_factor, lab_t, self.spec.num_classes,
+                                     self.config.autoencoder.latent_channels, self.config.latent_factor(),
+                                     self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
+                                     progress)
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial))
         images = images[(slice(None), slice(None), *crop)].float().cpu().numpy()
         lo = np.asarray(self.spec.intensity_min, dtype=np.float32).reshape(1, -1, *[1] * len(spatial))

@@ -27,6 +27,7 @@ from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.image_generator import diffusion_target, one_hot
 from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
+from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
                                                   final_file, resolve_device)
 
@@ -196,7 +197,9 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         images, _ = patches.batch(np.random.default_rng(s), acfg.batch_size)
         images = images.to(device)
         ae.train()
-        recon, z_mu, z_sigma = ae(images)
+        with autocast(device, cfg.mixed_precision):
+            recon, z_mu, z_sigma = ae(images)
+        recon, z_mu, z_sigma = recon.float(), z_mu.float(), z_sigma.float()
         loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step)
         optimizers["autoencoder"].zero_grad(set_to_none=True)
         loss.backward()
@@ -251,14 +254,16 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         s = _step_seed(seed, "diffusion", step)
         gen = torch.Generator().manual_seed(s)
         images, labels = patches.batch(np.random.default_rng(s), dcfg.batch_size)
-        z = encode_mean(ae, images.to(device)) * extra["scale_factor"]
+        with autocast(device, cfg.mixed_precision):
+            z = encode_mean(ae, images.to(device)).float() * extra["scale_factor"]
         noise = torch.randn(z.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
         for group in optimizers["model"].param_groups:
             group["lr"] = learning_rate_at(step, dcfg.learning_rate, dcfg.steps, dcfg.lr_schedule, dcfg.warmup_steps)
         model.train()
-        pred = model(noisy, t, one_hot(labels.to(device), spec.num_classes))
+        with autocast(device, cfg.mixed_precision):
+            pred = model(noisy, t, one_hot(labels.to(device), spec.num_classes))
         loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
