@@ -23,7 +23,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, atomic_write_text, load_dataset_json
+from nnunet_diffaug.rawdata import atomic_path, atomic_write_json, atomic_write_text, load_dataset_json
 
 STOCK_TRAINER = "nnUNetTrainerBudget"      # the stock trainer, only its training length set
 DIFFAUG_TRAINER = "nnUNetTrainerDiffAug"
@@ -301,7 +301,6 @@ def write_report(results: dict, workdir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = workdir / ".partial-benchmark_plot.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(workdir / "benchmark_plot.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, workdir / "benchmark_plot.png")

@@ -21,9 +21,12 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Iterator
@@ -41,9 +44,37 @@ _TMP_PREFIX = ".partial-"
 # atomic writes and locking
 # ----------------------------------------------------------------------------------------------
 
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_NAME = re.compile(r"^\.partial-(\d+)-([0-9a-f]{8})-")
+_FOREIGN_TMP_MAX_AGE_S = 24 * 3600
+
+
+def temporary_name(name: str) -> str:
+    """A hidden name that records which process (pid, host) owns the temporary, so that cleaning up
+    after a killed run never touches the files of a writer that is still running (-num_parts)."""
+    return f"{_TMP_PREFIX}{os.getpid()}-{_HOST_TAG}-{name}"
+
+
 def _temporary_sibling(path: Path) -> Path:
     # keep the full file name as suffix so writers that choose the format by extension still work
-    return path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
+    return path.with_name(temporary_name(path.name))
+
+
+def _owner_is_gone(path: Path) -> bool:
+    m = _TMP_NAME.match(path.name)
+    if m is None or m.group(2) != _HOST_TAG:
+        # another host's (or an unknown) temporary: only when it is clearly abandoned
+        try:
+            return time.time() - path.stat().st_mtime > _FOREIGN_TMP_MAX_AGE_S
+        except FileNotFoundError:
+            return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -88,11 +119,12 @@ def atomic_write_image(image, path: str | os.PathLike) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Deletes leftovers of interrupted atomic writes below ``folder``. Returns how many."""
+    """Deletes leftovers of interrupted writes below ``folder`` whose writer is gone. Returns how many."""
+    import shutil
     n = 0
-    for p in Path(folder).rglob(f"{_TMP_PREFIX}*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
+    for p in sorted(Path(folder).rglob(f"{_TMP_PREFIX}*")):
+        if p.exists() and _owner_is_gone(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
     return n
 
@@ -432,7 +464,6 @@ class SyntheticDatasetWriter:
         self._write_dataset_json()
 
     def _wipe(self) -> None:
-        import shutil
         for p in self.folder.iterdir():
             if p.name == LOCK_FILE:
                 continue
@@ -463,16 +494,28 @@ class SyntheticDatasetWriter:
             image_file(self.folder, case_id, c, ending).is_file() for c in range(num_channels(self.real_dataset_json)))
 
     def write_case(self, case_id: str, images: list, label, record: dict) -> None:
-        """Writes one case: channel images, its record, and the label last (the commit point)."""
+        """Writes one case: everything is encoded into a hidden staging folder first (the slow part),
+        then renamed into place, channel images and record first and the label last (the commit
+        point). A killed writer leaves at most a staging folder, which the next run removes."""
         validate_case_id(case_id)
         n = num_channels(self.real_dataset_json)
         if len(images) != n:
             raise DiffAugError(f"Synthetic case {case_id}: {len(images)} channel image(s) given, "
                                f"the dataset declares {n}.")
-        for c, img in enumerate(images):
-            atomic_write_image(img, image_file(self.folder, case_id, c, self.file_ending))
-        atomic_write_json(self.folder / CASE_RECORDS_DIR / f"{case_id}.json", record)
-        atomic_write_image(label, label_file(self.folder, case_id, self.file_ending))
+        staging = self.folder / temporary_name(f"case-{case_id}")
+        shutil.rmtree(staging, ignore_errors=True)
+        final = [image_file(self.folder, case_id, c, self.file_ending) for c in range(n)]
+        final += [self.folder / CASE_RECORDS_DIR / f"{case_id}.json", label_file(self.folder, case_id, self.file_ending)]
+        staged = [staging / p.name for p in final]
+        try:
+            for img, path in zip(images, staged[:n]):
+                atomic_write_image(img, path)
+            atomic_write_json(staged[n], record)
+            atomic_write_image(label, staged[n + 1])
+            for src, dst in zip(staged, final):
+                os.replace(src, dst)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def finalize(self) -> int:
         """Brings dataset.json's numTraining up to date (under the lock). Returns the number of cases."""

@@ -2,11 +2,12 @@
 import json
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
 
-from nnunet_diffaug.rawdata import image_file, label_file, load_dataset_json
+from nnunet_diffaug.rawdata import _HOST_TAG, image_file, label_file, load_dataset_json, temporary_name
 from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, preprocess_synthetic_cases
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, set_nnunet_env
 
@@ -70,9 +71,16 @@ def test_half_written_and_vanished_cases_are_not_used(setup):
     # a raw case whose label was never written (killed synthesis) and a case deleted by the user
     label_file(synth, "synth_00002", ".nii.gz").unlink()
     image_file(synth, "synth_00001", 0, ".nii.gz").unlink()
-    # leftovers of a killed preprocessing run
-    (out / ".partial-123-synth_00000").mkdir()
-    (out / ".partial-123-synth_00000" / "synth_00000.b2nd").write_bytes(b"garbage")
+    # leftovers of a killed preprocessing run (its process is gone) and of one still running (this one)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = out / f".partial-{dead.pid}-{_HOST_TAG}-synth_00000"
+    leftover.mkdir()
+    (leftover / "synth_00000.b2nd").write_bytes(b"garbage")
+    in_flight = out / temporary_name("synth_00007")
+    in_flight.mkdir()
     ids = preprocess_synthetic_cases(synth, real_json, plans, "3d_fullres", out, verbose=False)
     assert ids == ["synth_00000"]
+    assert not leftover.exists() and in_flight.exists()  # never touch a live writer's files
+    in_flight.rmdir()
     assert not any(p.name.startswith(("synth_00001", "synth_00002", ".partial")) for p in out.iterdir())

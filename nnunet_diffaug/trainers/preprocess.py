@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nnunet_diffaug.rawdata import atomic_write_json, check_case, list_cases
+from nnunet_diffaug.rawdata import (atomic_write_json, check_case, list_cases, remove_stale_temporaries,
+                                    temporary_name)
 
 MARKER_SUFFIX = ".diffaug.json"
 _CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
@@ -67,7 +68,7 @@ def _preprocess_one(job) -> str:
     configuration_manager = plans_manager.get_configuration(configuration_name)
     output_folder = Path(output_folder)
     _remove_case(output_folder, case_id)
-    tmp = output_folder / f".partial-{os.getpid()}-{case_id}"
+    tmp = output_folder / temporary_name(case_id)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -94,8 +95,7 @@ def preprocess_synthetic_cases(synthetic_raw_folder: str | os.PathLike, real_dat
     """
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
-    for leftover in output_folder.glob(".partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale_temporaries(output_folder)
 
     config_fp = configuration_fingerprint(plans, plans["configurations"][configuration_name])
     cases = list_cases(synthetic_raw_folder, real_dataset_json)
