@@ -83,12 +83,40 @@ class SamplingConfig:
 
 
 @dataclass
+class LabelGeneratorConfig:
+    """Latent diffusion over label maps (seed (c)): a KL autoencoder on one-hot labels, then a UNet over its
+    latents conditioned on foreground volume fractions, with classifier-free guidance."""
+    enabled: bool = False                           # off in tiny so the image-only CPU runs stay fast
+    max_shape_3d: tuple[int, ...] = (96, 112, 96)   # generated maps: the median training shape, capped at this
+    max_shape_2d: tuple[int, ...] = (256, 256)
+    autoencoder_channels: tuple[int, ...] = (16, 32)
+    latent_channels: int = 3
+    kl_weight: float = 1e-6
+    dice_weight: float = 1.0                        # soft Dice beside cross-entropy keeps small classes alive
+    autoencoder_learning_rate: float = 1e-3
+    autoencoder_batch_size: int = 4
+    autoencoder_steps: int = 300
+    channels: tuple[int, ...] = (16, 32, 32)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    condition_dropout: float = 0.2                  # share of training steps on the null condition (CFG)
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    batch_size: int = 4
+    steps: int = 400
+    scale_factor_batches: int = 20
+    sampling_steps: int = 20
+    guidance: float = 1.0                           # default guidance weight w (1 = plain conditional sampling)
+
+
+@dataclass
 class SynthesizerConfig:
     base: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    label_generator: LabelGeneratorConfig = field(default_factory=LabelGeneratorConfig)
     checkpoint_every: int = 50                      # steps between resumable checkpoints
     mixed_precision: bool = True                    # bf16 autocast on CUDA (training and sampling); CPU stays fp32
     montage_cases: int = 4
@@ -141,6 +169,7 @@ class SynthesizerConfig:
                             ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
             if value < 1:
                 problems.append(f"{name} must be >= 1, not {value}")
+        problems += _label_generator_problems(self.label_generator)
         if problems:
             raise DiffAugError(f"{where}: " + "; ".join(problems) + ".")
 
@@ -150,6 +179,25 @@ class SynthesizerConfig:
 
     def latent_factor(self) -> int:
         return 2 ** (len(self.autoencoder.channels) - 1)
+
+
+def _label_generator_problems(lg: LabelGeneratorConfig) -> list[str]:
+    problems = []
+    for name, chans in (("autoencoder_channels", lg.autoencoder_channels), ("channels", lg.channels)):
+        if not chans or any(c % lg.norm_num_groups for c in chans):
+            problems.append(f"label_generator.{name} {list(chans)} must be non-empty multiples of "
+                            f"label_generator.norm_num_groups={lg.norm_num_groups}")
+    if len(lg.max_shape_2d) != 2 or len(lg.max_shape_3d) != 3 or min(*lg.max_shape_2d, *lg.max_shape_3d) < 1:
+        problems.append("label_generator.max_shape_2d/max_shape_3d need 2/3 positive sizes")
+    if not 0.0 <= lg.condition_dropout < 1.0:
+        problems.append(f"label_generator.condition_dropout must be in [0, 1), not {lg.condition_dropout}")
+    for name in ("autoencoder_steps", "autoencoder_batch_size", "steps", "batch_size", "scale_factor_batches",
+                 "sampling_steps", "latent_channels"):
+        if getattr(lg, name) < 1:
+            problems.append(f"label_generator.{name} must be >= 1, not {getattr(lg, name)}")
+    if lg.guidance < 0:
+        problems.append(f"label_generator.guidance must be >= 0, not {lg.guidance}")
+    return problems
 
 
 def _merge(instance, obj: dict, where: str):
@@ -207,6 +255,11 @@ def default() -> SynthesizerConfig:
                                   learning_rate=1e-4, warmup_steps=500, batch_size=4, steps=50000,
                                   scale_factor_batches=50),
         sampling=SamplingConfig(sampler="dpmpp", steps=20),
+        label_generator=LabelGeneratorConfig(enabled=True, autoencoder_channels=(32, 64, 128), latent_channels=3,
+                                             autoencoder_learning_rate=1e-4, autoencoder_batch_size=2,
+                                             autoencoder_steps=20000, channels=(64, 128, 256), num_res_blocks=2,
+                                             norm_num_groups=32, learning_rate=1e-4, warmup_steps=500,
+                                             batch_size=4, steps=40000, scale_factor_batches=50, guidance=2.0),
         checkpoint_every=1000,
         montage_cases=8,
     )
