@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -290,13 +289,14 @@ def test_3d_training_killed_mid_stage_resumes_from_its_checkpoint(root, tmp_path
 
 # ---------------------------------------------------------------------------------------------- ControlNet
 
-def test_controlnet_option_trains_and_synthesizes(root, tmp_path):
+def test_controlnet_option_and_adversarial_autoencoder_train_and_synthesize(root, tmp_path):
     config = tmp_path / "controlnet.json"
-    config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 20},
+    config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 20, "adversarial_weight": 0.01},
                                   "diffusion": {"conditioning": "controlnet", "steps": 20, "scale_factor_batches": 2},
                                   "montage_cases": 2}))
     cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-p", str(config), "-device", "cpu"])
     folder = synthesizer_folder(EXAMPLE_NAME, "2d", 1)
+    assert {"l1", "kl", "adv_g", "adv_d"} <= set(_losses(folder, "autoencoder"))  # the patch discriminator trained
     tensors, _ = load_checkpoint(folder / "diffusion.safetensors")
     assert any(k.startswith("model.controlnet.") for k in tensors)
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-n", "2", "-o", "970", "--sampler", "unipc",

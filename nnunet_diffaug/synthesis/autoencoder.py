@@ -50,12 +50,12 @@ class AutoencoderLoss:
         l1 = torch.nn.functional.l1_loss(recon, images)
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + self.cfg.kl_weight * kl
-        parts = {"l1": float(l1), "kl": float(kl)}
+        parts = {"l1": float(l1.detach()), "kl": float(kl.detach())}
         if self.adversarial_active(step):
             logits = self.discriminator(recon.contiguous())[-1]
             adv = self.adversarial(logits, target_is_real=True, for_discriminator=False)
             loss = loss + self.cfg.adversarial_weight * adv
-            parts["adv_g"] = float(adv)
+            parts["adv_g"] = float(adv.detach())
         return loss, parts
 
     def discriminator_loss(self, images, recon) -> tuple[torch.Tensor, dict]:
@@ -63,7 +63,7 @@ class AutoencoderLoss:
         real = self.discriminator(images.contiguous())[-1]
         loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True)
                       + self.adversarial(real, target_is_real=True, for_discriminator=True))
-        return loss, {"adv_d": float(loss)}
+        return loss, {"adv_d": float(loss.detach())}
 
 
 @torch.no_grad()

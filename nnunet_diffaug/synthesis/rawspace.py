@@ -46,3 +46,32 @@ def to_sitk(volume: np.ndarray, spacing_transposed: list[float], transpose_backw
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing([float(s) for s in spacing[::-1]])  # numpy (z, y, x) vs ITK (x, y, z)
     return img
+
+
+class RawSpace:
+    """Converts one generated case (normalised image + class-index labels) to raw-dataset SimpleITK images."""
+
+    def __init__(self, plans_manager, configuration_manager, spatial_dims: int, label_values: list[int]):
+        self.spatial_dims = spatial_dims
+        self.spacing = raw_spacing(plans_manager, configuration_manager, spatial_dims)
+        self.transpose_backward = list(plans_manager.transpose_backward)
+        self.properties = plans_manager.foreground_intensity_properties_per_channel
+        self.schemes = list(configuration_manager.normalization_schemes)
+        # class index -> label value; the extra last class ('outside' the nonzero mask) is background
+        self.value_of_class = np.array(list(label_values) + [0],
+                                       dtype=np.uint8 if max(label_values) < 256 else np.int16)
+
+    def convert(self, image: np.ndarray, labels: np.ndarray) -> tuple[list, object, list[str]]:
+        """(C, *spatial) normalised image, (*spatial) class indices -> (channel images, label image, notes)."""
+        if self.spatial_dims == 2:
+            image, labels = image[:, None], labels[None]  # one-slice 3D volume
+        outside = labels == len(self.value_of_class) - 1
+        channels, notes = [], []
+        for c, scheme in enumerate(self.schemes):
+            props = self.properties.get(str(c), self.properties.get(c))
+            raw = to_raw_intensity(image[c], scheme, props).astype(np.float32)
+            raw[outside] = 0.0  # nnU-Net's nonzero mask: 'outside' voxels were exactly zero in the raw data
+            if scheme not in EXACT_INVERSE | PER_IMAGE:
+                notes.append(f"channel {c}: unknown normalization {scheme!r}, written in normalised units")
+            channels.append(to_sitk(raw, self.spacing, self.transpose_backward))
+        return channels, to_sitk(self.value_of_class[labels], self.spacing, self.transpose_backward), notes

@@ -18,7 +18,7 @@ from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
-from nnunet_diffaug.synthesis.rawspace import EXACT_INVERSE, PER_IMAGE, raw_spacing, to_raw_intensity, to_sitk
+from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
 LABEL_MODES = ("real",)
@@ -113,6 +113,22 @@ def write_montage(folder: Path, dataset_json: dict, max_cases: int = 8) -> None:
                  f"{folder.name}: {', '.join(cid for cid, _ in cases)}", float(lo), float(hi))
 
 
+def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int) -> rawdata.SyntheticProvenance:
+    """What the trainer needs to trust the set; identical requests give identical provenance (so reruns continue)."""
+    spec = syn.spec
+    return rawdata.SyntheticProvenance(
+        source_dataset=spec.dataset_name, fold=spec.fold, configuration=spec.configuration,
+        training_cases=list(spec.training_cases),
+        generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
+                   "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
+                   "checkpoint": str(syn_folder.relative_to(paths.nnunet_results())),  # relative: results may move
+                   "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
+                   "sampler": smp.name, "steps": smp.steps,
+                   "augmentation": {k: getattr(syn.config.sampling, k)
+                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")}},
+        seed=seed)
+
+
 def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
                sampler: str | None = None, steps: int | None = None, seed: int = 0, num_parts: int = 1,
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
@@ -135,28 +151,15 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                            f"synthesizer in {syn_folder} was trained; retrain it (diffaug_train_synthesizer --overwrite).")
     smp = syn.sampler(sampler, steps)
     real_dj = _real_dataset_json(dataset_name, data)
-    provenance = rawdata.SyntheticProvenance(
-        source_dataset=dataset_name, fold=fold, configuration=configuration, training_cases=list(spec.training_cases),
-        generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
-                   "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
-                   "checkpoint": str(syn_folder), "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
-                   "sampler": smp.name, "steps": smp.steps,
-                   "augmentation": {k: getattr(syn.config.sampling, k)
-                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")}},
-        seed=seed)
+    provenance = _provenance(syn, syn_folder, smp, labels, seed)
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
+    raw_space = RawSpace(data.plans_manager, data.cm, spec.spatial_dims, spec.label_values)
 
-    spacing = raw_spacing(data.plans_manager, data.cm, spec.spatial_dims)
-    t_back = list(data.plans_manager.transpose_backward)
-    props = data.plans_manager.foreground_intensity_properties_per_channel
-    value_of_class = np.array(spec.label_values + [0], dtype=np.uint8 if max(spec.label_values) < 256 else np.int16)
-    outside = len(spec.label_values)
     mine = [i for i in range(num_cases) if i % num_parts == part_id]
     todo = [i for i in mine if not writer.has_case(case_id_for(i))]
     if verbose:
         print(f"{out_folder}: {len(mine) - len(todo)} of this part's {len(mine)} case(s) exist, writing {len(todo)}")
-
     from tqdm import tqdm
     for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
         rng = _case_rng(seed, i)
@@ -164,19 +167,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         t0 = time.perf_counter()
-        image = syn.generate(label_map[None], smp, gen)[0]          # (C, *spatial), normalised
+        image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
         seconds = time.perf_counter() - t0
-        if spec.spatial_dims == 2:
-            image, label_map = image[:, None], label_map[None]      # one-slice 3D volume
-        is_outside = label_map == outside
-        channels, notes = [], []
-        for c, scheme in enumerate(spec.normalization_schemes):
-            raw = to_raw_intensity(image[c], scheme, props.get(str(c), props.get(c))).astype(np.float32)
-            raw[is_outside] = 0.0  # nnU-Net's nonzero mask: 'outside' voxels were exactly zero in the raw data
-            if scheme not in EXACT_INVERSE | PER_IMAGE:
-                notes.append(f"channel {c}: unknown normalization {scheme!r}, written in normalised units")
-            channels.append(to_sitk(raw, spacing, t_back))
-        label_img = to_sitk(value_of_class[label_map], spacing, t_back)
+        channels, label_img, notes = raw_space.convert(image, label_map)
         record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
                   "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
                   "seconds": round(seconds, 3), "notes": notes}

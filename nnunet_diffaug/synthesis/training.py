@@ -269,7 +269,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # guards against the NaN blow-ups users report
         optimizers["model"].step()
-        return {"mse": float(loss)}
+        return {"mse": float(loss.detach())}
 
     losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, {"model": model}, optimizers,
                         step_fn, extra, ["model"], log, progress, stop_after)
