@@ -101,3 +101,21 @@ def test_fold_without_synthetic_set_is_refused_but_r0_trains_like_stock(fold0_sy
     log = _log_text(_output_folder(root, "nnUNetTrainerDiffAug_r0", "3d_fullres", 1))
     assert "synthetic case(s) from" not in log and "Training done." in log
     assert re.findall(r"synthetic share drawn this epoch: ([0-9.]+)", log) == ["0.000", "0.000"]
+
+
+@pytest.mark.parametrize("configuration", ["3d_lowres", "3d_cascade_fullres"])
+def test_cascade_configurations_are_refused(planned_example, monkeypatch, configuration):
+    import torch
+    from nnunet_diffaug.errors import DiffAugError
+    from nnunet_diffaug.trainers.nnUNetTrainerDiffAug import nnUNetTrainerDiffAug
+    from support import set_nnunet_env
+    root, _ = planned_example
+    set_nnunet_env(monkeypatch, root)
+    pre = root / "preprocessed" / EXAMPLE_NAME
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans["continue_training"] = False
+    with pytest.raises(DiffAugError, match=r"does not support cascade configurations \(" + configuration):
+        nnUNetTrainerDiffAug(plans, configuration, 0, json.loads((pre / "dataset.json").read_text()),
+                             torch.device("cpu"))
