@@ -142,6 +142,8 @@ def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int
         done = step + 1
         if done % checkpoint_every == 0 and done < total_steps:
             save_checkpoint(done)
+            plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, "
+                        f"{folder.name}), step {done}")  # long runs can be watched while they train
             log(f"{stage}: step {done}, " + ", ".join(f"{k} {np.mean(v[-checkpoint_every:]):.4g}"
                                                        for k, v in losses.items()))
         if stop_after is not None and done >= stop_after and done < total_steps:
