@@ -58,7 +58,8 @@ def _one(args) -> dict:
             times.append(time.perf_counter() - t0)
         row = {"dims": dims, "size": size, "steps": sampler.steps, "sampler": sampler.name, "preset": args.preset,
                "device": str(device), "threads": args.threads, "s_per_case": float(np.median(times)),
-               "cases_per_s": 1.0 / float(np.median(times))}
+               "cases_per_s": 1.0 / float(np.median(times)),
+               "load_avg_1min": os.getloadavg()[0]}  # other processes on the machine skew CPU timings
         if device.type == "cuda":
             row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
                 rows.append(row)
                 mem = f"{row['peak_gpu_mib']:.0f} MiB GPU" if "peak_gpu_mib" in row else f"{row['peak_rss_mib']:.0f} MiB RSS"
                 print(f"{dims}D {size:>4}^{dims}  {row['sampler']:>5} {row['steps']:>4} steps  "
-                      f"{row['s_per_case']:8.3f} s/case  {row['cases_per_s']:7.2f} cases/s  peak {mem}", flush=True)
+                      f"{row['s_per_case']:8.3f} s/case  {row['cases_per_s']:7.2f} cases/s  peak {mem}  "
+                      f"(load {row['load_avg_1min']:.1f})", flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     if args.plot and rows:
