@@ -89,9 +89,13 @@ class FoldData:
         self.data_folder = self.folder / self.cm.data_identifier
         self.dataset_json = _read_json(self.folder / "dataset.json",
                                        f"{self.folder / 'dataset.json'} does not exist: rerun nnUNetv2_plan_and_preprocess.")
-        self.label_values = sorted(v for k, v in self.dataset_json["labels"].items() if k != "ignore")
-        if any(isinstance(v, (list, tuple)) for v in self.label_values):
+        labels = self.dataset_json["labels"]
+        if any(isinstance(v, (list, tuple)) for v in labels.values()):
             raise DiffAugError(f"{self.folder / 'dataset.json'}: region-based labels are not supported.")
+        if "ignore" in labels:
+            raise DiffAugError(f"{self.folder / 'dataset.json'} declares an 'ignore' label (sparse annotation): "
+                               f"the synthesizer needs fully labelled maps to condition on.")
+        self.label_values = sorted(labels.values())
         self.in_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
         self.training_cases = self._training_cases()
         self._lut = self._label_lookup()
