@@ -282,13 +282,25 @@ def synthesize_entry(argv=None):
     p = argparse.ArgumentParser(
         prog="diffaug_synthesize", formatter_class=_formatter,
         description="Write a synthetic nnU-Net raw dataset ($nnUNet_raw/DatasetYYY_<Task>SynthF<f>) with the "
-                    "fold's trained synthesizer: each case reuses a training label map of the fold, randomly "
-                    "deformed, with a newly painted image in raw units. Rerunning continues; complete cases "
-                    "are kept.")
+                    "fold's trained synthesizer: by default each case reuses a training label map of the fold, "
+                    "randomly deformed, with a newly painted image in raw units (see --labels for new or aligned "
+                    "maps). Rerunning continues; complete cases are kept.")
     _add_common_synthesizer_args(p)
     p.add_argument("-n", type=int, required=True, help="number of synthetic cases (over all parts)")
-    p.add_argument("--labels", default="real", choices=["real"],
-                   help="where label maps come from: 'real' = deformed training label maps of the fold")
+    p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned"],
+                   help="where label maps come from: 'real' = deformed training label maps of the fold; "
+                        "'generated' = new maps from the fold's label generator; 'real-aligned' = case i paints "
+                        "training case i mod n unchanged, as a full volume on its grid (for PatchMix)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="--labels generated: classifier-free guidance weight w (1 = plain conditional, > 1 "
+                        "follows --volume more strongly; default: the synthesizer config's)")
+    p.add_argument("--volume", nargs="+", default=None, metavar="CLASS=LOW:HIGH",
+                   help="--labels generated: ask for the fraction of the map that CLASS (label name or value) "
+                        "fills, drawn uniformly in [LOW, HIGH] (fractions in [0, 1]); unnamed classes follow the "
+                        "training distribution")
+    p.add_argument("--min-component-voxels", type=int, default=5,
+                   help="--labels generated: fragments of a class smaller than this take the label around them "
+                        "(0 keeps all)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
                         "training timesteps")
@@ -304,5 +316,6 @@ def synthesize_entry(argv=None):
     from nnunet_diffaug.synthesis.synthesize import synthesize
     folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
                         seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
-                        overwrite=args.overwrite, device=args.device, verbose=args.verbose)
+                        overwrite=args.overwrite, device=args.device, verbose=args.verbose, guidance=args.guidance,
+                        volume=args.volume, min_component_voxels=args.min_component_voxels)
     print(folder)

@@ -1,4 +1,6 @@
-"""A trained synthesizer -> a synthetic nnU-Net raw dataset (``--labels real``: reuse training label maps).
+"""A trained synthesizer -> a synthetic nnU-Net raw dataset.
+
+Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`).
 
 Case ``i`` takes the label map of a training case of the fold (a seeded round robin), deforms it
 with a small random affine transform (nearest interpolation, so labels stay labels), paints an
@@ -18,10 +20,14 @@ from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.label_attributes import parse_volume_requests
+from nnunet_diffaug.synthesis.label_generator import LabelGenerator
+from nnunet_diffaug.synthesis.label_modes import GeneratedLabels, aligned_raw_space, aligned_source, paint_volume
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
-LABEL_MODES = ("real",)
+LABEL_MODES = ("real", "generated", "real-aligned")
+DEFAULT_MIN_COMPONENT_VOXELS = 5
 
 
 def case_id_for(index: int) -> str:
@@ -129,13 +135,34 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
         seed=seed)
 
 
+def _generated_labels(syn: Synthesizer, syn_folder: Path, data: FoldData, device, guidance: float | None,
+                      volume: list[str] | None, min_component_voxels: int) -> GeneratedLabels:
+    spec, lg = syn.spec, syn.config.label_generator
+    generator = LabelGenerator.load(syn_folder, lg, spec.spatial_dims, spec.num_classes, device,
+                                    synthesize_hint=f"-d {spec.dataset_name} -c {spec.configuration} -f {spec.fold} ")
+    names = {k: int(v) for k, v in data.dataset_json["labels"].items() if k != "ignore"}
+    requests = parse_volume_requests(volume, names, spec.label_values)
+    name_of_value = {v: k for k, v in names.items()}
+    class_names = [name_of_value[v] for v in spec.label_values[1:]]
+    return GeneratedLabels(generator, requests, lg.guidance if guidance is None else float(guidance),
+                           min_component_voxels, class_names)
+
+
 def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
                sampler: str | None = None, steps: int | None = None, seed: int = 0, num_parts: int = 1,
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
-               progress: bool = True, verbose: bool = False) -> Path:
+               progress: bool = True, verbose: bool = False, guidance: float | None = None,
+               volume: list[str] | None = None,
+               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS) -> Path:
     """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder."""
     if labels not in LABEL_MODES:
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
+    if labels != "generated" and (volume or guidance is not None):
+        raise DiffAugError(f"--volume and --guidance apply to --labels generated only, not --labels {labels}.")
+    if guidance is not None and guidance < 0:
+        raise DiffAugError(f"--guidance {guidance}: the guidance weight must be >= 0 (1 = no extra guidance).")
+    if min_component_voxels < 0:
+        raise DiffAugError(f"--min-component-voxels {min_component_voxels} must be >= 0 (0 keeps every fragment).")
     if num_cases < 1:
         raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
     if num_parts < 1 or not 0 <= part_id < num_parts:
@@ -152,6 +179,10 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     smp = syn.sampler(sampler, steps)
     real_dj = _real_dataset_json(dataset_name, data)
     provenance = _provenance(syn, syn_folder, smp, labels, seed)
+    generated = None
+    if labels == "generated":
+        generated = _generated_labels(syn, syn_folder, data, dev, guidance, volume, min_component_voxels)
+        provenance.generator["label_generator"] = generated.provenance(syn_folder)
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
     raw_space = RawSpace(data.plans_manager, data.cm, spec.spatial_dims, spec.label_values)
@@ -163,16 +194,28 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     from tqdm import tqdm
     for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
         rng = _case_rng(seed, i)
-        source, z, label_map = _pick_source(data, i, seed, rng)
-        label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        extra: dict = {}
         t0 = time.perf_counter()
-        image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
+        if labels == "generated":
+            source, z, aug = None, None, None
+            label_map, extra = generated.make(rng)
+        elif labels == "real-aligned":
+            source, label_map = aligned_source(data, i)
+            z, aug, extra = None, None, {"aligned_with_source": True}
+        else:
+            source, z, label_map = _pick_source(data, i, seed, rng)
+            label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        if labels == "real-aligned":
+            image = paint_volume(syn, label_map, smp, gen)  # the whole volume, on the case's own grid
+            channels, label_img, notes = aligned_raw_space(data, source, spec.label_values).convert(image, label_map)
+        else:
+            image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
+            channels, label_img, notes = raw_space.convert(image, label_map)
         seconds = time.perf_counter() - t0
-        channels, label_img, notes = raw_space.convert(image, label_map)
         record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
                   "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
-                  "seconds": round(seconds, 3), "notes": notes}
+                  "seconds": round(seconds, 3), "notes": notes, **extra}
         writer.write_case(case_id_for(i), channels, label_img, record)
     n = writer.finalize()
     if todo:

@@ -26,6 +26,8 @@ from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoenc
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.image_generator import diffusion_target, one_hot
+from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
+from nnunet_diffaug.synthesis.label_training import train_label_generator
 from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
 from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
@@ -60,6 +62,10 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
     cfg_path, spec_path = folder / CONFIG_FILE, folder / SPEC_FILE
     if cfg_path.is_file() and spec_path.is_file() and not overwrite:
         old_cfg = json.loads(cfg_path.read_text())
+        try:  # fields added since (e.g. label_generator) take their preset defaults, as when loading
+            old_cfg = json.loads(json.dumps(SynthesizerConfig.from_json(old_cfg, str(cfg_path)).to_json()))
+        except DiffAugError:
+            pass
         old_run = json.loads(spec_path.read_text())
         if old_cfg != json.loads(json.dumps(config.to_json())):
             raise DiffAugError(f"{cfg_path}: this fold's synthesizer was started with a different config. Rerun with "
@@ -72,7 +78,7 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
                                f"(changed: {changed}). Pass the same --seed to continue, or --overwrite to start over.")
         return
     if overwrite:
-        for stage in STAGES:
+        for stage in STAGES + LABEL_STAGES:
             final_file(folder, stage).unlink(missing_ok=True)
             checkpoint_file(folder, stage).unlink(missing_ok=True)
     atomic_write_json(cfg_path, config.to_json())
@@ -341,9 +347,13 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
 
         if final_file(folder, "diffusion").is_file():
             log("diffusion: finished earlier, skipped")
-            return folder
-        syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after)
-        if final_file(folder, "diffusion").is_file():
+        else:
+            syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after)
+            if not final_file(folder, "diffusion").is_file():
+                return folder  # stopped early on request
             _montages("diffusion", syn, patches, folder, seed)
-            log(f"done: {folder}")
+        if config.label_generator.enabled:
+            if not train_label_generator(config, spec, data, folder, dev, seed, log, progress, stop_after):
+                return folder  # stopped early on request
+        log(f"done: {folder}")
     return folder
