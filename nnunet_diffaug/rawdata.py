@@ -130,8 +130,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, timeout_s: float = 600.0, name: str = LOCK_FILE) -> Iterator[None]:
-    """An exclusive advisory lock on ``folder``. A second holder waits up to ``timeout_s``, then refuses."""
+def folder_lock(folder: str | os.PathLike, timeout_s: float = 600.0, name: str = LOCK_FILE,
+                holder: str = "another process") -> Iterator[None]:
+    """An exclusive advisory lock on ``folder``. A second holder waits up to ``timeout_s``, then refuses.
+    The lock dies with its process (flock), so a lock file left by a killed run blocks nothing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / name
@@ -143,8 +145,8 @@ def folder_lock(folder: str | os.PathLike, timeout_s: float = 600.0, name: str =
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise DiffAugError(f"{folder} is locked by another process (lock file {lock_path}). "
-                                       f"Wait for it to finish, or remove the lock file if no process uses it.")
+                    raise DiffAugError(f"{folder} is locked by {holder} (lock file {lock_path}); waited "
+                                       f"{timeout_s:.0f} s. Wait for it to finish, then run again.")
                 time.sleep(0.2)
         try:
             yield
@@ -155,6 +157,10 @@ def folder_lock(folder: str | os.PathLike, timeout_s: float = 600.0, name: str =
 # ----------------------------------------------------------------------------------------------
 # reading and validating raw datasets
 # ----------------------------------------------------------------------------------------------
+
+def _is_lock_file(path: Path) -> bool:
+    return path.name.startswith(".diffaug") and path.name.endswith(".lock")
+
 
 _SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 
@@ -451,7 +457,7 @@ class SyntheticDatasetWriter:
                         f"{self.folder} already holds a synthetic dataset with different provenance "
                         f"({prov_path}). Pass --overwrite to replace it, or choose another output dataset.")
                 self._wipe()
-        elif self.folder.is_dir() and any(p.name != LOCK_FILE for p in self.folder.iterdir()):
+        elif self.folder.is_dir() and any(not _is_lock_file(p) for p in self.folder.iterdir()):
             if not overwrite:
                 raise DiffAugError(f"{self.folder} exists and is not a synthetic dataset written by nnunet-diffaug; "
                                    f"refusing to write into it. Pass --overwrite to replace it.")
@@ -465,7 +471,7 @@ class SyntheticDatasetWriter:
 
     def _wipe(self) -> None:
         for p in self.folder.iterdir():
-            if p.name == LOCK_FILE:
+            if _is_lock_file(p):
                 continue
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 

@@ -84,3 +84,53 @@ def test_a_held_lock_makes_a_second_writer_wait_then_refuse(tmp_path):
         holder.join(30)
     with folder_lock(tmp_path, timeout_s=5):  # free again once the holder is gone
         pass
+
+
+MICRO_SYNTHESIZER = {"base": "tiny", "autoencoder": {"steps": 10}, "diffusion": {"steps": 10, "scale_factor_batches": 2},
+                     "checkpoint_every": 10, "montage_cases": 2}
+
+
+def _labels(folder):
+    return sorted(p.name for p in (folder / "labelsTr").glob("*.nii.gz")) if (folder / "labelsTr").is_dir() else []
+
+
+@pytest.mark.slow
+def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refuses_and_rerun_completes(
+        planned_example, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    from support import console_script, run
+    root, _ = planned_example
+    env = nnunet_env(root)
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(MICRO_SYNTHESIZER))
+    run([console_script("diffaug_train_synthesizer"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-p", str(config),
+         "-device", "cpu"], env)
+    cmd = [console_script("diffaug_synthesize"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-n", "20", "-o", "970",
+           "--sampler", "ddim", "--steps", "8", "-device", "cpu"]
+    folder = root / "raw" / "Dataset970_ChestCTSlabsSynthF1"
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and len(_labels(folder)) < 2:
+        time.sleep(0.02)
+    assert first.poll() is None, "synthesis finished before it could be interrupted"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done = _labels(folder)
+    assert 2 <= len(done) < 20
+    images = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))
+    assert images == [n.replace(".nii.gz", "_0000.nii.gz") for n in done]  # no half case is visible
+
+    # while another writer holds this part, a second one waits, then refuses clearly and writes nothing
+    before = sorted(p.name for p in folder.rglob("*") if p.is_file())
+    with folder_lock(folder, name=".diffaug.part0of1.lock"):
+        second = run(cmd, {**env, "DIFFAUG_LOCK_WAIT_S": "1"}, expect_ok=False)
+    assert second.returncode == 2
+    assert "locked by another diffaug_synthesize writing part 0 of 1" in second.stderr
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == before
+
+    run(cmd, env)  # the same command resumes
+    assert _labels(folder) == [f"synth_{i:05d}.nii.gz" for i in range(20)]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".partial-")]
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 20
+    verify_dataset_integrity(str(folder), num_processes=1)

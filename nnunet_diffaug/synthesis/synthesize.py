@@ -10,6 +10,7 @@ image for it and writes both in raw units. Everything random about case ``i`` de
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from nnunet_diffaug.synthesis.label_modes import GeneratedLabels, aligned_raw_sp
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
+PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
 LABEL_MODES = ("real", "generated", "real-aligned")
 DEFAULT_MIN_COMPONENT_VOXELS = 5
 
@@ -184,42 +186,47 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         generated = _generated_labels(syn, syn_folder, data, dev, guidance, volume, min_component_voxels)
         provenance.generator["label_generator"] = generated.provenance(syn_folder)
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
-    writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
-    raw_space = RawSpace(data.plans_manager, data.cm, spec.spatial_dims, spec.label_values)
+    # one writer per part: a second process for the same part would only redo the same cases
+    part_lock = rawdata.folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
+                                    name=f".diffaug.part{part_id}of{num_parts}.lock",
+                                    holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
+    with part_lock:
+        writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
+        raw_space = RawSpace(data.plans_manager, data.cm, spec.spatial_dims, spec.label_values)
 
-    mine = [i for i in range(num_cases) if i % num_parts == part_id]
-    todo = [i for i in mine if not writer.has_case(case_id_for(i))]
-    if verbose:
-        print(f"{out_folder}: {len(mine) - len(todo)} of this part's {len(mine)} case(s) exist, writing {len(todo)}")
-    from tqdm import tqdm
-    for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
-        rng = _case_rng(seed, i)
-        extra: dict = {}
-        t0 = time.perf_counter()
-        if labels == "generated":
-            source, z, aug = None, None, None
-            label_map, extra = generated.make(rng)
-        elif labels == "real-aligned":
-            source, label_map = aligned_source(data, i)
-            z, aug, extra = None, None, {"aligned_with_source": True}
-        else:
-            source, z, label_map = _pick_source(data, i, seed, rng)
-            label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        if labels == "real-aligned":
-            image = paint_volume(syn, label_map, smp, gen)  # the whole volume, on the case's own grid
-            channels, label_img, notes = aligned_raw_space(data, source, spec.label_values).convert(image, label_map)
-        else:
-            image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
-            channels, label_img, notes = raw_space.convert(image, label_map)
-        seconds = time.perf_counter() - t0
-        record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
-                  "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
-                  "seconds": round(seconds, 3), "notes": notes, **extra}
-        writer.write_case(case_id_for(i), channels, label_img, record)
-    n = writer.finalize()
-    if todo:
-        write_montage(out_folder, real_dj)
+        mine = [i for i in range(num_cases) if i % num_parts == part_id]
+        todo = [i for i in mine if not writer.has_case(case_id_for(i))]
+        if verbose:
+            print(f"{out_folder}: {len(mine) - len(todo)} of this part's {len(mine)} case(s) exist, writing {len(todo)}")
+        from tqdm import tqdm
+        for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
+            rng = _case_rng(seed, i)
+            extra: dict = {}
+            t0 = time.perf_counter()
+            if labels == "generated":
+                source, z, aug = None, None, None
+                label_map, extra = generated.make(rng)
+            elif labels == "real-aligned":
+                source, label_map = aligned_source(data, i)
+                z, aug, extra = None, None, {"aligned_with_source": True}
+            else:
+                source, z, label_map = _pick_source(data, i, seed, rng)
+                label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+            if labels == "real-aligned":
+                image = paint_volume(syn, label_map, smp, gen)  # the whole volume, on the case's own grid
+                channels, label_img, notes = aligned_raw_space(data, source, spec.label_values).convert(image, label_map)
+            else:
+                image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
+                channels, label_img, notes = raw_space.convert(image, label_map)
+            seconds = time.perf_counter() - t0
+            record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
+                      "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
+                      "seconds": round(seconds, 3), "notes": notes, **extra}
+            writer.write_case(case_id_for(i), channels, label_img, record)
+        n = writer.finalize()
+        if todo:
+            write_montage(out_folder, real_dj)
     if verbose:
         print(f"{out_folder}: {n} complete case(s)")
     return out_folder
