@@ -173,15 +173,24 @@ def validate_case_id(case_id: str, where: str = "") -> str:
     return case_id
 
 
+def read_json(path: str | os.PathLike, if_missing: str = ""):
+    """Parses a JSON file; a missing or malformed file is a DiffAugError naming it (``if_missing`` says why
+    the file matters or what to run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffAugError(f"{path} does not exist{': ' + if_missing if if_missing else '.'}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise DiffAugError(f"{path} is not a text (JSON) file.") from None
+
+
 def load_dataset_json(dataset_folder: str | os.PathLike) -> dict:
     """Loads and checks dataset.json of a raw dataset, with an error naming the file and the problem."""
     path = Path(dataset_folder) / "dataset.json"
-    if not path.is_file():
-        raise DiffAugError(f"{path} does not exist: {dataset_folder} is not an nnU-Net raw dataset.")
-    try:
-        dj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+    dj = read_json(path, f"{dataset_folder} is not an nnU-Net raw dataset.")
     if not isinstance(dj, dict):
         raise DiffAugError(f"{path} must hold a JSON object, found {type(dj).__name__}.")
     channels = dj.get("channel_names", dj.get("modality"))
@@ -349,13 +358,10 @@ class SyntheticProvenance:
 
 def read_provenance(synthetic_folder: str | os.PathLike) -> SyntheticProvenance:
     path = Path(synthetic_folder) / PROVENANCE_FILE
-    if not path.is_file():
-        raise DiffAugError(f"{path} does not exist: {synthetic_folder} was not written by diffaug_synthesize "
-                           f"(or lost its provenance), so it cannot be checked against the fold's validation cases.")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+    obj = read_json(path, f"{synthetic_folder} was not written by diffaug_synthesize (or lost its provenance), "
+                          f"so it cannot be checked against the fold's validation cases.")
+    if not isinstance(obj, dict):
+        raise DiffAugError(f"{path} must hold a JSON object.")
     return SyntheticProvenance.from_json(obj, str(path))
 
 

@@ -7,14 +7,13 @@ change; spacing, normalisation and ``data_identifier`` stay, so the preprocessed
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json
+from nnunet_diffaug.rawdata import atomic_write_json, read_json
 
 _CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 
@@ -56,7 +55,7 @@ def write_small_plans(dataset_name: str, source_plans: str = "nnUNetPlans", targ
         raise DiffAugError(f"--patch-size needs 2 (2d) or 3 (3d) values, got {len(patch_size)}.")
     if target_plans == source_plans:
         raise DiffAugError("The small plans need their own identifier; the source plans are never edited.")
-    plans = json.loads(src.read_text())
+    plans = read_json(src)
     small = copy.deepcopy(plans)
     small["plans_name"] = target_plans
     small["configurations"] = {}

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import (SyntheticDatasetWriter, SyntheticProvenance, atomic_path, check_case,
-                                    load_dataset_json, read_provenance, validate_case_id)
+                                    load_dataset_json, validate_case_id)
 from nnunet_diffaug.trainers.budget import apply_budget_from_env
 from nnunet_diffaug.trainers.patch_mix import merge_patch_size
 from nnunet_diffaug.trainers.synthetic_source import validate_synthetic_dataset

@@ -5,7 +5,6 @@ with one message naming the file and the problem.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, check_no_validation_leak,
+from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, check_no_validation_leak, read_json,
                                     check_synthetic_matches_real, find_synthetic_datasets, list_cases,
                                     load_dataset_json, read_provenance)
 
@@ -42,13 +41,8 @@ class EvaluationInputs:
 def read_fold(dataset_name: str, fold: int) -> tuple[list[str], list[str]]:
     """(training, validation) case ids of ``fold`` from nnU-Net's splits_final.json."""
     path = paths.nnunet_preprocessed() / dataset_name / "splits_final.json"
-    if not path.is_file():
-        raise DiffAugError(f"{path} does not exist: train an nnU-Net model on {dataset_name} first "
-                           f"(nnUNetv2_train writes the splits), or write the file yourself.")
-    try:
-        splits = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
+    splits = read_json(path, f"train an nnU-Net model on {dataset_name} first (nnUNetv2_train writes the "
+                             f"splits), or write the file yourself.")
     if not isinstance(splits, list) or not 0 <= fold < len(splits):
         raise DiffAugError(f"{path} has {len(splits) if isinstance(splits, list) else 'no'} folds; fold {fold} "
                            f"does not exist.")
@@ -100,11 +94,11 @@ def check_model_folder(folder: Path, dataset_name: str, fold: int, checkpoint: s
     if not ckpt.is_file():
         raise DiffAugError(f"{ckpt} does not exist: the model has no finished fold {fold} "
                            f"(train it with {how_to_train}, or choose another checkpoint with -chk).")
-    plans = json.loads((folder / "plans.json").read_text())
+    plans = read_json(folder / "plans.json")
     if plans.get("dataset_name") not in (None, dataset_name):
         raise DiffAugError(f"{folder / 'plans.json'}: the model was trained on {plans['dataset_name']}, "
                            f"not {dataset_name}.")
-    model_labels = json.loads((folder / "dataset.json").read_text()).get("labels")
+    model_labels = read_json(folder / "dataset.json").get("labels")
     if model_labels != real_json["labels"]:
         raise DiffAugError(f"{folder / 'dataset.json'}: the model's labels {model_labels} differ from the real "
                            f"dataset's {real_json['labels']}.")

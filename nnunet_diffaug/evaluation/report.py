@@ -106,7 +106,7 @@ def render_markdown(r: dict) -> str:
         f"percentiles and cropped/padded to a common shape; settings {div['settings']}"
         + (" (per slice along the thinnest axis)." if div["settings"]["spatial_dims"] == 2 else "."),
         f"- Memorisation: {mem['distance']}.",
-        f"- Label statistics on the raw label maps (Wasserstein-1 between per-case distributions).",
+        "- Label statistics on the raw label maps (Wasserstein-1 between per-case distributions).",
     ]
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in r["notes"]]
