@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run, write_splits  # noqa: E402
+from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, nnunet_folders, run,  # noqa: E402
+                     write_splits)
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +29,6 @@ def planned_example(tmp_path_factory):
     run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID), "-c", "2d", "3d_fullres",
          "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
     splits = write_splits(root / "preprocessed" / EXAMPLE_NAME, [f"chest_{i:03d}" for i in range(8)], n_folds=2)
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    os.environ.update({k: env[k] for k in old})
-    try:
+    with nnunet_folders(root):
         write_small_plans(EXAMPLE_NAME)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return root, splits

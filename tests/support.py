@@ -1,8 +1,10 @@
 """Helpers shared by the tests: nnU-Net environments, subprocess runs, stand-in synthetic datasets."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,30 @@ def nnunet_env(root: Path, **extra) -> dict:
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+_NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@contextlib.contextmanager
+def nnunet_folders(root: Path):
+    """Points this process's nnU-Net folder variables at root/{raw,preprocessed,results}, then restores them."""
+    env = nnunet_env(root)
+    old = {k: os.environ.get(k) for k in _NNUNET_FOLDERS}
+    os.environ.update({k: env[k] for k in _NNUNET_FOLDERS})
+    try:
+        yield root
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def private_copy_of_example(source_root: Path, destination: Path) -> Path:
+    """A copy of the planned example's raw and preprocessed data (results empty) that a test may change."""
+    for sub in ("raw", "preprocessed"):
+        shutil.copytree(source_root / sub / EXAMPLE_NAME, destination / sub / EXAMPLE_NAME)
+    (destination / "results").mkdir()
+    return destination
 
 
 def set_nnunet_env(monkeypatch, root: Path) -> None:

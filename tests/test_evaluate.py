@@ -6,7 +6,6 @@ Synthetic sets used as probes (all for fold 0 of the example, in a private copy 
 - copy: one exact copy of a training case among noise cases (memorisation must flag it)
 """
 import json
-import os
 import shutil
 
 import numpy as np
@@ -17,7 +16,8 @@ from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
 from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, list_cases, load_dataset_json
-from support import EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run
+from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
+                     private_copy_of_example, run)
 
 pytestmark = pytest.mark.slow
 TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
@@ -58,13 +58,12 @@ def _rescaled_copy(raw, source, rng):
 def judge(planned_example, tmp_path_factory):
     """A private copy of the example with a tiny real-trained nnU-Net (fold 0) and three probe sets."""
     src, splits = planned_example
-    root = tmp_path_factory.mktemp("evaluate")
-    for sub in ("raw", "preprocessed"):
-        shutil.copytree(src / sub / EXAMPLE_NAME, root / sub / EXAMPLE_NAME)
-    (root / "results").mkdir()
-    env = nnunet_env(root)
-    old = {k: os.environ.get(k) for k in env if k.startswith("nnUNet_")}
-    os.environ.update({k: env[k] for k in old})
+    root = private_copy_of_example(src, tmp_path_factory.mktemp("evaluate"))
+    with nnunet_folders(root):
+        yield from _judge(root, splits)
+
+
+def _judge(root, splits):
     budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
               "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
     run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
@@ -80,8 +79,6 @@ def judge(planned_example, tmp_path_factory):
                            [(f"noise_{i}", _noise_like(raw, c, rng), c) for i, c in enumerate(train[2:])]),
     }
     yield root, splits, sets
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

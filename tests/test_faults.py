@@ -12,7 +12,7 @@ import pytest
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import folder_lock, load_dataset_json
 from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, _CASE_FILE_SUFFIXES, preprocess_synthetic_cases
-from support import EXAMPLE_NAME, make_stand_in_synthetic_set, nnunet_env
+from support import EXAMPLE_NAME, make_stand_in_synthetic_set, nnunet_env, private_copy_of_example
 
 _PREPROCESS_SCRIPT = """
 import json, sys
@@ -32,7 +32,8 @@ def _visible_cases_are_complete(folder):
 
 @pytest.mark.slow
 def test_sigkill_during_preprocessing_leaves_only_complete_cases_and_rerun_finishes(planned_example, tmp_path):
-    root, splits = planned_example
+    source, splits = planned_example
+    root = private_copy_of_example(source, tmp_path / "nnunet")  # its synthetic sets must not leak into others
     synth = make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 0, splits[0]["train"], 8, dataset_id=960)
     plans = root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans.json"
     out = tmp_path / "pre"
@@ -99,7 +100,7 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
         planned_example, tmp_path):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     from support import console_script, run
-    root, _ = planned_example
+    root = private_copy_of_example(planned_example[0], tmp_path / "nnunet")
     env = nnunet_env(root)
     config = tmp_path / "micro.json"
     config.write_text(json.dumps(MICRO_SYNTHESIZER))

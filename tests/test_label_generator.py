@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -18,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_env
+from support import (EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_example)
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -45,17 +44,9 @@ CONFIG_3D = {"base": "tiny", "autoencoder": {"steps": 10}, "diffusion": {"steps"
 
 @pytest.fixture(scope="module")
 def root(planned_example, tmp_path_factory):
-    src, _ = planned_example
-    dst = tmp_path_factory.mktemp("labelgen")
-    for sub in ("raw", "preprocessed"):
-        shutil.copytree(src / sub / EXAMPLE_NAME, dst / sub / EXAMPLE_NAME)
-    (dst / "results").mkdir()
-    env = nnunet_env(dst)
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    os.environ.update({k: env[k] for k in old})
-    yield dst
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    """A private copy of the planned example (raw + preprocessed), with nnU-Net's env pointing at it."""
+    with nnunet_folders(private_copy_of_example(planned_example[0], tmp_path_factory.mktemp("labelgen"))) as dst:
+        yield dst
 
 
 def _train(root: Path, configuration: str, config: dict) -> Path:

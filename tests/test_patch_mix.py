@@ -11,7 +11,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.patch_mix import (ChannelStack, PairedDataset, PatchMixForward, merge_outputs,
                                                merge_patch_size, patch_mask)
-from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run
+from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env,
+                     private_copy_of_example, run)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.6, 1.0])
@@ -118,8 +119,9 @@ def test_missing_variants_are_refused():
 
 
 @pytest.mark.slow
-def test_short_patchmix_run_with_the_console_script(planned_example):
-    root, splits = planned_example
+def test_short_patchmix_run_with_the_console_script(planned_example, tmp_path):
+    source, splits = planned_example
+    root = private_copy_of_example(source, tmp_path / "nnunet")
     make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 1, splits[1]["train"], 8, dataset_id=911, aligned=True)
     trainer = "nnUNetTrainerDiffAugPatchMix"
     env = nnunet_env(root, DIFFAUG_NUM_EPOCHS=2, DIFFAUG_ITERATIONS_PER_EPOCH=6, DIFFAUG_VAL_ITERATIONS=2,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env
+from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, nnunet_folders, private_copy_of_example)
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -40,17 +39,8 @@ INTENSITY_GROUPS = [[0, 3, 4], [1, 2], [5]]
 @pytest.fixture(scope="module")
 def root(planned_example, tmp_path_factory):
     """A private copy of the planned example (raw + preprocessed), with nnU-Net's env pointing at it."""
-    src, _ = planned_example
-    dst = tmp_path_factory.mktemp("synthesis")
-    for sub in ("raw", "preprocessed"):
-        shutil.copytree(src / sub / EXAMPLE_NAME, dst / sub / EXAMPLE_NAME)
-    (dst / "results").mkdir()
-    env = nnunet_env(dst)
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    os.environ.update({k: env[k] for k in old})
-    yield dst
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with nnunet_folders(private_copy_of_example(planned_example[0], tmp_path_factory.mktemp("synthesis"))) as dst:
+        yield dst
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, run)
+from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env,
+                     private_copy_of_example, run)
 
 pytestmark = pytest.mark.slow
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"
@@ -31,8 +32,9 @@ def _log_text(folder):
 
 
 @pytest.fixture(scope="module")
-def fold0_synthetic(planned_example):
-    root, splits = planned_example
+def fold0_synthetic(planned_example, tmp_path_factory):
+    source, splits = planned_example
+    root = private_copy_of_example(source, tmp_path_factory.mktemp("trainer"))
     folder = make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 0, splits[0]["train"], 6, dataset_id=901)
     return root, splits, folder
 
