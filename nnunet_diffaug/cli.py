@@ -301,6 +301,10 @@ def synthesize_entry(argv=None):
     p.add_argument("--min-component-voxels", type=int, default=5,
                    help="--labels generated: fragments of a class smaller than this take the label around them "
                         "(0 keeps all)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("S0", "S1", "S2"),
+                   help="synthesizers trained with tag conditioning: paint every case as if acquired at this "
+                        "spacing (mm, the axis order of dataset_fingerprint.json); default: each case's source "
+                        "case's spacing (generated maps: a random training case's)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
                         "training timesteps")
@@ -317,5 +321,5 @@ def synthesize_entry(argv=None):
     folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
                         seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
                         overwrite=args.overwrite, device=args.device, verbose=args.verbose, guidance=args.guidance,
-                        volume=args.volume, min_component_voxels=args.min_component_voxels)
+                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing)
     print(folder)

@@ -14,7 +14,9 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis.config import SynthesizerConfig, load_config
 from nnunet_diffaug.synthesis.data import fit_patch_size, pad_to
-from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler, one_hot
+from nnunet_diffaug.synthesis.conditioning import (Condition, TagEncoder, edge_hint, image_edges, label_boundaries,
+                                                   one_hot, spatial_condition)
+from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
 from nnunet_diffaug.synthesis.metrics import VoxelClassifier, grouped_dice
 from nnunet_diffaug.synthesis.rawspace import raw_spacing, to_raw_intensity, to_sitk
 from nnunet_diffaug.synthesis.sampling import Sampler, decode_latents, sample_latents
@@ -58,7 +60,7 @@ def test_default_preset_builds_and_runs_in_2d():
     model = build_image_generator(cfg.diffusion, 2, cfg.autoencoder.latent_channels, 7).eval()
     ae = build_autoencoder(cfg.autoencoder, 2, 1).eval()
     with torch.no_grad():
-        out = model(torch.randn(1, 4, 8, 8), torch.tensor([3]), one_hot(torch.zeros(1, 1, 32, 32), 7))
+        out = model(torch.randn(1, 4, 8, 8), torch.tensor([3]), Condition(one_hot(torch.zeros(1, 1, 32, 32), 7)))
         img = ae.decode_stage_2_outputs(out)
     assert out.shape == (1, 4, 8, 8) and img.shape == (1, 1, 32, 32)
 
@@ -118,8 +120,8 @@ def test_samplers_run_on_5d_latents_with_a_monai_unet(name):
     sampler = Sampler(name, build_train_scheduler(cfg), steps=5)
     labels = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
     labels[..., 8:, :, :] = 2
-    z1 = sample_latents(model, one_hot(labels, 4), (1, 3, 8, 8, 8), sampler, torch.Generator().manual_seed(1))
-    z2 = sample_latents(model, one_hot(labels, 4), (1, 3, 8, 8, 8), sampler, torch.Generator().manual_seed(1))
+    z1 = sample_latents(model, Condition(one_hot(labels, 4)), (1, 3, 8, 8, 8), sampler, torch.Generator().manual_seed(1))
+    z2 = sample_latents(model, Condition(one_hot(labels, 4)), (1, 3, 8, 8, 8), sampler, torch.Generator().manual_seed(1))
     assert z1.shape == (1, 3, 8, 8, 8) and torch.isfinite(z1).all()
     assert torch.equal(z1, z2)  # same seed, same sample (the sampler state is reset per sample)
     assert len(sampler.timesteps) == (50 if name == "ddpm" else 5)
@@ -147,7 +149,7 @@ def test_controlnet_generator_matches_latent_size():
     cfg.conditioning = "controlnet"
     model = build_image_generator(cfg, 2, 3, 5).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), one_hot(torch.zeros(2, 1, 32, 32), 5))
+        out = model(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), Condition(one_hot(torch.zeros(2, 1, 32, 32), 5)))
     assert out.shape == (2, 3, 16, 16)
 
 
@@ -177,13 +179,18 @@ def test_label_augmentation_keeps_labels_and_is_seeded():
     lab[:, 8:20, 10:24] = 3
     lab[:, 20:26, 4:10] = 1
     cfg = SamplingConfig(rotate_degrees=15, scale_range=0.1, translate_fraction=0.05)
-    a, pa = augment_label_map(lab, np.random.default_rng(5), cfg)
-    b, pb = augment_label_map(lab, np.random.default_rng(5), cfg)
-    c, _ = augment_label_map(lab, np.random.default_rng(6), cfg)
+    a, _, pa = augment_label_map(lab, np.random.default_rng(5), cfg)
+    b, _, pb = augment_label_map(lab, np.random.default_rng(5), cfg)
+    c, _, _ = augment_label_map(lab, np.random.default_rng(6), cfg)
     assert a.shape == lab.shape and set(np.unique(a)) <= {0, 1, 3}
     assert np.array_equal(a, b) and pa == pb
     assert not np.array_equal(a, lab) and not np.array_equal(a, c)
     assert np.array_equal(a[0], a[3])  # in-plane only: every slice of the slab moves alike
+    # the edge hint's real image moves with its labels: same seed, same deformation
+    image = np.stack([(lab == 3).astype(np.float32) * 100.0])
+    d, moved, _ = augment_label_map(lab, np.random.default_rng(5), cfg, image)
+    assert np.array_equal(d, a) and moved.shape == image.shape
+    assert np.mean((moved[0] > 50) == (d == 3)) > 0.97
 
 
 # ---------------------------------------------------------------------------------------------- raw space
@@ -226,3 +233,76 @@ def test_voxel_classifier_reads_labels_back_from_real_like_images():
     assert grouped_dice(clf.predict(img), lab, [[0], [1], [2]]) > 0.9
     noise = rng.normal(0, 1, lab.shape)
     assert grouped_dice(clf.predict(noise), lab, [[0], [1], [2]]) < 0.6
+
+
+# ---------------------------------------------------------------------------------------------- extra conditioning
+
+def test_label_boundaries_mark_exactly_where_classes_meet():
+    lab = torch.zeros(1, 1, 12, 12, dtype=torch.long)
+    lab[..., 4:8, 4:8] = 2
+    b = label_boundaries(lab)[0, 0]
+    inside, outside = lab[0, 0] == 2, lab[0, 0] == 0
+    ring = torch.zeros(12, 12, dtype=torch.bool)
+    ring[3:9, 3:9] = True
+    ring[5:7, 5:7] = False  # the square's centre has no neighbour of another class
+    assert torch.equal(b.bool(), ring) and b[inside].any() and b[outside].any()
+    assert label_boundaries(torch.ones(1, 1, 6, 6, 6, dtype=torch.long)).sum() == 0  # 3D, one class: none
+
+
+def test_image_edges_find_intensity_steps_and_nothing_in_flat_images():
+    img = torch.zeros(2, 1, 32, 32)
+    img[0, :, :, 16:] = 3.0                        # a vertical step in sample 0; sample 1 is flat
+    e = image_edges(img)
+    cols = e[0, 0].sum(dim=0)
+    assert cols[14:18].sum() == e[0, 0].sum() > 0  # edges only along the step
+    assert e[1].sum() == 0
+    noise = torch.randn(1, 2, 16, 16, 16)          # 3D, two channels: the top decile is marked
+    assert 0.05 < float(image_edges(noise).mean()) < 0.15
+
+
+def test_edge_hint_adds_image_edges_only_where_asked():
+    lab = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    img = torch.zeros(2, 1, 32, 32)
+    img[:, :, 16:, :] = 5.0                        # an intensity edge the labels do not have
+    hint = edge_hint(lab, img, use_image=torch.tensor([True, False]))
+    assert hint[0].sum() > 0 and hint[1].sum() == 0
+    cond = spatial_condition(lab, 4, True, img)
+    assert cond.shape == (2, 5, 32, 32) and torch.equal(cond[:, :4], one_hot(lab, 4))
+    assert spatial_condition(lab, 4, False, img).shape == (2, 4, 32, 32)
+
+
+def test_tag_encoder_follows_spacing_and_falls_back_to_the_null_vector():
+    torch.manual_seed(0)
+    enc = TagEncoder(num_channels=2, dim=8)
+    enc.set_reference_spacing([3.0, 1.0, 1.0])
+    spacing = torch.tensor([[3.0, 1.0, 1.0], [6.0, 2.0, 2.0], [float("nan")] * 3])
+    vectors = enc(spacing, 3)
+    assert vectors.shape == (3, 8)
+    assert not torch.allclose(vectors[0], vectors[1])                   # differs with spacing
+    names = enc.channel_names.weight.sum(dim=0)
+    assert torch.allclose(vectors[2], names + enc.no_spacing)           # unknown spacing: the learned null vector
+    assert torch.allclose(enc(None, 1)[0], vectors[2])
+    channels = enc.as_channels(spacing, torch.zeros(3, 5, 4, 4, 4))
+    assert channels.shape == (3, 8, 4, 4, 4) and torch.equal(channels[1, :, 2, 3, 1], vectors[1])
+
+
+@pytest.mark.parametrize("conditioning", ["spade", "controlnet"])
+def test_image_model_reads_edge_hint_and_tags(conditioning):
+    from nnunet_diffaug.synthesis.config import tiny
+    cfg = tiny()
+    cfg.diffusion.conditioning = conditioning
+    cfg.diffusion.edge_hint = cfg.diffusion.tag_conditioning = True
+    torch.manual_seed(0)
+    model = build_image_generator(cfg.diffusion, 2, 3, 4, image_channels=1).eval()
+    for p in model.parameters():  # ControlNet starts with zero outputs; perturb so every path is live
+        p.data += 0.01 * torch.randn_like(p)
+    lab = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    lab[..., 8:24, 8:24] = 1
+    img = torch.zeros(1, 1, 32, 32)
+    img[..., :, 4:6] = 4.0
+    z, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        base = model(z, t, Condition(spatial_condition(lab, 4, True), torch.tensor([[1.0, 1.0, 1.0]])))
+        edged = model(z, t, Condition(spatial_condition(lab, 4, True, img), torch.tensor([[1.0, 1.0, 1.0]])))
+        coarse = model(z, t, Condition(spatial_condition(lab, 4, True), torch.tensor([[5.0, 1.0, 1.0]])))
+    assert not torch.allclose(base, edged) and not torch.allclose(base, coarse)

@@ -70,6 +70,11 @@ class DiffusionConfig:
     batch_size: int = 4
     steps: int = 400
     scale_factor_batches: int = 20                  # batches used to estimate 1/std of the latents
+    edge_hint: bool = False                         # seed (d): an edge-map channel beside the labels
+    edge_image_dropout: float = 0.5                 # share of training samples with label boundaries only
+    tag_conditioning: bool = False                  # channel-name + acquisition-spacing embeddings (FiLM via SPADE)
+    tag_dim: int = 8                                # constant condition channels the tag vector fills
+    tag_dropout: float = 0.1                        # share of training samples without the spacing tag
 
 
 @dataclass
@@ -169,6 +174,11 @@ class SynthesizerConfig:
                             ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
             if value < 1:
                 problems.append(f"{name} must be >= 1, not {value}")
+        for name in ("edge_image_dropout", "tag_dropout"):
+            if not 0.0 <= getattr(dm, name) <= 1.0:
+                problems.append(f"diffusion.{name} must be in [0, 1], not {getattr(dm, name)}")
+        if dm.tag_dim < 1:
+            problems.append(f"diffusion.tag_dim must be >= 1, not {dm.tag_dim}")
         problems += _label_generator_problems(self.label_generator)
         if problems:
             raise DiffAugError(f"{where}: " + "; ".join(problems) + ".")

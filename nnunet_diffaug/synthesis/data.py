@@ -153,6 +153,10 @@ class FoldData:
     def volume_shape(self, case_id: str) -> tuple[int, ...]:
         return tuple(self.case(case_id)[0].shape[1:])
 
+    def acquisition_spacing(self, case_id: str) -> list[float]:
+        """The case's original spacing (mm, nnU-Net's axis order, before resampling): the spacing tag."""
+        return [float(v) for v in self.case(case_id)[2]["spacing"]]
+
     def label_volume(self, case_id: str) -> np.ndarray:
         """The class-index label volume of a case (3D, transposed axes)."""
         return self.encode_labels(self.case(case_id)[1][0][...], case_id)
@@ -232,8 +236,8 @@ class PatchSampler:
                 return [int(v) for v in pts[rng.integers(len(pts))][1:]]
         return [int(rng.integers(s)) for s in shape]
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One (image (C, *patch) float32, labels (1, *patch) uint8 class indices) pair."""
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+        """One (image (C, *patch) float32, labels (1, *patch) uint8 class indices, case id) triple."""
         case_id = self.cases[rng.choice(len(self.cases), p=self.case_p)]
         data, seg, _ = self.data.case(case_id)
         shape = self.shapes[case_id]
@@ -253,11 +257,15 @@ class PatchSampler:
             lab = np.asarray(seg[(slice(None), *slices)])
         img, _ = pad_to(img.astype(np.float32), self.patch_size)
         lab, _ = pad_to(self.data.encode_labels(lab, case_id), self.patch_size)
-        return img, lab
+        return img, lab, case_id
+
+    def batch_with_cases(self, rng: np.random.Generator, batch_size: int):
+        """(images (B, C, *patch), labels (B, 1, *patch) int64, case ids) as torch tensors + a list."""
+        import torch
+        samples = [self.sample(rng) for _ in range(batch_size)]
+        images = torch.from_numpy(np.stack([s[0] for s in samples]))
+        labels = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.int64))
+        return images, labels, [s[2] for s in samples]
 
     def batch(self, rng: np.random.Generator, batch_size: int):
-        import torch
-        pairs = [self.sample(rng) for _ in range(batch_size)]
-        images = torch.from_numpy(np.stack([p[0] for p in pairs]))
-        labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
-        return images, labels
+        return self.batch_with_cases(rng, batch_size)[:2]

@@ -5,54 +5,56 @@
 - ControlNet: a ``ControlNet`` reads the full-resolution one-hot label map (its embedding downsamples
   it to the latent size with learned strided convolutions, so structures smaller than a latent voxel
   still leave a trace) and adds residuals to a ``DiffusionModelUNet``. Both are trained jointly.
+
+Optional extra conditioning (see :mod:`conditioning`): an edge-hint channel beside the one-hot
+labels, and a tag vector (channel names, acquisition spacing) broadcast as constant channels.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from nnunet_diffaug.synthesis.conditioning import Condition, TagEncoder, condition_channels
 from nnunet_diffaug.synthesis.config import DiffusionConfig
 
 
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, 1, *spatial) class indices -> (B, num_classes, *spatial) float one-hot."""
-    shape = list(labels.shape)
-    shape[1] = num_classes
-    out = torch.zeros(shape, dtype=torch.float32, device=labels.device)
-    return out.scatter_(1, labels.long(), 1.0)
-
-
 class LabelConditionedUNet(nn.Module):
-    """Predicts noise (or velocity) for latents ``z`` at ``timesteps`` given a one-hot label map."""
+    """Predicts noise (or velocity) for latents ``z`` at ``timesteps`` given a :class:`Condition`."""
 
-    def __init__(self, cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int):
+    def __init__(self, cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int,
+                 image_channels: int = 1):
         super().__init__()
         from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
         self.conditioning = cfg.conditioning
+        cond_channels = condition_channels(num_classes, cfg.edge_hint, cfg.tag_dim if cfg.tag_conditioning else 0)
         common = dict(spatial_dims=spatial_dims, in_channels=latent_channels, channels=tuple(cfg.channels),
                       attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
                       norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels,
                       use_flash_attention=True)  # fused attention: same weights, bounded memory on large latents
+        self.tags = TagEncoder(image_channels, cfg.tag_dim) if cfg.tag_conditioning else None
         if cfg.conditioning == "spade":
-            self.unet = SPADEDiffusionModelUNet(out_channels=latent_channels, label_nc=num_classes,
+            self.unet = SPADEDiffusionModelUNet(out_channels=latent_channels, label_nc=cond_channels,
                                                 spade_intermediate_channels=cfg.spade_hidden_channels, **common)
             self.controlnet = None
         else:
             self.unet = DiffusionModelUNet(out_channels=latent_channels, **common)
-            self.controlnet = ControlNet(conditioning_embedding_in_channels=num_classes,
+            self.controlnet = ControlNet(conditioning_embedding_in_channels=cond_channels,
                                          conditioning_embedding_num_channels=tuple(cfg.controlnet_embedding_channels),
                                          **common)
 
-    def forward(self, z: torch.Tensor, timesteps: torch.Tensor, labels_onehot: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        spatial = condition.spatial
+        if self.tags is not None:
+            spatial = torch.cat([spatial, self.tags.as_channels(condition.spacing, spatial)], dim=1)
         if self.controlnet is None:
-            return self.unet(z, timesteps, seg=labels_onehot)
-        down, mid = self.controlnet(z, timesteps, controlnet_cond=labels_onehot)
+            return self.unet(z, timesteps, seg=spatial)
+        down, mid = self.controlnet(z, timesteps, controlnet_cond=spatial)
         return self.unet(z, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
-def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channels: int,
-                          num_classes: int) -> LabelConditionedUNet:
-    return LabelConditionedUNet(cfg, spatial_dims, latent_channels, num_classes)
+def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int,
+                          image_channels: int = 1) -> LabelConditionedUNet:
+    return LabelConditionedUNet(cfg, spatial_dims, latent_channels, num_classes, image_channels)
 
 
 def build_train_scheduler(cfg: DiffusionConfig):

@@ -71,12 +71,19 @@ def aligned_source(data: FoldData, index: int) -> tuple[str, np.ndarray]:
     return case_id, data.label_volume(case_id)
 
 
-def paint_volume(syn, volume_labels: np.ndarray, sampler, generator: torch.Generator) -> np.ndarray:
-    """(*spatial 3D) class indices -> (C, *spatial) normalised image; 2D synthesizers paint slice batches."""
+def paint_volume(syn, volume_labels: np.ndarray, sampler, generator: torch.Generator,
+                 edge_images: np.ndarray | None = None, spacing=None) -> np.ndarray:
+    """(*spatial 3D) class indices -> (C, *spatial) normalised image; 2D synthesizers paint slice batches.
+
+    ``edge_images``: (1, C, *spatial) real image of the volume for the edge hint; ``spacing``: its tag.
+    """
     if syn.spec.spatial_dims == 3:
-        return syn.generate(volume_labels[None], sampler, generator)[0]
-    parts = [syn.generate(volume_labels[z:z + ALIGNED_SLICE_BATCH], sampler, generator)
-             for z in range(0, volume_labels.shape[0], ALIGNED_SLICE_BATCH)]
+        return syn.generate(volume_labels[None], sampler, generator, edge_images=edge_images, spacing=spacing)[0]
+    parts = []
+    for z in range(0, volume_labels.shape[0], ALIGNED_SLICE_BATCH):
+        slices = None if edge_images is None else edge_images[0][:, z:z + ALIGNED_SLICE_BATCH].transpose(1, 0, 2, 3)
+        parts.append(syn.generate(volume_labels[z:z + ALIGNED_SLICE_BATCH], sampler, generator,
+                                  edge_images=slices, spacing=spacing))
     return np.concatenate(parts, axis=0).transpose(1, 0, 2, 3)  # (Z, C, H, W) -> (C, Z, H, W)
 
 

@@ -15,7 +15,8 @@ import torch
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData
-from nnunet_diffaug.synthesis.image_generator import diffusion_target, one_hot
+from nnunet_diffaug.synthesis.conditioning import one_hot
+from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_attributes import volume_fractions
 from nnunet_diffaug.synthesis.label_autoencoder import decode_to_classes, label_autoencoder_loss
 from nnunet_diffaug.synthesis.label_generator import (LABEL_STAGES, LabelGenerator, canvas_shape, centre_pads,

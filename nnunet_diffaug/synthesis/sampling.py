@@ -15,7 +15,7 @@ from torch import nn
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.config import SAMPLERS
-from nnunet_diffaug.synthesis.image_generator import one_hot
+from nnunet_diffaug.synthesis.conditioning import Condition
 
 
 class Sampler:
@@ -90,10 +90,10 @@ def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, labels_onehot: torch.Tensor, latent_shape: tuple[int, ...], sampler: Sampler,
+def sample_latents(model: nn.Module, condition: Condition, latent_shape: tuple[int, ...], sampler: Sampler,
                    generator: torch.Generator, progress: bool = False) -> torch.Tensor:
-    """Reverse diffusion in latent space, conditioned on a full-resolution one-hot label map."""
-    device = labels_onehot.device
+    """Reverse diffusion in latent space, conditioned on a full-resolution label map (and its extras)."""
+    device = condition.spatial.device
     sampler.begin()
     z = _randn(latent_shape, generator, device)
     steps = sampler.timesteps
@@ -102,7 +102,7 @@ def sample_latents(model: nn.Module, labels_onehot: torch.Tensor, latent_shape: 
         steps = tqdm(steps, desc=f"{sampler.name} sampling", leave=False)
     for t in steps:
         tt = torch.full((latent_shape[0],), t, device=device, dtype=torch.long)
-        out = model(z, tt, labels_onehot).float()  # schedulers step in fp32 even under autocast
+        out = model(z, tt, condition).float()  # schedulers step in fp32 even under autocast
         z = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)
     return z
 
@@ -135,12 +135,11 @@ def padded_shape(shape: tuple[int, ...], divisor: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_images(autoencoder: nn.Module, model: nn.Module, scale_factor: float, labels: torch.Tensor,
-                    num_classes: int, latent_channels: int, latent_factor: int, decode_window: list[int],
-                    sampler: Sampler, generator: torch.Generator, decode_overlap: float = 0.25,
-                    progress: bool = False) -> torch.Tensor:
-    """Images (B, C, *spatial) for class-index label maps (B, 1, *spatial) whose sizes fit the divisor."""
-    onehot = one_hot(labels, num_classes)
-    latent_shape = (labels.shape[0], latent_channels, *[s // latent_factor for s in labels.shape[2:]])
-    z = sample_latents(model, onehot, latent_shape, sampler, generator, progress)
+def generate_images(autoencoder: nn.Module, model: nn.Module, scale_factor: float, condition: Condition,
+                    latent_channels: int, latent_factor: int, decode_window: list[int], sampler: Sampler,
+                    generator: torch.Generator, decode_overlap: float = 0.25, progress: bool = False) -> torch.Tensor:
+    """Images (B, C, *spatial) for a condition whose spatial size fits the divisor."""
+    spatial = condition.spatial
+    latent_shape = (spatial.shape[0], latent_channels, *[s // latent_factor for s in spatial.shape[2:]])
+    z = sample_latents(model, condition, latent_shape, sampler, generator, progress)
     return decode_latents(autoencoder, z / scale_factor, decode_window, decode_overlap)

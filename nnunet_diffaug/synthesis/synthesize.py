@@ -40,11 +40,13 @@ def _case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def augment_label_map(labels: np.ndarray, rng: np.random.Generator, cfg: SamplingConfig) -> tuple[np.ndarray, dict]:
+def augment_label_map(labels: np.ndarray, rng: np.random.Generator, cfg: SamplingConfig,
+                      image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """A small random affine deformation of a class-index map (nearest neighbour, border replicated).
 
-    Rotation only within the last two axes: in nnU-Net's transposed order the first axis is the
-    out-of-plane one, often much coarser, and tilting across it would smear structures.
+    ``image`` (C, *spatial), the label map's real image (for the edge hint), gets the same deformation
+    (linear interpolation). Rotation only within the last two axes: in nnU-Net's transposed order the
+    first axis is the out-of-plane one, often much coarser, and tilting across it would smear structures.
     """
     from monai.transforms import Affine
     dims = labels.ndim
@@ -58,7 +60,37 @@ def augment_label_map(labels: np.ndarray, rng: np.random.Generator, cfg: Samplin
                     mode="nearest", padding_mode="border", image_only=True)
     out = affine(torch.from_numpy(labels[None].astype(np.float32)))
     out = np.rint(np.asarray(out)[0]).astype(labels.dtype)
-    return out, {"rotate_degrees": math.degrees(angle), "zoom": zoom, "translate_voxels": shift}
+    if image is not None:
+        image = np.asarray(affine(torch.from_numpy(image.astype(np.float32)), mode="bilinear"))
+    return out, image, {"rotate_degrees": math.degrees(angle), "zoom": zoom, "translate_voxels": shift}
+
+
+def _source_image(data: FoldData, case_id: str, z: int | None) -> np.ndarray:
+    """The preprocessed (normalised) image of a training case, (C, *spatial); one slice in 2D."""
+    volume = data.case(case_id)[0]
+    return np.asarray(volume[...] if z is None else volume[:, z], dtype=np.float32)
+
+
+def _hints(syn: Synthesizer, data: FoldData, source: str | None, source_image: np.ndarray | None,
+           rng: np.random.Generator, spacing: list[float] | None) -> tuple[dict, dict]:
+    """The optional extra conditioning of one case: keyword arguments for painting, and its record.
+
+    Edge hint: the source's real image edges when there is a source, else label boundaries only.
+    Spacing tag: ``spacing`` if given, else the source case's acquisition spacing, else (generated maps)
+    the spacing of a random training case, so the synthetic set follows the training distribution.
+    """
+    dcfg = syn.config.diffusion
+    kwargs, record = {}, {}
+    if dcfg.edge_hint:
+        kwargs["edge_images"] = None if source_image is None else source_image[None]
+        record["edge_hint"] = "labels" if source_image is None else "labels+image"
+    if dcfg.tag_conditioning:
+        if spacing is None:
+            tag_source = source or data.training_cases[int(rng.integers(len(data.training_cases)))]
+            spacing = data.acquisition_spacing(tag_source)
+        kwargs["spacing"] = [float(v) for v in spacing]
+        record["spacing_tag"] = kwargs["spacing"]
+    return kwargs, record
 
 
 def _pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator) -> tuple[str, int | None, np.ndarray]:
@@ -133,8 +165,15 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
                    "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
                    "sampler": smp.name, "steps": smp.steps,
                    "augmentation": {k: getattr(syn.config.sampling, k)
-                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")}},
+                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")},
+                   **_extra_conditioning(syn)},
         seed=seed)
+
+
+def _extra_conditioning(syn: Synthesizer) -> dict:
+    """Recorded only when on, so sets from synthesizers without them keep their provenance."""
+    dcfg = syn.config.diffusion
+    return {k: True for k in ("edge_hint", "tag_conditioning") if getattr(dcfg, k)}
 
 
 def _generated_labels(syn: Synthesizer, syn_folder: Path, data: FoldData, device, guidance: float | None,
@@ -155,8 +194,11 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
                progress: bool = True, verbose: bool = False, guidance: float | None = None,
                volume: list[str] | None = None,
-               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS) -> Path:
-    """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder."""
+               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None) -> Path:
+    """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder.
+
+    ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
+    """
     if labels not in LABEL_MODES:
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
     if labels != "generated" and (volume or guidance is not None):
@@ -165,6 +207,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         raise DiffAugError(f"--guidance {guidance}: the guidance weight must be >= 0 (1 = no extra guidance).")
     if min_component_voxels < 0:
         raise DiffAugError(f"--min-component-voxels {min_component_voxels} must be >= 0 (0 keeps every fragment).")
+    if spacing is not None and (len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing)):
+        raise DiffAugError(f"--spacing {spacing}: give three positive spacings in mm (nnU-Net's axis order, as in "
+                           f"dataset_fingerprint.json).")
     if num_cases < 1:
         raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
     if num_parts < 1 or not 0 <= part_id < num_parts:
@@ -178,9 +223,14 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     if data.training_cases != spec.training_cases:
         raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {fold}'s training cases changed since the "
                            f"synthesizer in {syn_folder} was trained; retrain it (diffaug_train_synthesizer --overwrite).")
+    if spacing is not None and not syn.config.diffusion.tag_conditioning:
+        raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
+                           f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
     smp = syn.sampler(sampler, steps)
     real_dj = _real_dataset_json(dataset_name, data)
     provenance = _provenance(syn, syn_folder, smp, labels, seed)
+    if spacing is not None:
+        provenance.generator["spacing_tag"] = [float(v) for v in spacing]
     generated = None
     if labels == "generated":
         generated = _generated_labels(syn, syn_folder, data, dev, guidance, volume, min_component_voxels)
@@ -203,21 +253,28 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
             rng = _case_rng(seed, i)
             extra: dict = {}
             t0 = time.perf_counter()
+            edges_wanted = syn.config.diffusion.edge_hint
+            source_image = None
             if labels == "generated":
                 source, z, aug = None, None, None
                 label_map, extra = generated.make(rng)
             elif labels == "real-aligned":
                 source, label_map = aligned_source(data, i)
                 z, aug, extra = None, None, {"aligned_with_source": True}
+                source_image = _source_image(data, source, None) if edges_wanted else None
             else:
                 source, z, label_map = _pick_source(data, i, seed, rng)
-                label_map, aug = augment_label_map(label_map, rng, syn.config.sampling)
+                source_image = _source_image(data, source, z) if edges_wanted else None
+                label_map, source_image, aug = augment_label_map(label_map, rng, syn.config.sampling, source_image)
             gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+            hint_kwargs, hint_record = _hints(syn, data, source, source_image, rng, spacing)
+            extra.update(hint_record)
             if labels == "real-aligned":
-                image = paint_volume(syn, label_map, smp, gen)  # the whole volume, on the case's own grid
+                # the whole volume, on the case's own grid
+                image = paint_volume(syn, label_map, smp, gen, **hint_kwargs)
                 channels, label_img, notes = aligned_raw_space(data, source, spec.label_values).convert(image, label_map)
             else:
-                image = syn.generate(label_map[None], smp, gen)[0]  # (C, *spatial), normalised
+                image = syn.generate(label_map[None], smp, gen, **hint_kwargs)[0]  # (C, *spatial), normalised
                 channels, label_img, notes = raw_space.convert(image, label_map)
             seconds = time.perf_counter() - t0
             record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,

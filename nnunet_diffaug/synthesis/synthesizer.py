@@ -20,6 +20,7 @@ import torch
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
 from nnunet_diffaug.synthesis.checkpoint import file_sha256, load_checkpoint, unprefixed
+from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
 from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
@@ -72,7 +73,7 @@ class Synthesizer:
         self.config, self.spec, self.device = config, spec, device
         self.autoencoder = build_autoencoder(config.autoencoder, spec.spatial_dims, spec.in_channels).to(device).eval()
         self.model = build_image_generator(config.diffusion, spec.spatial_dims, config.autoencoder.latent_channels,
-                                           spec.num_classes).to(device).eval()
+                                           spec.num_classes, spec.in_channels).to(device).eval()
         self.train_scheduler = build_train_scheduler(config.diffusion)
         self.scale_factor = 1.0
 
@@ -108,10 +109,23 @@ class Synthesizer:
         f = self.config.latent_factor()
         return [max(1, p // f) for p in self.spec.patch_size]
 
+    def condition(self, labels: torch.Tensor, images: torch.Tensor | None = None,
+                  spacing: torch.Tensor | None = None) -> Condition:
+        """The model's condition for class-index maps (B, 1, *spatial); ``images`` feed the edge hint, if any."""
+        dcfg = self.config.diffusion
+        spatial = spatial_condition(labels, self.spec.num_classes, dcfg.edge_hint,
+                                    images if dcfg.edge_hint else None)
+        return Condition(spatial, spacing if dcfg.tag_conditioning else None)
+
     @torch.no_grad()
-    def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator,
-                 progress: bool = False) -> np.ndarray:
-        """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial)."""
+    def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator, progress: bool = False,
+                 edge_images: np.ndarray | None = None, spacing=None) -> np.ndarray:
+        """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial).
+
+        ``edge_images`` (B, C, *spatial), normalised: real images whose edges join the edge hint (used only
+        by synthesizers trained with ``edge_hint``). ``spacing``: the acquisition-spacing tag (mm, nnU-Net
+        axis order), one (3,) for all maps or (B, 3); used only with ``tag_conditioning``; None = no tag.
+        """
         if self.device.type == "cpu":
             enable_fast_cpu_convolutions(self.model)
             enable_fast_cpu_convolutions(self.autoencoder)
@@ -119,8 +133,17 @@ class Synthesizer:
         target = padded_shape(spatial, self.config.divisor())
         padded, pads = pad_to(labels[:, None], target)
         lab_t = torch.from_numpy(np.ascontiguousarray(padded).astype(np.int64)).to(self.device)
+        img_t = None
+        if edge_images is not None:
+            img_t = torch.from_numpy(np.ascontiguousarray(pad_to(edge_images.astype(np.float32), target)[0]))
+            img_t = img_t.to(self.device)
+        spacing_t = None
+        if spacing is not None:
+            spacing_t = torch.from_numpy(np.broadcast_to(np.asarray(spacing, dtype=np.float32), (len(labels), 3)).copy())
+            spacing_t = spacing_t.to(self.device)
+        condition = self.condition(lab_t, img_t, spacing_t)
         with autocast(self.device, self.config.mixed_precision):
-            images = generate_images(self.autoencoder, self.model, self.scale_factor, lab_t, self.spec.num_classes,
+            images = generate_images(self.autoencoder, self.model, self.scale_factor, condition,
                                      self.config.autoencoder.latent_channels, self.config.latent_factor(),
                                      self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
                                      progress)

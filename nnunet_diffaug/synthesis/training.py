@@ -25,7 +25,8 @@ from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoenc
                                                   encode_mean)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
-from nnunet_diffaug.synthesis.image_generator import diffusion_target, one_hot
+from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
+from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
 from nnunet_diffaug.synthesis.label_training import train_label_generator
 from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
@@ -258,12 +259,19 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 
+    if model.tags is not None:  # spacing tags are read relative to the training cases' median
+        model.tags.set_reference_spacing(np.median([patches.data.acquisition_spacing(c)
+                                                    for c in patches.cases], axis=0).tolist())
+
     def step_fn(step: int) -> dict[str, float]:
         s = _step_seed(seed, "diffusion", step)
         gen = torch.Generator().manual_seed(s)
-        images, labels = patches.batch(np.random.default_rng(s), dcfg.batch_size)
+        rng = np.random.default_rng(s)
+        images, labels, case_ids = patches.batch_with_cases(rng, dcfg.batch_size)
+        images, labels = images.to(device), labels.to(device)
+        condition = _training_condition(syn, patches, images, labels, case_ids, rng).to(device)
         with autocast(device, cfg.mixed_precision):
-            z = encode_mean(ae, images.to(device)).float() * extra["scale_factor"]
+            z = encode_mean(ae, images).float() * extra["scale_factor"]
         noise = torch.randn(z.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
@@ -271,7 +279,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
             group["lr"] = learning_rate_at(step, dcfg.learning_rate, dcfg.steps, dcfg.lr_schedule, dcfg.warmup_steps)
         model.train()
         with autocast(device, cfg.mixed_precision):
-            pred = model(noisy, t, one_hot(labels.to(device), spec.num_classes))
+            pred = model(noisy, t, condition)
         loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
@@ -286,12 +294,26 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
     return syn, losses
 
 
+def _training_condition(syn: Synthesizer, patches: PatchSampler, images: torch.Tensor, labels: torch.Tensor,
+                        case_ids: list[str], rng: np.random.Generator) -> Condition:
+    """The condition of a training batch, with the configured dropouts: image edges and spacing tags are
+    left out for a random share of samples, so sampling works without them (generated label maps)."""
+    dcfg = syn.config.diffusion
+    use_image = torch.from_numpy(rng.random(len(case_ids)) >= dcfg.edge_image_dropout)
+    spatial = spatial_condition(labels, syn.spec.num_classes, dcfg.edge_hint, images, use_image)
+    spacing = None
+    if dcfg.tag_conditioning:
+        spacing = torch.tensor([patches.data.acquisition_spacing(c) for c in case_ids], dtype=torch.float32)
+        spacing[torch.from_numpy(rng.random(len(case_ids)) < dcfg.tag_dropout)] = float("nan")
+    return Condition(spatial, spacing)
+
+
 # ---------------------------------------------------------------------------------------------- montages
 
 @torch.no_grad()
 def _montages(stage: str, syn: Synthesizer, patches: PatchSampler, folder: Path, seed: int) -> None:
     n = syn.config.montage_cases
-    images, labels = patches.batch(np.random.default_rng([seed, 77]), n)
+    images, labels, case_ids = patches.batch_with_cases(np.random.default_rng([seed, 77]), n)
     real = images[:, 0].numpy()
     lab = labels[:, 0].numpy()
     vmin, vmax = float(syn.spec.intensity_min[0]), float(syn.spec.intensity_max[0])
@@ -300,7 +322,8 @@ def _montages(stage: str, syn: Synthesizer, patches: PatchSampler, folder: Path,
         rows = [("real", list(real)), ("reconstruction", list(recon[:, 0].cpu().numpy()))]
     else:
         gen = torch.Generator().manual_seed(seed)
-        fake = syn.generate(lab, syn.sampler(), gen)
+        spacing = [patches.data.acquisition_spacing(c) for c in case_ids]
+        fake = syn.generate(lab, syn.sampler(), gen, edge_images=images.numpy(), spacing=spacing)
         rows = [("real", list(real)), ("generated", list(fake[:, 0]))]
     save_montage(folder / f"{stage}_montage.png", rows, list(lab), syn.spec.num_classes,
                  f"{stage}: {syn.spec.dataset_name} {syn.spec.configuration} fold {syn.spec.fold}", vmin, vmax)
