@@ -100,13 +100,16 @@ def draw_subsets(cases: list[str], settings: BenchmarkSettings) -> tuple[list[st
         n_test = max(1, int(round(settings.test_fraction * len(cases))))
         test = sorted(np.random.default_rng(12345).choice(cases, n_test, replace=False).tolist())
     pool = [c for c in cases if c not in test]
-    folds = []
     for size in settings.train_sizes:
         n = len(pool) if size == "all" else int(size)
         if not 1 <= n <= len(pool):
             raise DiffAugError(f"Training-set size {size} is impossible: {len(pool)} real cases remain outside "
                                f"the {len(test)} held-out test cases.")
-        for seed in settings.seeds:
+    folds = []
+    # seed-major order: rerunning a finished benchmark with more seeds only appends folds, so nothing is retrained
+    for seed in settings.seeds:
+        for size in settings.train_sizes:
+            n = len(pool) if size == "all" else int(size)
             rng = np.random.default_rng([int(seed), n])
             subset = sorted(rng.choice(pool, n, replace=False).tolist())
             folds.append({"size": size, "n_train": n, "seed": int(seed), "train": subset, "val": test})
@@ -206,8 +209,11 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     test, folds = draw_subsets(cases, s)
     splits_file = pre / "splits_final.json"
     splits = [{"train": f["train"], "val": f["val"]} for f in folds]
-    if splits_file.is_file() and json.loads(splits_file.read_text()) != splits:
-        raise DiffAugError(f"{splits_file} holds different subsets (other settings?). Use a new workspace folder.")
+    if splits_file.is_file():
+        existing = json.loads(splits_file.read_text())
+        if existing != splits[:len(existing)]:  # a prefix is fine: the same benchmark with more seeds
+            raise DiffAugError(f"{splits_file} holds different subsets (other sizes, test set or seed order?). "
+                               f"Add seeds at the end of --seeds, or use a new workspace folder.")
     atomic_write_json(splits_file, splits)
     atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))
 

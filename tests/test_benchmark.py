@@ -20,9 +20,13 @@ def test_subsets_are_fixed_disjoint_from_the_test_set_and_nested_by_seed():
     test, folds = draw_subsets(cases, s)
     assert len(test) == 3 and all(f["val"] == test for f in folds)
     assert all(not set(f["train"]) & set(test) for f in folds)
-    assert [f["n_train"] for f in folds] == [2, 2, 5, 5, 9, 9]
-    assert folds[0]["train"] != folds[1]["train"]  # seeds draw different subsets
+    assert [(f["seed"], f["n_train"]) for f in folds] == [(0, 2), (0, 5), (0, 9), (1, 2), (1, 5), (1, 9)]
+    assert folds[0]["train"] != folds[3]["train"]  # seeds draw different subsets
     assert draw_subsets(cases, s) == (test, folds)  # and always the same ones
+    # more seeds later: the finished folds keep their index and subset (nothing is retrained)
+    _, more = draw_subsets(cases, BenchmarkSettings(dataset="X", train_sizes=(2, 5, "all"), seeds=(0, 1, 2),
+                                                    test_fraction=0.25))
+    assert more[:len(folds)] == folds and len(more) == 9
 
 
 def test_paired_difference_and_test_across_seeds():
