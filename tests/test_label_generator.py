@@ -238,3 +238,29 @@ def test_3d_label_generator_trains_and_both_new_modes_write_3d_cases(root):
     source = json.loads((aligned / "diffaug_cases" / "synth_00000.json").read_text())["source_case"]
     real = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "raw" / EXAMPLE_NAME / "labelsTr" / f"{source}.nii.gz")))
     assert np.array_equal(_label_array(aligned, "synth_00000"), real)
+
+
+def test_label_stages_stopped_mid_stage_resume_to_the_same_result(root):
+    """Stopped inside the label autoencoder (checkpoint at step 15 of 20), rerun, the label stages end exactly
+    as an uninterrupted run does: same loss history, same weights (every step seeds its own randomness)."""
+    from nnunet_diffaug.synthesis.training import train_synthesizer
+    config = load_config("tiny")
+    config = dataclasses.replace(
+        config, checkpoint_every=5, montage_cases=1,
+        autoencoder=dataclasses.replace(config.autoencoder, steps=5),
+        diffusion=dataclasses.replace(config.diffusion, steps=5, scale_factor_batches=1),
+        label_generator=dataclasses.replace(config.label_generator, enabled=True, autoencoder_steps=20, steps=10,
+                                            scale_factor_batches=1, sampling_steps=3))
+    args = dict(dataset=EXAMPLE_ID, configuration="2d", fold=1, config=config, device="cpu", progress=False)
+    folder = train_synthesizer(**args, stop_after=15)
+    assert not (folder / "label_autoencoder.safetensors").exists()
+    assert read_state(folder / "label_autoencoder_checkpoint.safetensors")["step"] == 15
+    train_synthesizer(**args)
+    assert "label_autoencoder: resuming from step 15 of 20" in (folder / "training_log.txt").read_text()
+    resumed = {s: (folder / f"{s}.safetensors").read_bytes() for s in ("label_autoencoder", "label_diffusion")}
+    resumed_losses = {s: read_state(folder / f"{s}.safetensors")["losses"] for s in resumed}
+
+    train_synthesizer(**args, overwrite=True)  # the same run, uninterrupted
+    for stage in resumed:
+        assert read_state(folder / f"{stage}.safetensors")["losses"] == resumed_losses[stage]
+        assert (folder / f"{stage}.safetensors").read_bytes() == resumed[stage]

@@ -30,6 +30,9 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
     return int(np.random.SeedSequence([seed, 10 + LABEL_STAGES.index(stage), step]).generate_state(1)[0])
 
 
+INIT_STEP = 2**31 - 1  # a step no training step uses: it seeds weight initialisation
+
+
 class LabelMapSampler:
     """The fold's training label maps (3D volumes or 2D slices), cropped/padded to the canvas.
 
@@ -82,6 +85,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
     from nnunet_diffaug.synthesis.training import _run_stage, learning_rate_at  # the image stages' loop
     lg = cfg.label_generator
     maps = LabelMapSampler(data, spec, cfg)
+    # initial weights must not depend on what ran before in this process (a resumed run skips finished stages)
+    torch.manual_seed(_step_seed(seed, "label_autoencoder", INIT_STEP))
     gen = LabelGenerator(lg, spec.spatial_dims, spec.num_classes, device)
     n_mont = min(cfg.montage_cases, 8)
     title = f"{spec.dataset_name} {spec.configuration} fold {spec.fold}"

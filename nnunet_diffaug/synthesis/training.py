@@ -41,6 +41,11 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
     return int(np.random.SeedSequence([seed, _STAGE_INDEX[stage], step]).generate_state(1)[0])
 
 
+def _seed_initialisation(seed: int, stage: str) -> None:
+    """Initial weights must not depend on what ran before in this process (a resumed run skips finished stages)."""
+    torch.manual_seed(_step_seed(seed, stage, 2**31 - 1))  # a step index no training step uses
+
+
 class _Log:
     """Appends to training_log.txt; echoes to the console when verbose."""
 
@@ -190,6 +195,7 @@ def _seed_everything(seed: int) -> torch.Generator:
 def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, folder: Path,
                        device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
     acfg = cfg.autoencoder
+    _seed_initialisation(seed, "autoencoder")
     ae = build_autoencoder(acfg, spec.spatial_dims, spec.in_channels).to(device)
     disc = build_discriminator(acfg, spec.spatial_dims, spec.in_channels)
     modules = {"autoencoder": ae}
@@ -245,6 +251,7 @@ def estimate_scale_factor(ae: nn.Module, patches: PatchSampler, n_batches: int, 
 def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
                      device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
     dcfg = cfg.diffusion
+    _seed_initialisation(seed, "diffusion")
     syn = Synthesizer(cfg, spec, device)
     syn.autoencoder = ae
     model, scheduler = syn.model, syn.train_scheduler
