@@ -187,6 +187,21 @@ def read_json(path: str | os.PathLike, if_missing: str = ""):
         raise DiffAugError(f"{path} is not a text (JSON) file.") from None
 
 
+def read_fold(preprocessed_dataset_folder: str | os.PathLike, fold: int) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of ``fold``, sorted, from nnU-Net's splits_final.json."""
+    path = Path(preprocessed_dataset_folder) / "splits_final.json"
+    splits = read_json(path, "the fold's cases are unknown. Run nnUNetv2_train once (it writes the split) or write "
+                             "splits_final.json yourself (a list of {'train': [...], 'val': [...]} per fold).")
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s for s in splits):
+        raise DiffAugError(f"{path}: expected a list of {{'train': [...], 'val': [...]}} objects.")
+    if not 0 <= fold < len(splits):
+        raise DiffAugError(f"{path} defines folds 0..{len(splits) - 1}; fold {fold} does not exist.")
+    train, val = sorted(splits[fold]["train"]), sorted(splits[fold].get("val", []))
+    if not train:
+        raise DiffAugError(f"{path}: fold {fold} has no training cases.")
+    return train, val
+
+
 def load_dataset_json(dataset_folder: str | os.PathLike) -> dict:
     """Loads and checks dataset.json of a raw dataset, with an error naming the file and the problem."""
     path = Path(dataset_folder) / "dataset.json"

@@ -10,7 +10,6 @@ class, so the generator learns to paint the zero background there.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.rawdata import read_fold, read_json
 
 OUTSIDE_LABEL = -1   # nnU-Net's marker for voxels outside the nonzero mask
 
@@ -54,15 +54,6 @@ class DataSpec:
         return cls(**{k: obj[k] for k in names})
 
 
-def _read_json(path: Path, what: str) -> dict | list:
-    if not path.is_file():
-        raise DiffAugError(what)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffAugError(f"{path} is not valid JSON: {e}") from None
-
-
 class FoldData:
     """The preprocessed training cases of one fold, read lazily (blosc2 slices only what a crop needs)."""
 
@@ -75,8 +66,8 @@ class FoldData:
         self.plans_identifier = plans_identifier
         self.folder = paths.nnunet_preprocessed() / self.dataset_name
         plans_file = self.folder / f"{plans_identifier}.json"
-        plans = _read_json(plans_file, f"{plans_file} does not exist. Run nnUNetv2_plan_and_preprocess -d "
-                                       f"{self.dataset_name} -c {configuration} first (or pass the right -plans).")
+        plans = read_json(plans_file, f"run nnUNetv2_plan_and_preprocess -d {self.dataset_name} -c {configuration} "
+                                      f"first (or pass the right -plans).")
         self.plans_manager = PlansManager(plans)
         if configuration not in self.plans_manager.available_configurations:
             raise DiffAugError(f"{plans_file} has no configuration {configuration!r}; available: "
@@ -87,8 +78,7 @@ class FoldData:
                                f"synthesizer on {self.cm.previous_stage_name!r} or 3d_fullres instead.")
         self.spatial_dims = len(self.cm.patch_size)
         self.data_folder = self.folder / self.cm.data_identifier
-        self.dataset_json = _read_json(self.folder / "dataset.json",
-                                       f"{self.folder / 'dataset.json'} does not exist: rerun nnUNetv2_plan_and_preprocess.")
+        self.dataset_json = read_json(self.folder / "dataset.json", "rerun nnUNetv2_plan_and_preprocess.")
         labels = self.dataset_json["labels"]
         if any(isinstance(v, (list, tuple)) for v in labels.values()):
             raise DiffAugError(f"{self.folder / 'dataset.json'}: region-based labels are not supported.")
@@ -103,17 +93,7 @@ class FoldData:
 
     # ------------------------------------------------------------------ fold and cases
     def _training_cases(self) -> list[str]:
-        splits_file = self.folder / "splits_final.json"
-        splits = _read_json(splits_file, f"{splits_file} does not exist: the fold's training cases are unknown. "
-                                         f"Run nnUNetv2_train once (it writes the split) or write splits_final.json "
-                                         f"yourself (a list of {{'train': [...], 'val': [...]}} per fold).")
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s for s in splits):
-            raise DiffAugError(f"{splits_file}: expected a list of {{'train': [...], 'val': [...]}} objects.")
-        if not 0 <= self.fold < len(splits):
-            raise DiffAugError(f"{splits_file} defines folds 0..{len(splits) - 1}; fold {self.fold} does not exist.")
-        cases = sorted(splits[self.fold]["train"])
-        if not cases:
-            raise DiffAugError(f"{splits_file}: fold {self.fold} has no training cases.")
+        cases = read_fold(self.folder, self.fold)[0]
         if not self.data_folder.is_dir():
             raise DiffAugError(f"{self.data_folder} does not exist: run nnUNetv2_plan_and_preprocess -d "
                                f"{self.dataset_name} -c {self.configuration} first.")
