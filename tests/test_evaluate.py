@@ -3,7 +3,8 @@
 Synthetic sets used as probes (all for fold 0 of the example, in a private copy of it):
 - stand-in: deformed real training cases (images follow their labels)
 - noise: the same label maps with noise images
-- copy: one exact copy of a training case among noise cases (memorisation must flag it)
+- copy: an exact and a rescaled copy of training cases, a training label map painted with new texture, and
+  a noise case (memorisation must flag the copies only)
 """
 import json
 import shutil
@@ -43,15 +44,35 @@ def _write_set(raw, dataset_id, fold, training_cases, cases):
     return folder
 
 
+def _real_arrays(raw, source):
+    """(image, label) arrays of a real case."""
+    def read(sub, name):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / sub / name)))
+    return read("imagesTr", f"{source}_0000.nii.gz"), read("labelsTr", f"{source}.nii.gz")
+
+
 def _noise_like(raw, source, rng):
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")))
+    ref = _real_arrays(raw, source)[0]
     return rng.normal(ref.mean(), ref.std(), size=ref.shape)
 
 
 def _rescaled_copy(raw, source, rng):
     """A training case with its intensities scaled and noise added: still a copy of its anatomy."""
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")))
+    ref = _real_arrays(raw, source)[0]
     return ref * 1.05 + rng.normal(0, 20, size=ref.shape)
+
+
+def _painted(raw, source, rng):
+    """A training case's label map painted anew: each class its real mean and spread, new texture.
+
+    What a synthesizer does with --labels real-aligned: the anatomy is reused by design, the image is not copied.
+    """
+    ref, label = _real_arrays(raw, source)
+    out = np.empty(ref.shape)
+    for c in np.unique(label):
+        inside = label == c
+        out[inside] = rng.normal(ref[inside].mean(), ref[inside].std(), size=int(inside.sum()))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +96,9 @@ def _judge(root, splits):
         "noise": _write_set(raw, 922, 0, train, [(f"noise_{i}", _noise_like(raw, c, rng), c)
                                                  for i, c in enumerate(train)]),
         "copy": _write_set(raw, 923, 0, train, [("copy_0", None, train[0]),
-                                                ("rescaled_1", _rescaled_copy(raw, train[1], rng), train[1])] +
-                           [(f"noise_{i}", _noise_like(raw, c, rng), c) for i, c in enumerate(train[2:])]),
+                                                ("rescaled_1", _rescaled_copy(raw, train[1], rng), train[1]),
+                                                ("painted_2", _painted(raw, train[2], rng), train[2]),
+                                                ("noise_3", _noise_like(raw, train[3], rng), train[3])]),
     }
     yield root, splits, sets
 
@@ -129,7 +151,7 @@ def test_fréchet_distance_of_a_set_with_itself_is_zero(judge):
     assert frechet_distance(z(train), z(val)) > 100 * frechet_distance(z(val), z(val)) + 1e-3
 
 
-def test_copies_of_training_cases_are_flagged_and_noise_is_not(results, judge):
+def test_copies_of_training_cases_are_flagged_and_painted_label_maps_and_noise_are_not(results, judge):
     _, splits, _ = judge
     train = splits[0]["train"]
     memo = results["copy"]["memorisation"]
@@ -139,10 +161,34 @@ def test_copies_of_training_cases_are_flagged_and_noise_is_not(results, judge):
     assert cases["copy_0"]["memorisation_distance"] < 1e-4
     # a global intensity change and voxel noise do not hide a copy
     assert cases["rescaled_1"]["memorisation_nearest_training_case"] == train[1]
+    # a training label map with new texture: close in image distance (the image distance alone would flag it),
+    # but not in texture distance: reused anatomy, not a copy
+    painted = cases["painted_2"]
+    assert painted["memorisation_nearest_training_case"] == train[2]
+    assert painted["memorisation_distance"] < memo["threshold_from_real"]
+    assert painted["memorisation_texture_distance"] > memo["texture_threshold_from_real"]
+    assert memo["reused_anatomy"] == ["painted_2"]
     assert results["noise"]["memorisation"]["flagged"] == []
     # warped training cases lie closer to the training cases than real cases lie to each other
     stand_in = results["stand_in"]["memorisation"]
     assert stand_in["synthetic_nearest_median"] < stand_in["real_nearest_median"]
+
+
+def test_texture_distance_is_the_correlation_of_what_the_label_map_does_not_explain():
+    from nnunet_diffaug.evaluation.memorisation import ncc_distances, texture_distances
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(5, 200))
+    fractions = np.stack([np.stack([lab == k for k in range(3)]) for lab in labels]).astype(float)
+    b = rng.normal(size=(5, 2, 200)) + 5 * fractions[:, :1]
+    a = np.concatenate([b[2:3] * 1.1, rng.normal(size=(3, 2, 200))])
+    expected = np.empty((4, 5))
+    for j in range(5):  # brute force: residuals of a least-squares fit on the class indicators and a constant
+        design = np.concatenate([fractions[j], np.ones((1, 200))]).T
+        projection = design @ np.linalg.pinv(design)
+        ra, rb = [(x - x @ projection).reshape(len(x), -1) for x in (a, b[j:j + 1])]
+        expected[:, j] = ncc_distances(ra, rb)[:, 0]
+    assert texture_distances(a, b, fractions, chunk=2) == pytest.approx(expected, abs=1e-9)
+    assert expected[0, 2] == pytest.approx(0.0, abs=1e-9)  # a rescaled copy shares its texture
 
 
 def test_label_statistics_compare_distributions(results):

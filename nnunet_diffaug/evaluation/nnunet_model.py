@@ -20,6 +20,7 @@ class PreprocessedCase:
     data: np.ndarray          # (channels, *spatial) in nnU-Net's preprocessed space (target spacing, normalised)
     properties: dict          # nnU-Net's properties, needed to export a prediction back to raw geometry
     label_file: str
+    seg: np.ndarray           # (1, *spatial) the case's label map on the same grid as ``data``
 
 
 class TrainedModel:
@@ -52,9 +53,12 @@ class TrainedModel:
 
     def preprocess(self, case_id: str, case: dict) -> PreprocessedCase:
         p = self.predictor
-        data, _, props = self.preprocessor.run_case(case["images"], None, p.plans_manager, p.configuration_manager,
-                                                    p.dataset_json)
-        return PreprocessedCase(case_id, np.asarray(data, dtype=np.float32), props, case["label"])
+        data, seg, props = self.preprocessor.run_case(case["images"], case["label"], p.plans_manager,
+                                                      p.configuration_manager, p.dataset_json)
+        props.pop("class_locations", None)  # sampled for training only; can be large
+        # -1 marks background outside nnU-Net's nonzero crop mask
+        return PreprocessedCase(case_id, np.asarray(data, dtype=np.float32), props, case["label"],
+                                np.maximum(np.asarray(seg), 0))
 
     def segment(self, case: PreprocessedCase, output_file_truncated: Path) -> Path:
         """nnU-Net's prediction of one preprocessed case, exported in raw geometry; returns the file."""

@@ -38,6 +38,10 @@ def _f(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _nearest_list(r: dict, cases: list[str]) -> str:
+    return ", ".join(f"{c} (~{r['per_synthetic_case'][c]['memorisation_nearest_training_case']})" for c in cases)
+
+
 def render_markdown(r: dict) -> str:
     fid, rea, div, lab, mem = (r["label_fidelity"], r["realism"], r["diversity"], r["label_statistics"],
                                r["memorisation"])
@@ -67,12 +71,19 @@ def render_markdown(r: dict) -> str:
         f"{_f(lab['mean_components_w1_training_vs_validation'], 2)} (training) | synthetic close to real |",
         f"| memorisation: median distance to the nearest training case | {_f(mem['synthetic_nearest_median'])} | "
         f"{_f(mem['real_nearest_median'])} (training to training) | synthetic not far below real |",
+        f"| memorisation: median texture distance (label map's class means removed) to the nearest training case | "
+        f"{_f(mem['synthetic_texture_nearest_median'])} | {_f(mem['real_texture_nearest_median'])} (training to "
+        f"training) | synthetic not far below real |",
         "",
         f"**Near-copies flagged: {len(mem['flagged'])}** "
-        f"(distance below {_f(mem['threshold_from_real'], 4)}, the {mem['threshold_percentile']:g}th percentile of "
-        f"real-to-real nearest distances, or below {mem['threshold_absolute']:g})"
-        + (": " + ", ".join(f"{c} (~{r['per_synthetic_case'][c]['memorisation_nearest_training_case']})"
-                            for c in mem["flagged"]) if mem["flagged"] else "."),
+        f"(image distance below {_f(mem['threshold_from_real'], 4)} and texture distance below "
+        f"{_f(mem['texture_threshold_from_real'], 4)}, the {mem['threshold_percentile']:g}th percentiles of "
+        f"real-to-real nearest distances; a distance below {mem['threshold_absolute']:g} always counts as close)"
+        + (": " + _nearest_list(r, mem["flagged"]) if mem["flagged"] else "."),
+        "",
+        f"Reused anatomy (close in image distance only: a training case's label map with new texture): "
+        f"{len(mem['reused_anatomy'])}" + (": " + _nearest_list(r, mem["reused_anatomy"]) if mem["reused_anatomy"]
+                                           else "."),
         "",
         "## Label fidelity per class",
         "",

@@ -74,14 +74,26 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
             "test_time_mirroring": s.use_mirroring}, per_case, predictions
 
 
-def _unit_items(model: TrainedModel, pre: dict) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """(case id, item) per set on one grid in [0, 1]: what diversity and memorisation compare."""
-    items = {k: [(cid, it) for cid, c in pre[k].items() for it in grid.items_of(c.data, model.spatial_dims)]
-             for k in SETS}
-    ranges = grid.intensity_range([it for k in ("training", "validation") for _, it in items[k]])
-    shape = grid.common_shape([it for k in SETS for _, it in items[k]])
-    return {k: [(cid, grid.to_shape(grid.to_unit_range(it, ranges), shape)) for cid, it in v]
-            for k, v in items.items()}
+def _unit_items(model: TrainedModel, pre: dict) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """(case id, image item in [0, 1], label item) per set on one grid: what diversity and memorisation compare."""
+    def items_of(c):
+        return zip(grid.items_of(c.data, model.spatial_dims), grid.items_of(c.seg, model.spatial_dims))
+    items = {k: [(cid, it, lab) for cid, c in pre[k].items() for it, lab in items_of(c)] for k in SETS}
+    ranges = grid.intensity_range([it for k in ("training", "validation") for _, it, _ in items[k]])
+    shape = grid.common_shape([it for k in SETS for _, it, _ in items[k]])
+    return {k: [(cid, grid.to_shape(grid.to_unit_range(it, ranges), shape), grid.to_shape(lab, shape))
+                for cid, it, lab in v] for k, v in items.items()}
+
+
+def _memorisation(items: dict, classes: list[int], s: Settings) -> dict:
+    """Synthetic items against the training items (the only cases a generator can have copied)."""
+    synthetic, training = items["synthetic"], items["training"]
+    return memorisation.memorisation_report(
+        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it, _) in enumerate(synthetic)},
+        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it, _) in enumerate(training)},
+        {f"{cid}#{i}": memorisation.coarse_fractions(lab, [0] + classes) for i, (cid, _, lab) in enumerate(training)},
+        [cid for cid, _, _ in synthetic], [cid for cid, _, _ in training],
+        s.memorisation_percentile, s.memorisation_absolute)
 
 
 def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
@@ -108,17 +120,12 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
 
     items = _unit_items(model, pre)
     ssim_settings = diversity.choose_settings(items["synthetic"][0][1].shape[1:])
-    div = {k: diversity.pairwise_ms_ssim([it for _, it in items[k]], [cid for cid, _ in items[k]], ssim_settings,
-                                         s.max_ssim_pairs, desc=f"MS-SSIM ({k})") for k in SETS}
+    div = {k: diversity.pairwise_ms_ssim([it for _, it, _ in items[k]], [cid for cid, _, _ in items[k]],
+                                         ssim_settings, s.max_ssim_pairs, desc=f"MS-SSIM ({k})") for k in SETS}
     div["settings"] = ssim_settings.as_dict()
 
-    memo = memorisation.memorisation_report(
-        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it) in enumerate(items["synthetic"])},
-        {f"{cid}#{i}": memorisation.coarse(it) for i, (cid, it) in enumerate(items["training"])},
-        [cid for cid, _ in items["synthetic"]], [cid for cid, _ in items["training"]],
-        s.memorisation_percentile, s.memorisation_absolute)
-
     classes = model.foreground_labels
+    memo = _memorisation(items, classes, s)
     stats = {k: [label_stats.case_label_stats(label_stats.read_label(c["label"]), classes) for c in sets[k].values()]
              for k in SETS}
     lab = label_stats.label_stats_report(stats, classes)
@@ -152,10 +159,12 @@ def _memorisation_notes(per_case: dict) -> list[str]:
     if not with_source:
         return []
     same = sum(per_case[c]["memorisation_nearest_training_case"] == per_case[c]["source_case"] for c in with_source)
+    reused = sum(per_case[c]["memorisation_reused_anatomy"] for c in with_source)
     return [f"{len(with_source)} synthetic case(s) record a real source case (their label map was made from a "
             f"training case), and for {same} of them that case is also the nearest training image. Anatomy reused "
-            f"from a training label map is by design in that mode and shows as a small distance; a copied image "
-            f"shows as a distance near 0."]
+            f"from a training label map is by design in that mode and makes the image distance small, so a case is "
+            f"flagged as a near-copy only when its texture distance (what the label map does not explain) is small "
+            f"too. Reused anatomy (close in image distance only, not flagged): {reused} of them."]
 
 
 def _montage_rows(inputs: EvaluationInputs, predictions: dict, n: int) -> list[dict]:
