@@ -5,6 +5,7 @@ Synthetic sets used as probes (all for fold 0 of the example, in a private copy 
 - noise: the same label maps with noise images
 - copy: an exact and a rescaled copy of training cases, a training label map painted with new texture, and
   a noise case (memorisation must flag the copies only)
+and two sets written by diffaug_synthesize: a briefly trained 3D synthesizer and an untrained one.
 """
 import json
 import shutil
@@ -212,6 +213,53 @@ def test_diversity_of_noise_is_high_and_identical_images_have_ms_ssim_one(result
     smooth = (smooth / smooth.max()).astype(np.float32)
     same = pairwise_ms_ssim([smooth] * 3, settings=choose_settings(smooth.shape[1:]))
     assert same["mean"] == pytest.approx(1.0, abs=1e-4) and same["pairs"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# a real synthesizer: trained vs untrained, judged by the same evaluation
+# ------------------------------------------------------------------------------------------------
+
+# the tiny preset cut to 30 + 20 steps: its images already follow the label maps about as well as after the
+# preset's 300 + 400 (measured, soft-tissue Dice of the judge: 0.75-0.76 here, 0.82 after 300 + 400, 0.81 on the
+# real validation cases)
+BRIEFLY_TRAINED = {"base": "tiny", "autoencoder": {"steps": 30},
+                   "diffusion": {"steps": 20, "scale_factor_batches": 2}, "checkpoint_every": 30, "montage_cases": 2}
+# one step per stage (the diffusion step at 1/20 of the learning rate, in its warm-up): initial weights, in effect
+UNTRAINED = {"base": "tiny", "autoencoder": {"steps": 1}, "diffusion": {"steps": 1, "scale_factor_batches": 1},
+             "montage_cases": 2}
+
+
+def _synthesize_with(config: dict, output_id: int, root, tmp_path):
+    """Trains fold 0's 3D synthesizer with ``config`` (replacing the fold's earlier one) and writes 4 cases."""
+    path = tmp_path / f"synthesizer_{output_id}.json"
+    path.write_text(json.dumps(config))
+    common = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-device", "cpu", "--seed", "0"]
+    cli.train_synthesizer_entry(common + ["-p", str(path), "--overwrite"])
+    cli.synthesize_entry(common + ["-n", "4", "-o", str(output_id), "--sampler", "ddim", "--steps", "5"])
+    return root / "raw" / f"Dataset{output_id}_ChestCTSlabsSynthF0"
+
+
+def test_a_trained_synthesizer_has_higher_label_fidelity_than_an_untrained_one(judge, tmp_path):
+    root = judge[0]
+    reports = {}
+    for name, config, output_id in (("untrained", UNTRAINED, 941), ("trained", BRIEFLY_TRAINED, 942)):
+        folder = _synthesize_with(config, output_id, root, tmp_path)
+        inputs = resolve_inputs(EXAMPLE_NAME, 0, synthetic=str(folder), trainer=TRAINER, plans=PLANS,
+                                configuration=CONFIG)
+        reports[name] = evaluate(inputs, tmp_path / name, FAST)
+    fidelity = {k: r["label_fidelity"] for k, r in reports.items()}
+    dice = {k: v["synthetic"]["foreground_mean_dice"] for k, v in fidelity.items()}
+    real = fidelity["trained"]["validation"]["foreground_mean_dice"]
+    frechet = {k: r["realism"]["frechet_synthetic_vs_validation"] for k, r in reports.items()}
+    print("label fidelity (foreground mean Dice):", dice, "judge on real validation cases:", real,
+          "per class:", {k: v["synthetic"]["mean_dice_per_class"] for k, v in fidelity.items()},
+          "Fréchet distance to the validation cases:", frechet)
+    # measured over synthesizer seeds 0-3 on 2 cores (the tiny judge reads only soft tissue: 0.81 on real cases,
+    # 0 on the other classes): trained 0.150-0.152, untrained 0.028-0.064, real validation 0.162
+    assert dice["trained"] > dice["untrained"] + 0.25 * real
+    assert dice["trained"] > 0.75 * real
+    # realism agrees (measured: trained 20-23, untrained 77-148, training vs validation cases 11.7)
+    assert frechet["trained"] < 0.5 * frechet["untrained"]
 
 
 # ------------------------------------------------------------------------------------------------
