@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_diffaug import paths
+from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, check_no_validation_leak, read_json,
                                     check_synthetic_matches_real, find_synthetic_datasets, list_cases,
@@ -39,17 +39,11 @@ class EvaluationInputs:
 
 
 def read_fold(dataset_name: str, fold: int) -> tuple[list[str], list[str]]:
-    """(training, validation) case ids of ``fold`` from nnU-Net's splits_final.json."""
-    path = paths.nnunet_preprocessed() / dataset_name / "splits_final.json"
-    splits = read_json(path, f"train an nnU-Net model on {dataset_name} first (nnUNetv2_train writes the "
-                             f"splits), or write the file yourself.")
-    if not isinstance(splits, list) or not 0 <= fold < len(splits):
-        raise DiffAugError(f"{path} has {len(splits) if isinstance(splits, list) else 'no'} folds; fold {fold} "
-                           f"does not exist.")
-    train, val = sorted(splits[fold].get("train", [])), sorted(splits[fold].get("val", []))
-    if not train or not val:
-        raise DiffAugError(f"{path}: fold {fold} needs both training and validation cases "
-                           f"(found {len(train)} and {len(val)}).")
+    """(training, validation) case ids of ``fold`` from nnU-Net's splits_final.json; both must be non-empty."""
+    train, val = rawdata.read_fold(paths.nnunet_preprocessed() / dataset_name, fold)
+    if not val:
+        raise DiffAugError(f"splits_final.json of {dataset_name}: fold {fold} has no validation cases, and they are "
+                           f"the held-out real reference of every metric.")
     return train, val
 
 
