@@ -216,10 +216,11 @@ def evaluate_entry(argv=None):
                         "Dice values are made the same way)")
     p.add_argument("--max-tiles", type=int, default=16, help="encoder-feature tiles per case for the Fréchet distance")
     p.add_argument("--memorisation-percentile", type=float, default=5.0,
-                   help="flag a synthetic case closer to a training case than this percentile of real-to-real "
-                        "nearest distances")
+                   help="a synthetic case counts as close to a training case when its distance is below this "
+                        "percentile of real-to-real nearest distances; close in image AND texture distance = "
+                        "flagged as a near-copy, close in image distance only = reused anatomy")
     p.add_argument("--memorisation-threshold", type=float, default=0.01,
-                   help="also flag any synthetic case whose distance (1 - NCC) to a training case is below this")
+                   help="a distance (1 - NCC) below this also counts as close, whatever the percentile says")
     args = p.parse_args(argv)
     if args.max_cases is not None and args.max_cases < 2:
         raise DiffAugError(f"--max-cases {args.max_cases}: at least 2 cases per set are needed for pairwise metrics.")
