@@ -176,12 +176,13 @@ def demo_entry(argv=None):
     p.add_argument("--epochs", type=int, default=80, help="nnU-Net epochs per arm")
     p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     p.add_argument("--n-synthetic", type=int, default=16, help="synthetic cases to generate")
+    p.add_argument("--synthesizer-preset", default="tiny", help="synthesizer preset or config JSON file")
     p.add_argument("--verbose", action="store_true", help="show the output of every step")
     args = p.parse_args(argv)
     ensure_trainer_discoverable()
     from nnunet_diffaug.demo import run_demo
     run_demo(args.o, device=args.device or _default_device(), epochs=args.epochs, iterations=args.iterations,
-             n_synthetic=args.n_synthetic, verbose=args.verbose)
+             n_synthetic=args.n_synthetic, verbose=args.verbose, synthesizer_preset=args.synthesizer_preset)
 
 
 @_friendly_errors

@@ -25,7 +25,7 @@ DEMO_PLANS = "nnUNetPlansDiffAugDemo"
 
 
 def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, iterations: int = 25,
-             n_synthetic: int = 16, verbose: bool = False) -> dict:
+             n_synthetic: int = 16, verbose: bool = False, synthesizer_preset: str = "tiny") -> dict:
     from nnunet_diffaug.example_data import build_example_dataset
     workdir = Path(workdir).resolve()
     nnunet = workdir / "nnunet"
@@ -62,7 +62,7 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     settings = BenchmarkSettings(
         dataset=dataset, configuration="3d_fullres", plans=plans_identifier, train_sizes=("all",),
         seeds=(0,), test_fraction=0.375, epochs=epochs, iterations=iterations, val_iterations=2,
-        n_synthetic=n_synthetic, device=device)
+        n_synthetic=n_synthetic, device=device, synthesizer_preset=synthesizer_preset)
     results = run_benchmark(settings, workdir / "benchmark", verbose=verbose)
     print()
     print(format_table(results))
