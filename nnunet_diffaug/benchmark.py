@@ -211,9 +211,12 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     splits = [{"train": f["train"], "val": f["val"]} for f in folds]
     if splits_file.is_file():
         existing = json.loads(splits_file.read_text())
-        if existing != splits[:len(existing)]:  # a prefix is fine: the same benchmark with more seeds
+        shared = min(len(existing), len(splits))
+        # one a prefix of the other is the same benchmark with more (or, to report, fewer leading) seeds
+        if existing[:shared] != splits[:shared]:
             raise DiffAugError(f"{splits_file} holds different subsets (other sizes, test set or seed order?). "
                                f"Add seeds at the end of --seeds, or use a new workspace folder.")
+        splits = max(existing, splits, key=len)  # never drop folds another run may be training
     atomic_write_json(splits_file, splits)
     atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))
 
