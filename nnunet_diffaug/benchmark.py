@@ -100,16 +100,15 @@ def draw_subsets(cases: list[str], settings: BenchmarkSettings) -> tuple[list[st
         n_test = max(1, int(round(settings.test_fraction * len(cases))))
         test = sorted(np.random.default_rng(12345).choice(cases, n_test, replace=False).tolist())
     pool = [c for c in cases if c not in test]
-    for size in settings.train_sizes:
-        n = len(pool) if size == "all" else int(size)
+    sizes = [(size, len(pool) if size == "all" else int(size)) for size in settings.train_sizes]
+    for size, n in sizes:
         if not 1 <= n <= len(pool):
             raise DiffAugError(f"Training-set size {size} is impossible: {len(pool)} real cases remain outside "
                                f"the {len(test)} held-out test cases.")
     folds = []
     # seed-major order: rerunning a finished benchmark with more seeds only appends folds, so nothing is retrained
     for seed in settings.seeds:
-        for size in settings.train_sizes:
-            n = len(pool) if size == "all" else int(size)
+        for size, n in sizes:
             rng = np.random.default_rng([int(seed), n])
             subset = sorted(rng.choice(pool, n, replace=False).tolist())
             folds.append({"size": size, "n_train": n, "seed": int(seed), "train": subset, "val": test})

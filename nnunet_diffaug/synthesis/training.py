@@ -28,7 +28,7 @@ from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_
 from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
-from nnunet_diffaug.synthesis.label_training import train_label_generator
+from nnunet_diffaug.synthesis.label_training import INIT_STEP, train_label_generator
 from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
 from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
@@ -43,7 +43,7 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
 
 def _seed_initialisation(seed: int, stage: str) -> None:
     """Initial weights must not depend on what ran before in this process (a resumed run skips finished stages)."""
-    torch.manual_seed(_step_seed(seed, stage, 2**31 - 1))  # a step index no training step uses
+    torch.manual_seed(_step_seed(seed, stage, INIT_STEP))
 
 
 class _Log:
