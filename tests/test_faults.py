@@ -11,7 +11,8 @@ import pytest
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import folder_lock, load_dataset_json
-from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, _CASE_FILE_SUFFIXES, preprocess_synthetic_cases
+from nnunet_diffaug.trainers.preprocess import (_CASE_FILE_SUFFIXES, marked_cases,
+                                                preprocess_synthetic_cases)
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, nnunet_env, private_copy_of_example
 
 _PREPROCESS_SCRIPT = """
@@ -24,7 +25,7 @@ preprocess_synthetic_cases(synth, load_dataset_json(real), json.load(open(plans)
 
 
 def _visible_cases_are_complete(folder):
-    markers = [p.name[: -len(MARKER_SUFFIX)] for p in folder.glob(f"*{MARKER_SUFFIX}")]
+    markers = marked_cases(folder)
     for case in markers:
         assert all((folder / f"{case}{s}").is_file() for s in _CASE_FILE_SUFFIXES), case
     return sorted(markers)
@@ -45,7 +46,7 @@ def test_sigkill_during_preprocessing_leaves_only_complete_cases_and_rerun_finis
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if out.is_dir() and len(list(out.glob(f"*{MARKER_SUFFIX}"))) >= delay_cases:
+            if out.is_dir() and len(marked_cases(out)) >= delay_cases:
                 break
             time.sleep(0.01)
         if proc.poll() is None:
@@ -135,3 +136,12 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
     assert not [p for p in folder.iterdir() if p.name.startswith(".partial-")]
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 20
     verify_dataset_integrity(str(folder), num_processes=1)
+
+
+def test_a_marker_still_being_written_is_not_a_case(tmp_path):
+    # the atomic write of a marker first creates a hidden temporary of the same suffix; a reader that
+    # took it for a case would call it complete, or delete a live writer's file as a "vanished" case
+    from nnunet_diffaug.rawdata import temporary_name
+    (tmp_path / temporary_name("synth_00000.diffaug.json")).write_text("{}")
+    (tmp_path / "synth_00001.diffaug.json").write_text("{}")
+    assert marked_cases(tmp_path) == ["synth_00001"]

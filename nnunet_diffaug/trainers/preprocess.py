@@ -54,6 +54,13 @@ def _case_is_current(output_folder: Path, case_id: str, expected_marker: dict) -
         return False
 
 
+def marked_cases(output_folder: Path) -> list[str]:
+    """Identifiers of the cases whose marker was written. Hidden names are skipped: the marker of a
+    case being written is first a hidden temporary (atomic write), possibly another writer's."""
+    return sorted(p.name[: -len(MARKER_SUFFIX)] for p in Path(output_folder).glob(f"*{MARKER_SUFFIX}")
+                  if not p.name.startswith("."))
+
+
 def _remove_case(output_folder: Path, case_id: str) -> None:
     # marker first: from this moment on the case is no longer considered usable
     for suffix in (MARKER_SUFFIX, *_CASE_FILE_SUFFIXES):
@@ -101,8 +108,7 @@ def preprocess_synthetic_cases(synthetic_raw_folder: str | os.PathLike, real_dat
     cases = list_cases(synthetic_raw_folder, real_dataset_json)
     expected = {cid: _marker_for(case, config_fp) for cid, case in cases.items()}
 
-    present = {p.name[: -len(MARKER_SUFFIX)] for p in output_folder.glob(f"*{MARKER_SUFFIX}")}
-    for vanished in sorted(present - set(cases)):
+    for vanished in sorted(set(marked_cases(output_folder)) - set(cases)):
         _remove_case(output_folder, vanished)
     todo = [cid for cid in cases if not _case_is_current(output_folder, cid, expected[cid])]
     for cid in todo:
