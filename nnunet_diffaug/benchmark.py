@@ -49,29 +49,12 @@ class BenchmarkSettings:
     steps: int = 20
     device: str = "cpu"
     small_plans: bool = False            # write and use a small plans copy in the workspace (CPU runs)
-    untrusted_classes: tuple = ()        # adds, per ratio, an arm ignoring these classes on synthetic samples
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    name: str
-    ratio: float | None = None           # None: the stock trainer
-    untrusted_classes: str = ""          # DIFFAUG_UNTRUSTED_CLASSES of this arm
-
-    @property
-    def trainer(self) -> str:
-        return STOCK_TRAINER if self.ratio is None else DIFFAUG_TRAINER
-
-
-def benchmark_arms(s: BenchmarkSettings) -> list[Arm]:
-    ratios = list(s.ratios)
-    if s.synthetic_only and all(abs(r - 1.0) > 1e-9 for r in ratios):
-        ratios.append(1.0)
-    arms = [Arm("stock")]
-    for r in ratios:
-        arms.append(Arm(f"diffaug_r{round(100 * r):d}", r))
-        if s.untrusted_classes:
-            arms.append(Arm(f"diffaug_r{round(100 * r):d}_untrusted", r, ",".join(s.untrusted_classes)))
+def _arm_names(s: BenchmarkSettings) -> list[tuple[str, float | None]]:
+    arms = [("stock", None)] + [(f"diffaug_r{round(100 * r):d}", r) for r in s.ratios]
+    if s.synthetic_only and all(abs(r - 1.0) > 1e-9 for r in s.ratios):
+        arms.append(("diffaug_r100", 1.0))
     return arms
 
 
@@ -181,16 +164,16 @@ def _train_synthesizer_and_synthesize(run: _Runner, fold: int, seed: int) -> Non
          "--sampler", s.sampler, "--steps", str(s.steps)], env)
 
 
-def _train_arm(run: _Runner, arm: Arm, fold: int, seed: int) -> None:
+def _train_arm(run: _Runner, arm: str, ratio: float | None, fold: int, seed: int) -> None:
     s = run.s
     budget = {"DIFFAUG_NUM_EPOCHS": s.epochs, "DIFFAUG_ITERATIONS_PER_EPOCH": s.iterations,
               "DIFFAUG_VAL_ITERATIONS": s.val_iterations, "DIFFAUG_SEED": seed}
-    if arm.ratio is not None:
-        budget["DIFFAUG_SYNTHETIC_RATIO"] = arm.ratio
-        budget["DIFFAUG_UNTRUSTED_CLASSES"] = arm.untrusted_classes
-    env = run.env(arm.name, **budget)
+    if ratio is not None:
+        budget["DIFFAUG_SYNTHETIC_RATIO"] = ratio
+    trainer = STOCK_TRAINER if ratio is None else DIFFAUG_TRAINER
+    env = run.env(arm, **budget)
     # a killed run leaves checkpoint_latest.pth: --c continues it instead of starting over
-    run([_script("nnUNetv2_train"), s.dataset, s.configuration, str(fold), "-tr", arm.trainer, "-p", s.plans,
+    run([_script("nnUNetv2_train"), s.dataset, s.configuration, str(fold), "-tr", trainer, "-p", s.plans,
          "-device", s.device, "--c"], env)
 
 
@@ -202,10 +185,6 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     from tqdm import tqdm
     s = settings
     check_inputs(s.dataset, s.plans, paths.nnunet_raw(), paths.nnunet_preprocessed())
-    if s.untrusted_classes:
-        from nnunet_diffaug.trainers.label_trust import parse_untrusted_classes
-        parse_untrusted_classes(s.untrusted_classes, load_dataset_json(paths.nnunet_raw() / s.dataset)["labels"],
-                                "--untrusted-classes")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     make_workspace(workdir, s.dataset, paths.nnunet_raw(), paths.nnunet_preprocessed())
@@ -241,35 +220,36 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))
 
     run = _Runner(workdir, s, verbose)
-    arms = benchmark_arms(s)
-    steps = [(fold, arm) for fold in range(len(folds)) for arm in arms]
-    for fold, arm in tqdm(steps, desc="Benchmark arms", unit="arm"):
+    arms = _arm_names(s)
+    steps = [(fold, arm, ratio) for fold in range(len(folds)) for arm, ratio in arms]
+    for fold, arm, ratio in tqdm(steps, desc="Benchmark arms", unit="arm"):
         f = folds[fold]
-        if _summary_file(workdir, arm.name, s.dataset, arm.trainer, s.plans, s.configuration, fold).is_file():
+        trainer = STOCK_TRAINER if ratio is None else DIFFAUG_TRAINER
+        if _summary_file(workdir, arm, s.dataset, trainer, s.plans, s.configuration, fold).is_file():
             continue  # finished arms are never retrained
-        if arm.ratio is not None:
+        if ratio is not None:
             _train_synthesizer_and_synthesize(run, fold, f["seed"])  # both resume by themselves
-        _train_arm(run, arm, fold, f["seed"])
+        _train_arm(run, arm, ratio, fold, f["seed"])
 
     results = collect_results(workdir, s, folds, arms)
     write_report(results, workdir)
     return results
 
 
-def collect_results(workdir: Path, s: BenchmarkSettings, folds: list[dict], arms: list[Arm]) -> dict:
+def collect_results(workdir: Path, s: BenchmarkSettings, folds: list[dict], arms) -> dict:
     labels = {str(v): k for k, v in load_dataset_json(workdir / "raw" / s.dataset)["labels"].items() if v != 0}
     runs = []
     for fold, f in enumerate(folds):
-        for arm in arms:
-            summary = json.loads(_summary_file(workdir, arm.name, s.dataset, arm.trainer, s.plans, s.configuration,
+        for arm, ratio in arms:
+            trainer = STOCK_TRAINER if ratio is None else DIFFAUG_TRAINER
+            summary = json.loads(_summary_file(workdir, arm, s.dataset, trainer, s.plans, s.configuration,
                                                fold).read_text())
             per_class = {labels[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in labels}
-            runs.append({"arm": arm.name, "ratio": arm.ratio, "untrusted_classes": arm.untrusted_classes,
-                         "fold": fold, "size": f["size"], "n_train": f["n_train"],
+            runs.append({"arm": arm, "ratio": ratio, "fold": fold, "size": f["size"], "n_train": f["n_train"],
                          "seed": f["seed"], "train_cases": f["train"], "dice": per_class,
                          "mean_foreground_dice": float(summary["foreground_mean"]["Dice"])})
     return {"settings": dataclasses.asdict(s), "test_cases": folds[0]["val"] if folds else [],
-            "classes": list(labels.values()), "runs": runs, "aggregate": aggregate(runs, [a.name for a in arms])}
+            "classes": list(labels.values()), "runs": runs, "aggregate": aggregate(runs, [a for a, _ in arms])}
 
 
 def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:

@@ -136,9 +136,6 @@ def benchmark_entry(argv=None):
     p.add_argument("--iterations", type=int, default=50, help="training iterations per epoch")
     p.add_argument("--ratios", nargs="+", type=float, default=[1 / 3], help="synthetic share of each DiffAug arm")
     p.add_argument("--synthetic-only", action="store_true", help="add a synthetic-only arm (r = 1)")
-    p.add_argument("--untrusted-classes", nargs="+", default=[], metavar="CLASS",
-                   help="add, per ratio, an arm that ignores these classes (names or values) in the loss on synthetic "
-                        "samples (DIFFAUG_UNTRUSTED_CLASSES)")
     p.add_argument("--n-synthetic", type=int, default=20, help="synthetic cases per subset")
     p.add_argument("--synthesizer-preset", default="tiny", help="synthesizer preset or config JSON")
     p.add_argument("--sampler", default="dpmpp", help="diffusion sampler for synthesis")
@@ -159,8 +156,7 @@ def benchmark_entry(argv=None):
         seeds=tuple(args.seeds), test_fraction=args.test_fraction, test_cases=tuple(args.test_cases),
         epochs=args.epochs, iterations=args.iterations, ratios=tuple(args.ratios), synthetic_only=args.synthetic_only,
         n_synthetic=args.n_synthetic, synthesizer_preset=args.synthesizer_preset, sampler=args.sampler,
-        steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans,
-        untrusted_classes=tuple(args.untrusted_classes))
+        steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans)
     out = args.o or nnunet_results() / dataset / f"diffaug_benchmark__{args.c}"
     results = run_benchmark(settings, out, verbose=args.verbose)
     print(format_table(results))

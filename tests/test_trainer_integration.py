@@ -82,17 +82,12 @@ def test_train_3d_with_mixing_then_predict(fold0_synthetic, tmp_path):
     assert set(np.unique(sitk.GetArrayFromImage(seg))) <= set(range(6))
 
 
-def test_train_2d_with_ratio_and_untrusted_classes_from_environment(fold0_synthetic):
+def test_train_2d_with_ratio_from_environment(fold0_synthetic):
     root, splits, _ = fold0_synthetic
-    refused = _train(root, "2d", 0, "nnUNetTrainerDiffAug", expect_ok=False, DIFFAUG_UNTRUSTED_CLASSES="ribs,liver",
-                     nnUNet_n_proc_DA=0)
-    assert "DIFFAUG_UNTRUSTED_CLASSES: 'liver' is not a foreground class" in refused.stdout + refused.stderr
-    _train(root, "2d", 0, "nnUNetTrainerDiffAug", DIFFAUG_SYNTHETIC_RATIO=1.0, DIFFAUG_UNTRUSTED_CLASSES="ribs",
-           nnUNet_n_proc_DA=0)
+    _train(root, "2d", 0, "nnUNetTrainerDiffAug", DIFFAUG_SYNTHETIC_RATIO=1.0, nnUNet_n_proc_DA=0)
     out = _output_folder(root, "nnUNetTrainerDiffAug", "2d", 0)
     log = _log_text(out)
     assert "synthetic share per batch r = 1.000" in log
-    assert "untrusted on synthetic samples (ignored in their loss): ribs (1)" in log
     assert re.findall(r"synthetic share drawn this epoch: ([0-9.]+)", log) == ["1.000", "1.000"]
     assert sorted(p.name[:-7] for p in (out / "validation").glob("*.nii.gz")) == sorted(splits[0]["val"])
 

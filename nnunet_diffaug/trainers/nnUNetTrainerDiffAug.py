@@ -10,9 +10,6 @@ What changes against the stock ``nnUNetTrainer``:
 
 The ratio r: class attribute ``synthetic_ratio`` (variants ``_r0`` ... ``_r100``), overridden by the
 environment variable ``DIFFAUG_SYNTHETIC_RATIO``. r = 0 trains exactly like the stock trainer.
-
-Untrusted classes (``DIFFAUG_UNTRUSTED_CLASSES=ribs,spine``, names or label values): ignored in the
-loss on synthetic samples, for classes the synthesizer paints badly (see ``label_trust.py``).
 """
 from __future__ import annotations
 
@@ -31,8 +28,6 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_float
-from nnunet_diffaug.trainers.label_trust import (ignore_value, loss_with_ignore_value, mask_untrusted,
-                                                 parse_untrusted_classes)
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
@@ -46,7 +41,6 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_
            "nnUNetTrainerDiffAugPatchMix_alpha100", "nnUNetTrainerDiffAug_5epochs"]
 
 RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
-UNTRUSTED_ENV = "DIFFAUG_UNTRUSTED_CLASSES"
 ALPHA_ENV = "DIFFAUG_PATCHMIX_ALPHA"
 PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
 # Seed (c) of ANCHORS.md, the one method evaluated inside nnU-Net, adds ~0.5 synthetic case per real
@@ -65,7 +59,6 @@ class nnUNetTrainerBudget(nnUNetTrainer):
 
 class nnUNetTrainerDiffAug(nnUNetTrainer):
     synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
-    untrusted_classes: tuple = ()  # names or label values, ignored in the loss on synthetic samples
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -75,13 +68,6 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
             raise DiffAugError(f"nnUNetTrainerDiffAug does not support cascade configurations ({configuration}): "
                                f"synthetic cases have no previous-stage predictions. Use 2d or 3d_fullres.")
         self.synthetic_ratio = env_float(RATIO_ENV, type(self).synthetic_ratio, 0.0, 1.0)
-        spec = os.environ.get(UNTRUSTED_ENV)
-        self.untrusted_classes = parse_untrusted_classes(
-            type(self).untrusted_classes if spec is None else spec, dataset_json["labels"],
-            UNTRUSTED_ENV if spec is not None else f"{type(self).__name__}.untrusted_classes")
-        if self.untrusted_classes and self.label_manager.has_regions:
-            raise DiffAugError(f"{UNTRUSTED_ENV} is not supported for region-based datasets (their dataset.json "
-                               f"'labels' define regions); unset it.")
         apply_budget_from_env(self)
         self.synthetic_dataset_folder = None
         self._samples_drawn = self._synthetic_drawn = 0
@@ -161,30 +147,12 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         return mt_gen_train, mt_gen_val
 
     # ------------------------------------------------------------------------------------------
-    # untrusted classes: nnU-Net's ignore label, carried by synthetic samples only
-    # ------------------------------------------------------------------------------------------
-    def _uses_untrusted_classes(self) -> bool:
-        return bool(self.untrusted_classes) and self.synthetic_ratio > 0
-
-    def _build_loss(self):
-        loss = super()._build_loss()
-        if self._uses_untrusted_classes():
-            names = {v: k for k, v in self.dataset_json["labels"].items()}
-            self.print_to_log_file(f"DiffAug: untrusted on synthetic samples (ignored in their loss): "
-                                   f"{', '.join(f'{names[c]} ({c})' for c in self.untrusted_classes)}")
-            loss = loss_with_ignore_value(loss, ignore_value(self.label_manager))
-        return loss
-
-    # ------------------------------------------------------------------------------------------
     # logging what was actually drawn
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
         keys = batch.get('keys', [])
-        synthetic = [is_synthetic_key(k) for k in keys]
         self._samples_drawn += len(keys)
-        self._synthetic_drawn += sum(synthetic)
-        if self._uses_untrusted_classes():
-            mask_untrusted(batch['target'], synthetic, self.untrusted_classes, ignore_value(self.label_manager))
+        self._synthetic_drawn += sum(is_synthetic_key(k) for k in keys)
         return super().train_step(batch)
 
     def on_train_epoch_end(self, train_outputs):
