@@ -51,6 +51,23 @@ class BenchmarkSettings:
     small_plans: bool = False            # write and use a small plans copy in the workspace (CPU runs)
 
 
+# Settings that define what a finished arm IS: a workspace whose arms were trained under other values
+# would mix budgets or synthesizers in one table, so such a rerun is refused (seeds and ratios may grow).
+ARM_DEFINING_SETTINGS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations",
+                         "n_synthetic", "synthesizer_preset", "sampler", "steps")
+
+
+def check_same_arm_settings(settings_file: Path, s: BenchmarkSettings) -> None:
+    if not settings_file.is_file():
+        return
+    before = json.loads(settings_file.read_text())
+    now = dataclasses.asdict(s)
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in ARM_DEFINING_SETTINGS if k in before and before[k] != now[k]]
+    if changed:
+        raise DiffAugError(f"{settings_file.parent} holds arms trained with other settings ({'; '.join(changed)}): "
+                           f"their results would be mixed into one table. Use a new workspace folder (-o).")
+
+
 def _arm_names(s: BenchmarkSettings) -> list[tuple[str, float | None]]:
     arms = [("stock", None)] + [(f"diffaug_r{round(100 * r):d}", r) for r in s.ratios]
     if s.synthetic_only and all(abs(r - 1.0) > 1e-9 for r in s.ratios):
@@ -202,6 +219,7 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
         s = dataclasses.replace(s, plans="nnUNetPlansDiffAugSmall")
     if not (pre / f"{s.plans}.json").is_file():
         raise DiffAugError(f"{pre / (s.plans + '.json')} does not exist: plan and preprocess {s.dataset} first.")
+    check_same_arm_settings(workdir / "benchmark_settings.json", s)
 
     from nnunet_diffaug.rawdata import list_cases
     cases = sorted(list_cases(workdir / "raw" / s.dataset, load_dataset_json(workdir / "raw" / s.dataset)))

@@ -1,11 +1,13 @@
 """A tiny benchmark run on CPU: report files, values in range, and both arms provably on equal terms."""
+import dataclasses
 import json
 import re
 
 import numpy as np
 import pytest
 
-from nnunet_diffaug.benchmark import BenchmarkSettings, aggregate, draw_subsets
+from nnunet_diffaug.benchmark import BenchmarkSettings, aggregate, check_same_arm_settings, draw_subsets
+from nnunet_diffaug.errors import DiffAugError
 from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run
 
 # a synthesizer small enough for a test: a few dozen steps (the loss-drop and label-following
@@ -38,6 +40,17 @@ def test_paired_difference_and_test_across_seeds():
     assert rows["diffaug_r33"]["difference_vs_stock"] == pytest.approx(np.mean([0.10, 0.15, 0.07]))
     assert 0 < rows["diffaug_r33"]["paired_t_p_value"] < 0.05
     assert rows["stock"]["sd"] == pytest.approx(np.std([0.5, 0.4, 0.45], ddof=1))
+
+
+def test_a_workspace_refuses_arms_of_another_budget_but_takes_more_seeds_and_ratios(tmp_path):
+    settings_file = tmp_path / "benchmark_settings.json"
+    s = BenchmarkSettings(dataset="X", epochs=60, iterations=25)
+    check_same_arm_settings(settings_file, s)  # a new workspace takes anything
+    settings_file.write_text(json.dumps(dataclasses.asdict(s)))
+    check_same_arm_settings(settings_file, dataclasses.replace(s, seeds=(0, 1, 2, 3), ratios=(0.1, 1 / 3)))
+    for change in ({"epochs": 200}, {"iterations": 50}, {"synthesizer_preset": "default"}, {"n_synthetic": 40}):
+        with pytest.raises(DiffAugError, match=f"{next(iter(change))} .* -> .*new workspace"):
+            check_same_arm_settings(settings_file, dataclasses.replace(s, **change))
 
 
 @pytest.mark.slow
@@ -94,3 +107,9 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
     assert len(finals) == 4
     run(cmd, env)
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("checkpoint_final.pth")} == finals
+
+    # a rerun with another budget would mix budgets in one table: refused, nothing changed
+    longer = cmd[:cmd.index("--epochs") + 1] + ["3"] + cmd[cmd.index("--epochs") + 2:]
+    proc = run(longer, env, expect_ok=False)
+    assert proc.returncode == 2 and "epochs 2 -> 3" in proc.stderr and "new workspace" in proc.stderr
+    assert json.loads((out / "benchmark_settings.json").read_text())["epochs"] == 2
