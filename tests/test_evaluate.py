@@ -9,6 +9,7 @@ and two sets written by diffaug_synthesize: a briefly trained 3D synthesizer and
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,15 @@ def test_label_statistics_compare_distributions(results):
     # warped labels change volumes a little, not a lot
     stand_in = results["stand_in"]["label_statistics"]
     assert 0 < stand_in["mean_fraction_w1_synthetic_vs_validation"] < 0.05
+
+
+def test_class_intensity_tells_painted_structures_from_noise(results):
+    # deformed real cases paint every class with its real intensity; noise paints every class alike, so the
+    # lungs (air) and the soft tissue are far from their real intensities
+    stand_in, noise = results["stand_in"]["class_intensity"], results["noise"]["class_intensity"]
+    assert stand_in["worst_standardised_difference"] < 2
+    assert noise["worst_standardised_difference"] > 5 * stand_in["worst_standardised_difference"]
+    assert "Intensity per class" in (Path(results["noise"]["output_folder"]) / "evaluation.md").read_text()
 
 
 def test_diversity_of_noise_is_high_and_identical_images_have_ms_ssim_one(results):

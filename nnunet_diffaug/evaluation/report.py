@@ -16,6 +16,7 @@ CASES_USED = "\n".join([
     "| diversity (MS-SSIM) | pairs among synthetic | pairs among training, among validation (pairs within one "
     "case skipped) | each set's own spread |",
     "| label statistics | all evaluated | target: validation; reference: training vs validation | as for realism |",
+    "| class intensity | all evaluated | training and validation together | a synthesizer should paint like both |",
     "| memorisation | nearest training case | training cases among themselves (leave-one-case-out) | only the "
     "training cases can have been memorised |",
 ]) + "\n"
@@ -69,6 +70,9 @@ def render_markdown(r: dict) -> str:
         f"| label statistics: mean W1 of connected-component counts to validation | "
         f"{_f(lab['mean_components_w1_synthetic_vs_validation'], 2)} | "
         f"{_f(lab['mean_components_w1_training_vs_validation'], 2)} (training) | synthetic close to real |",
+        f"| class intensity: largest standardised difference of a class's mean intensity (class "
+        f"{r['class_intensity']['worst_class']}) | {_f(r['class_intensity']['worst_standardised_difference'], 2)} | "
+        f"0 | below ~1 (within the real spread) |",
         f"| memorisation: median distance to the nearest training case | {_f(mem['synthetic_nearest_median'])} | "
         f"{_f(mem['real_nearest_median'])} (training to training) | synthetic not far below real |",
         f"| memorisation: median texture distance (label map's class means removed) to the nearest training case | "
@@ -97,6 +101,16 @@ def render_markdown(r: dict) -> str:
                      f"{_f(fid['validation']['mean_dice_per_class'].get(c))} | "
                      f"{_f(fm['synthetic'], 4)} / {_f(fm['training'], 4)} / {_f(fm['validation'], 4)} | "
                      f"{_f(cm['synthetic'], 1)} / {_f(cm['training'], 1)} / {_f(cm['validation'], 1)} |")
+    lines += [
+        "",
+        "## Intensity per class (channel 0, nnU-Net-normalised)",
+        "",
+        "| class | synthetic mean | real mean (± sd over cases) | standardised difference |",
+        "|---|---|---|---|",
+    ]
+    for c, row in r["class_intensity"]["per_class"].items():
+        lines.append(f"| {c} | {_f(row['mean']['synthetic'][0])} | {_f(row['real_mean'][0])} ± "
+                     f"{_f(row['real_sd'][0])} | {_f(row['standardised_difference'][0], 2)} |")
     lines += [
         "",
         "## Which cases each metric uses",

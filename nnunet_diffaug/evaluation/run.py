@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_diffaug.evaluation import diversity, fidelity, grid, label_stats, memorisation, realism
+from nnunet_diffaug.evaluation import (class_intensity, diversity, fidelity, grid, label_stats, memorisation,
+                                       realism)
 from nnunet_diffaug.evaluation.inputs import EvaluationInputs
 from nnunet_diffaug.evaluation.montage import write_montage
 from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
@@ -129,6 +130,8 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     stats = {k: [label_stats.case_label_stats(label_stats.read_label(c["label"]), classes) for c in sets[k].values()]
              for k in SETS}
     lab = label_stats.label_stats_report(stats, classes)
+    intensity = class_intensity.class_intensity_report(
+        {k: [class_intensity.case_class_means(c.data, c.seg, classes) for c in pre[k].values()] for k in SETS}, classes)
 
     per_case = {cid: {"source_case": _source_case(inputs, cid), "dice": fid_per_case[cid],
                       **{f"memorisation_{k}": v for k, v in memo["per_case"][cid].items()}}
@@ -140,6 +143,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
                   "configuration": inputs.model_folder.name.split("__")[-1]},
         "cases": {k: sorted(v) for k, v in sets.items()},
         "label_fidelity": fidelity_result, "realism": realism_result, "diversity": div, "label_statistics": lab,
+        "class_intensity": intensity,
         "memorisation": {k: v for k, v in memo.items() if k != "per_case"},
         "per_synthetic_case": per_case,
         "notes": list(inputs.notes) + _memorisation_notes(per_case),
