@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nnunet_diffaug.synthesis.config import AutoencoderConfig
+from nnunet_diffaug.synthesis.loss_weights import weighted_mean
 
 
 def build_autoencoder(cfg: AutoencoderConfig, spatial_dims: int, in_channels: int) -> nn.Module:
@@ -46,11 +47,16 @@ class AutoencoderLoss:
     def adversarial_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.cfg.adversarial_start_step
 
-    def generator_loss(self, images, recon, z_mu, z_sigma, step: int) -> tuple[torch.Tensor, dict]:
+    def generator_loss(self, images, recon, z_mu, z_sigma, step: int,
+                       voxel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``voxel_weights`` (B, 1, *spatial): class-balanced L1 (loss_weights.py); plain L1 is logged either way."""
         l1 = torch.nn.functional.l1_loss(recon, images)
         kl = kl_loss(z_mu, z_sigma)
-        loss = l1 + self.cfg.kl_weight * kl
         parts = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        if voxel_weights is not None:
+            l1 = weighted_mean((recon - images).abs(), voxel_weights)
+            parts["weighted_l1"] = float(l1.detach())
+        loss = l1 + self.cfg.kl_weight * kl
         if self.adversarial_active(step):
             logits = self.discriminator(recon.contiguous())[-1]
             adv = self.adversarial(logits, target_is_real=True, for_discriminator=False)

@@ -42,6 +42,7 @@ class AutoencoderConfig:
     adversarial_start_step: int = 0                 # warm-up steps before the adversarial loss kicks in
     discriminator_channels: int = 32
     discriminator_layers: int = 2
+    class_balance_max_weight: float = 1.0           # > 1: L1 weight of rare classes' voxels, up to this (loss_weights.py)
     perceptual_weight: float = 0.0                  # needs perceptual_weights_path; nothing is ever downloaded
     perceptual_weights_path: str | None = None
     learning_rate: float = 1e-3
@@ -70,6 +71,7 @@ class DiffusionConfig:
     batch_size: int = 4
     steps: int = 400
     scale_factor_batches: int = 20                  # batches used to estimate 1/std of the latents
+    class_balance_max_weight: float = 1.0           # > 1: loss weight of rare classes, up to this (loss_weights.py)
     edge_hint: bool = False                         # seed (d): an edge-map channel beside the labels
     edge_image_dropout: float = 0.5                 # share of training samples with label boundaries only
     tag_conditioning: bool = False                  # channel-name + acquisition-spacing embeddings (FiLM via SPADE)
@@ -177,6 +179,10 @@ class SynthesizerConfig:
         for name in ("edge_image_dropout", "tag_dropout"):
             if not 0.0 <= getattr(dm, name) <= 1.0:
                 problems.append(f"diffusion.{name} must be in [0, 1], not {getattr(dm, name)}")
+        for name, stage in (("autoencoder", ae), ("diffusion", dm)):
+            if stage.class_balance_max_weight < 1.0:
+                problems.append(f"{name}.class_balance_max_weight must be >= 1 (1 = off), not "
+                                f"{stage.class_balance_max_weight}")
         if dm.tag_dim < 1:
             problems.append(f"diffusion.tag_dim must be >= 1, not {dm.tag_dim}")
         problems += _label_generator_problems(self.label_generator)

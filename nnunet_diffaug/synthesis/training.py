@@ -29,6 +29,8 @@ from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
 from nnunet_diffaug.synthesis.label_training import INIT_STEP, train_label_generator
+from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
+                                                   voxel_weight_map, weighted_mean)
 from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
 from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
@@ -175,6 +177,19 @@ def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int
     return losses
 
 
+def _class_balance(stage: str, cap: float, spec: DataSpec, patches: PatchSampler, extra: dict,
+                   log: _Log) -> torch.Tensor | None:
+    """Per class-index loss weights of a stage (None when off), recorded in the stage's state."""
+    if cap <= 1.0:
+        return None
+    fractions = class_voxel_fractions((patches.data.label_volume(c) for c in patches.cases), spec.num_classes)
+    weights = class_weights(fractions, list(range(1, len(spec.label_values))), cap)
+    extra["class_weights"] = [float(w) for w in weights]
+    log(f"{stage}: class-balanced loss, weight per label value " +
+        ", ".join(f"{v}: {w:.2f}" for v, w in zip(spec.label_values, weights)))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def learning_rate_at(step: int, base: float, total: int, schedule: str, warmup: int) -> float:
     """Stateless schedule (a function of the step only), so resuming needs no scheduler state."""
     if step < warmup:
@@ -205,17 +220,20 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         modules["discriminator"] = disc
         optimizers["discriminator"] = torch.optim.Adam(disc.parameters(), lr=acfg.learning_rate)
     loss_fn = AutoencoderLoss(acfg, disc)
+    extra: dict = {}
+    weights = _class_balance("autoencoder", acfg.class_balance_max_weight, spec, patches, extra, log)
 
     def step_fn(step: int) -> dict[str, float]:
         s = _step_seed(seed, "autoencoder", step)
         torch.manual_seed(s)  # the posterior sample inside AutoencoderKL uses the global generator
-        images, _ = patches.batch(np.random.default_rng(s), acfg.batch_size)
+        images, labels = patches.batch(np.random.default_rng(s), acfg.batch_size)
         images = images.to(device)
         ae.train()
         with autocast(device, cfg.mixed_precision):
             recon, z_mu, z_sigma = ae(images)
         recon, z_mu, z_sigma = recon.float(), z_mu.float(), z_sigma.float()
-        loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step)
+        voxel_weights = None if weights is None else voxel_weight_map(labels.to(device), weights)
+        loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step, voxel_weights)
         optimizers["autoencoder"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["autoencoder"].step()
@@ -227,7 +245,7 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
             parts.update(d_parts)
         return parts
 
-    losses = _run_stage("autoencoder", folder, acfg.steps, cfg.checkpoint_every, modules, optimizers, step_fn, {},
+    losses = _run_stage("autoencoder", folder, acfg.steps, cfg.checkpoint_every, modules, optimizers, step_fn, extra,
                         ["autoencoder"], log, progress, stop_after)
     return ae.eval(), losses
 
@@ -266,6 +284,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 
+    weights = _class_balance("diffusion", dcfg.class_balance_max_weight, spec, patches, extra, log)
     if model.tags is not None:  # spacing tags are read relative to the training cases' median
         model.tags.set_reference_spacing(np.median([patches.data.acquisition_spacing(c)
                                                     for c in patches.cases], axis=0).tolist())
@@ -287,12 +306,18 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         model.train()
         with autocast(device, cfg.mixed_precision):
             pred = model(noisy, t, condition)
-        loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
+        target = diffusion_target(scheduler, z, noise, t).float()
+        mse = torch.nn.functional.mse_loss(pred.float(), target)
+        parts = {"mse": float(mse.detach())}  # plain MSE is logged either way, so curves stay comparable
+        loss = mse
+        if weights is not None:
+            loss = weighted_mean((pred.float() - target) ** 2, latent_weight_map(labels, weights, z.shape[2:]))
+            parts["weighted_mse"] = float(loss.detach())
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # guards against the NaN blow-ups users report
         optimizers["model"].step()
-        return {"mse": float(loss.detach())}
+        return parts
 
     losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, {"model": model}, optimizers,
                         step_fn, extra, ["model"], log, progress, stop_after)
