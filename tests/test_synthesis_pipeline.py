@@ -279,14 +279,22 @@ def test_3d_training_killed_mid_stage_resumes_from_its_checkpoint(root, tmp_path
 
 # ---------------------------------------------------------------------------------------------- ControlNet
 
-def test_controlnet_option_and_adversarial_autoencoder_train_and_synthesize(root, tmp_path):
+def test_controlnet_adversarial_autoencoder_and_class_balanced_losses_train_and_synthesize(root, tmp_path):
     config = tmp_path / "controlnet.json"
-    config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 20, "adversarial_weight": 0.01},
-                                  "diffusion": {"conditioning": "controlnet", "steps": 20, "scale_factor_batches": 2},
+    config.write_text(json.dumps({"base": "tiny",
+                                  "autoencoder": {"steps": 20, "adversarial_weight": 0.01, "class_balance_max_weight": 10},
+                                  "diffusion": {"conditioning": "controlnet", "steps": 20, "scale_factor_batches": 2,
+                                                "class_balance_max_weight": 10},
                                   "montage_cases": 2}))
     cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-p", str(config), "-device", "cpu"])
     folder = synthesizer_folder(EXAMPLE_NAME, "2d", 1)
-    assert {"l1", "kl", "adv_g", "adv_d"} <= set(_losses(folder, "autoencoder"))  # the patch discriminator trained
+    assert {"l1", "kl", "adv_g", "adv_d", "weighted_l1"} <= set(_losses(folder, "autoencoder"))  # discriminator trained
+    assert {"mse", "weighted_mse"} <= set(_losses(folder, "diffusion"))
+    # class weights from the fold's voxel shares, recorded with the weights: background 1, the rare ribs capped,
+    # the largest foreground class (soft tissue) 1
+    for stage in ("autoencoder", "diffusion"):
+        weights = read_state(folder / f"{stage}.safetensors")["class_weights"]
+        assert weights[0] == 1.0 and weights[1] == 10.0 and weights[5] == 1.0 and weights[-1] == 1.0
     tensors, _ = load_checkpoint(folder / "diffusion.safetensors")
     assert any(k.startswith("model.controlnet.") for k in tensors)
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-n", "2", "-o", "970", "--sampler", "unipc",
