@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, nnunet_folders, private_copy_of_example)
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
-from nnunet_diffaug.rawdata import read_provenance
+from nnunet_diffaug.rawdata import ensure_default_split, list_cases, read_provenance
 from nnunet_diffaug.synthesis.checkpoint import load_checkpoint, read_state
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.metrics import VoxelClassifier, label_fidelity
@@ -197,14 +198,21 @@ def test_training_refuses_unknown_fold_and_missing_inputs(root, tmp_path):
         cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_lowres", "-p", "tiny"])
     with pytest.raises(DiffAugError, match="NoSuchPlans.json does not exist"):
         cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-plans", "NoSuchPlans"])
-    # a dataset that was planned but has no split yet
+    # a dataset that was planned but has no split yet: nnU-Net's own default split is written, as
+    # nnUNetv2_train would (so the synthesizer's fold is the fold nnU-Net later trains); too few cases are refused
     pre = root / "preprocessed" / EXAMPLE_NAME
     splits = pre / "splits_final.json"
     saved = splits.read_text()
     splits.unlink()
     try:
-        with pytest.raises(DiffAugError, match="splits_final.json does not exist"):
-            cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-p", "tiny"])
+        data = FoldData(EXAMPLE_ID, "3d_fullres", 1)
+        expected = generate_crossval_split(sorted(list_cases(root / "raw" / EXAMPLE_NAME)), seed=12345, n_splits=5)
+        assert json.loads(splits.read_text()) == expected
+        assert data.training_cases == sorted(expected[1]["train"])
+        splits.unlink()
+        with pytest.raises(DiffAugError, match="at least 5 cases"):
+            ensure_default_split(pre, ["a", "b", "c", "d"])
+        assert not splits.exists()
     finally:
         splits.write_text(saved)
     # preprocessed data of the configuration missing

@@ -17,7 +17,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import read_fold, read_json
+from nnunet_diffaug.rawdata import ensure_default_split, read_fold, read_json
 
 OUTSIDE_LABEL = -1   # nnU-Net's marker for voxels outside the nonzero mask
 
@@ -93,10 +93,15 @@ class FoldData:
 
     # ------------------------------------------------------------------ fold and cases
     def _training_cases(self) -> list[str]:
-        cases = read_fold(self.folder, self.fold)[0]
         if not self.data_folder.is_dir():
             raise DiffAugError(f"{self.data_folder} does not exist: run nnUNetv2_plan_and_preprocess -d "
                                f"{self.dataset_name} -c {self.configuration} first.")
+        preprocessed = sorted(p.name[:-len(".b2nd")] for p in self.data_folder.glob("*.b2nd")
+                              if not p.name.endswith("_seg.b2nd"))
+        if ensure_default_split(self.folder, preprocessed):
+            print(f"Created nnU-Net's default 5-fold split (what nnUNetv2_train would write): "
+                  f"{self.folder / 'splits_final.json'}", flush=True)
+        cases = read_fold(self.folder, self.fold)[0]
         missing = [c for c in cases if not (self.data_folder / f"{c}.b2nd").is_file()
                    or not (self.data_folder / f"{c}_seg.b2nd").is_file()]
         if missing:
