@@ -43,6 +43,7 @@ def main() -> None:
     cfg, spec, _ = read_run_files(folder)
     dev = torch.device("cpu")
     gen = LabelGenerator.load(folder, cfg.label_generator, spec.spatial_dims, spec.num_classes, dev)
+    torch.manual_seed(args.seed)  # the untrained reference's weights, the same on every run
     untrained = LabelGenerator(cfg.label_generator, spec.spatial_dims, spec.num_classes, dev)
     untrained.state = dict(gen.state)
     data = FoldData(name, args.c, args.f, spec.plans_identifier)
