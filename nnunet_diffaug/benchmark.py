@@ -283,7 +283,7 @@ def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
             values = np.array([r["mean_foreground_dice"] for r in rs])
             row = {"n_train": n_train, "arm": arm, "n_seeds": len(rs),
                    "mean_foreground_dice": float(values.mean()),
-                   "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                   "sd": float(values.std(ddof=1)) if len(values) > 1 else None,  # one seed has no spread
                    "per_class_mean": {c: float(np.nanmean([r["dice"][c] for r in rs])) for c in rs[0]["dice"]}}
             if arm != "stock":
                 paired = [(r["mean_foreground_dice"], q["mean_foreground_dice"])
@@ -304,7 +304,8 @@ def format_table(results: dict) -> str:
         delta = row.get("difference_vs_stock")
         p = row.get("paired_t_p_value")
         lines.append("| " + " | ".join([
-            str(row["n_train"]), row["arm"], f"{row['mean_foreground_dice']:.3f} ± {row['sd']:.3f}",
+            str(row["n_train"]), row["arm"], f"{row['mean_foreground_dice']:.3f} " + (
+                "(1 seed)" if row["sd"] is None else f"± {row['sd']:.3f}"),
             *[f"{row['per_class_mean'][c]:.3f}" for c in classes],
             "" if delta is None else f"{delta:+.3f}", "" if p is None else f"{p:.3g}"]) + " |")
     return "\n".join(lines)
@@ -320,7 +321,7 @@ def write_report(results: dict, workdir: Path) -> None:
     for arm in dict.fromkeys(r["arm"] for r in results["aggregate"]):
         rows = [r for r in results["aggregate"] if r["arm"] == arm]
         ax.errorbar([r["n_train"] for r in rows], [r["mean_foreground_dice"] for r in rows],
-                    yerr=[r["sd"] for r in rows], marker="o", capsize=3, label=arm)
+                    yerr=[r["sd"] or 0.0 for r in rows], marker="o", capsize=3, label=arm)
     ax.set_xlabel("real training cases")
     ax.set_ylabel("mean foreground Dice on held-out real cases")
     ax.set_title(f"{results['settings']['dataset']} {results['settings']['configuration']}")

@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from nnunet_diffaug.benchmark import BenchmarkSettings, aggregate, check_same_arm_settings, draw_subsets
+from nnunet_diffaug.benchmark import (BenchmarkSettings, aggregate, check_same_arm_settings, draw_subsets,
+                                      format_table)
 from nnunet_diffaug.errors import DiffAugError
 from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run
 
@@ -40,6 +41,11 @@ def test_paired_difference_and_test_across_seeds():
     assert rows["diffaug_r33"]["difference_vs_stock"] == pytest.approx(np.mean([0.10, 0.15, 0.07]))
     assert 0 < rows["diffaug_r33"]["paired_t_p_value"] < 0.05
     assert rows["stock"]["sd"] == pytest.approx(np.std([0.5, 0.4, 0.45], ddof=1))
+    # one seed: no spread and no test, and the table says so instead of printing ± 0.000
+    one = aggregate([r for r in runs if r["seed"] == 0], ["stock", "diffaug_r33"])
+    assert one[0]["sd"] is None and one[1]["paired_t_p_value"] is None
+    table = format_table({"classes": ["a"], "aggregate": one})
+    assert "0.500 (1 seed)" in table and "±" not in table.split("\n", 2)[2] and "+0.100" in table
 
 
 def test_a_workspace_refuses_arms_of_another_budget_but_takes_more_seeds_and_ratios(tmp_path):
