@@ -202,19 +202,23 @@ def read_fold(preprocessed_dataset_folder: str | os.PathLike, fold: int) -> tupl
     return train, val
 
 
-def ensure_default_split(preprocessed_dataset_folder: str | os.PathLike, case_ids: list[str]) -> bool:
-    """Writes nnU-Net's own default split (5 folds, seed 12345, sorted case ids: what ``nnUNetv2_train``
-    writes on its first run) when splits_final.json is missing, so a synthesizer trained before nnU-Net
-    sees exactly the fold nnU-Net will later train and validate on. Returns whether it wrote one."""
+def ensure_default_split(preprocessed_dataset_folder: str | os.PathLike,
+                         configuration_data_folder: str | os.PathLike) -> bool:
+    """Writes nnU-Net's own default split when splits_final.json is missing: what ``nnUNetv2_train``
+    writes on its first run (the preprocessed case identifiers, sorted, 5 folds, seed 12345), so a
+    synthesizer trained before nnU-Net sees exactly the fold nnU-Net will later train and validate on.
+    Returns whether it wrote one."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     path = Path(preprocessed_dataset_folder) / "splits_final.json"
     if path.is_file():
         return False
+    case_ids = infer_dataset_class(str(configuration_data_folder)).get_identifiers(str(configuration_data_folder))
     if len(case_ids) < 5:
         raise DiffAugError(f"{path} does not exist and nnU-Net's default 5-fold split needs at least 5 cases "
-                           f"({len(case_ids)} preprocessed): write splits_final.json yourself (a list of "
-                           f"{{'train': [...], 'val': [...]}} per fold).")
+                           f"({len(case_ids)} in {configuration_data_folder}): write splits_final.json yourself "
+                           f"(a list of {{'train': [...], 'val': [...]}} per fold).")
     atomic_write_json(path, generate_crossval_split(sorted(case_ids), seed=12345, n_splits=5))
     return True
 

@@ -210,8 +210,13 @@ def test_training_refuses_unknown_fold_and_missing_inputs(root, tmp_path):
         assert json.loads(splits.read_text()) == expected
         assert data.training_cases == sorted(expected[1]["train"])
         splits.unlink()
+        four_cases = tmp_path / "four_cases"
+        four_cases.mkdir()
+        for c in "abcd":
+            (four_cases / f"{c}.b2nd").touch()
+            (four_cases / f"{c}_seg.b2nd").touch()
         with pytest.raises(DiffAugError, match="at least 5 cases"):
-            ensure_default_split(pre, ["a", "b", "c", "d"])
+            ensure_default_split(pre, four_cases)
         assert not splits.exists()
     finally:
         splits.write_text(saved)

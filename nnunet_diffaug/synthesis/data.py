@@ -96,9 +96,7 @@ class FoldData:
         if not self.data_folder.is_dir():
             raise DiffAugError(f"{self.data_folder} does not exist: run nnUNetv2_plan_and_preprocess -d "
                                f"{self.dataset_name} -c {self.configuration} first.")
-        preprocessed = sorted(p.name[:-len(".b2nd")] for p in self.data_folder.glob("*.b2nd")
-                              if not p.name.endswith("_seg.b2nd"))
-        if ensure_default_split(self.folder, preprocessed):
+        if ensure_default_split(self.folder, self.data_folder):
             print(f"Created nnU-Net's default 5-fold split (what nnUNetv2_train would write): "
                   f"{self.folder / 'splits_final.json'}", flush=True)
         cases = read_fold(self.folder, self.fold)[0]
