@@ -134,6 +134,14 @@ def _cli(entry, argv, env=None):
     return build
 
 
+def _synthesize_call(**kwargs):
+    """synthesize() as a library call: its own checks run before any dataset or synthesizer is looked at."""
+    def build(tmp):
+        from nnunet_diffaug.synthesis.synthesize import synthesize
+        return lambda: synthesize("Dataset010_Toy", "3d_fullres", 0, 2, **kwargs)
+    return build
+
+
 def _small_plans_existing(tmp):
     folder = tmp / "preprocessed" / "Dataset010_Toy"
     folder.mkdir(parents=True)
@@ -241,9 +249,9 @@ BAD_INPUTS = [
     ("small plans already exist", _small_plans_existing, r"exists; pass --overwrite"),
     ("benchmark on unknown dataset", _cli("benchmark_entry", ["-d", "Dataset077_None"]),
      r"Dataset077_None/dataset.json does not exist"),
-    ("benchmark ratio 0", lambda t: (_small_plans_existing(t),
-                                     _cli("benchmark_entry", ["-d", "10", "--ratios", "0"])(t))[1],
-     r"--ratios: 0.0 is not in \(0, 1\]"),
+    ("library: synthesize with 0 steps", _synthesize_call(steps=0), r"--steps 0: a sampler needs at least 1 step"),
+    ("library: synthesize with negative guidance", _synthesize_call(labels="generated", guidance=-1.0),
+     r"--guidance -1.0: the guidance weight must be >= 0"),
     ("nnU-Net folders not set", _cli("make_example_entry", [], env={"nnUNet_raw": None}), r"nnUNet_raw is not set"),
     # faults while writing
     ("no space left on device", _enospc, r"No space left on device while writing .*out.json; nothing was changed"),
@@ -277,3 +285,42 @@ def test_console_scripts_print_one_line_not_a_traceback(tmp_path, capsys, monkey
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("ERROR: Unknown dataset '456'") and "Traceback" not in err
+
+
+# Out-of-range numbers are refused while parsing: argparse names the flag, exits with status 2, and no work starts.
+OUT_OF_RANGE_FLAGS = [
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--steps", "0"], "--steps", "must be >= 1, got 0"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--steps", "-3"], "--steps", "must be >= 1, got -3"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "0"], "-n", "must be >= 1, got 0"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--guidance", "-0.5"], "--guidance", "must lie in [0"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--guidance", "nan"], "--guidance", "must lie in [0"),
+    ("synthesize_entry", ["-d", "10", "-f", "-1", "-n", "2"], "-f", "must be >= 0, got -1"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--seed", "-1"], "--seed", "must be >= 0"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "-num_parts", "0"], "-num_parts", "must be >= 1"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--spacing", "1", "0", "1"], "--spacing", "must lie in (0"),
+    ("synthesize_entry", ["-d", "10", "-f", "0", "-n", "2", "--min-component-voxels", "-1"],
+     "--min-component-voxels", "must be >= 0"),
+    ("train_synthesizer_entry", ["-d", "10", "-f", "0", "--seed", "x"], "--seed", "expected an integer, got 'x'"),
+    ("benchmark_entry", ["-d", "10", "--ratios", "0"], "--ratios", "must lie in (0"),
+    ("benchmark_entry", ["-d", "10", "--epochs", "0"], "--epochs", "must be >= 1"),
+    ("benchmark_entry", ["-d", "10", "--test-fraction", "1"], "--test-fraction", "must lie in (0"),
+    ("benchmark_entry", ["-d", "10", "--steps", "0"], "--steps", "must be >= 1"),
+    ("demo_entry", ["--iterations", "0"], "--iterations", "must be >= 1"),
+    ("evaluate_entry", ["-d", "10", "-f", "0", "--max-tiles", "0"], "--max-tiles", "must be >= 1"),
+    ("evaluate_entry", ["-d", "10", "-f", "0", "--memorisation-percentile", "0"], "--memorisation-percentile",
+     "must lie in (0"),
+    ("small_plans_entry", ["-d", "10", "--batch-size", "0"], "--batch-size", "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("entry, argv, flag, message", OUT_OF_RANGE_FLAGS,
+                         ids=[f"{e}:{' '.join(a[-2:])}" for e, a, _, _ in OUT_OF_RANGE_FLAGS])
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, capsys, monkeypatch, entry, argv, flag, message):
+    for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(d, str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(cli, entry)(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and message in err, err
+    assert not any(tmp_path.iterdir())  # nothing was written

@@ -8,6 +8,7 @@ Synthetic sets used as probes (all for fold 0 of the example, in a private copy 
 and two sets written by diffaug_synthesize: a briefly trained 3D synthesizer and an untrained one.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -294,13 +295,75 @@ def test_console_script_writes_the_report(judge, tmp_path, capsys):
     assert set(report["cases"]["validation"]) <= set(splits[0]["val"])
     # with test-time mirroring on, the real Dice is nnU-Net's own final validation, not recomputed
     assert report["label_fidelity"]["validation"]["source"].endswith("fold_0/validation/summary.json")
-    assert sorted(p.name for p in (out / "predictions_synthetic").iterdir()) == \
+    assert sorted(p.name for p in (out / "predictions_synthetic").glob("*.nii.gz")) == \
         [f"{c}.nii.gz" for c in report["cases"]["synthetic"]]
     md = (out / "evaluation.md").read_text()
     assert "Which cases each metric uses" in md and "regularised" in md
     png = (out / "evaluation_montage.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Near-copies flagged" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# real-sized shapes: cases smaller than the judge's patch along some axes; reruns reuse segmentations
+# ------------------------------------------------------------------------------------------------
+
+def test_tiles_pad_a_case_smaller_than_the_patch_and_cover_a_larger_one():
+    from types import SimpleNamespace
+    from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
+    data = np.ones((1, 3, 20, 70), np.float32)     # smaller than the patch along z and y, larger along x
+    tiles = TrainedModel.tiles(SimpleNamespace(patch_size=(4, 32, 32)), data, max_tiles=100)
+    assert len(tiles) == 4                          # nnU-Net's sliding-window steps along x (70 -> 0, 13, 25, 38)
+    for tile in tiles:
+        assert tile.shape == (1, 4, 32, 32)
+        assert tile.sum() == 3 * 20 * 32            # all of the case's voxels in view, the rest zero padding
+        assert set(np.unique(tile)) == {0.0, 1.0}
+
+
+def _cropped_set(raw, dataset_id, train, width):
+    """Real training cases cropped in-plane to ``width`` voxels along one axis (narrower than the judge's patch)."""
+    real = list_cases(raw / EXAMPLE_NAME)
+    prov = SyntheticProvenance(source_dataset=EXAMPLE_NAME, fold=0, configuration=CONFIG,
+                               training_cases=list(train), generator={"kind": "test probe: cropped real"}, seed=0)
+    folder = raw / f"Dataset{dataset_id:03d}_CroppedSynthF0"
+    writer = SyntheticDatasetWriter(folder, load_dataset_json(raw / EXAMPLE_NAME), prov)
+    for i, source in enumerate(train[:3]):
+        image, label = (sitk.ReadImage(real[source][k] if k == "label" else real[source][k][0])
+                        for k in ("images", "label"))
+        writer.write_case(f"crop_{i}", [image[:, 10:10 + width, :]], label[:, 10:10 + width, :],
+                          {"source_case": source})
+    writer.finalize()
+    return folder
+
+
+def test_cases_smaller_than_the_patch_are_evaluated_and_a_rerun_reuses_the_segmentations(judge, tmp_path,
+                                                                                        monkeypatch):
+    from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
+    root, splits, _ = judge
+    folder = _cropped_set(root / "raw", 951, splits[0]["train"], width=20)
+    try:
+        inputs = resolve_inputs(EXAMPLE_NAME, 0, synthetic=str(folder), trainer=TRAINER, plans=PLANS,
+                                configuration=CONFIG)
+        patch = TrainedModel(inputs.model_folder, 0).patch_size
+        shapes = [sitk.ReadImage(c["label"]).GetSize()[::-1] for c in inputs.synthetic_cases.values()]
+        assert all(s[1] < patch[1] and s[2] > patch[2] for s in shapes), (shapes, patch)  # the shape mix
+        first = evaluate(inputs, tmp_path / "eval", FAST)
+        assert first["realism"]["frechet_synthetic_vs_validation"] >= 0
+        assert 0 < first["label_fidelity"]["synthetic"]["foreground_mean_dice"] <= 1
+
+        # a rerun (e.g. after a late failure) must not segment again: nothing it depends on changed
+        def no_segmenting(*args, **kwargs):
+            raise AssertionError("segmented again although a valid prediction exists")
+        monkeypatch.setattr(TrainedModel, "segment", no_segmenting)
+        again = evaluate(inputs, tmp_path / "eval", FAST)
+        assert again["label_fidelity"]["synthetic"] == first["label_fidelity"]["synthetic"]
+        # ...but a case whose image changed is segmented anew
+        changed = inputs.synthetic_cases["crop_0"]["images"][0]
+        os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+        with pytest.raises(AssertionError, match="segmented again"):
+            evaluate(inputs, tmp_path / "eval", FAST)
+    finally:
+        shutil.rmtree(folder)
 
 
 def _refusal(argv, capsys) -> str:

@@ -5,6 +5,7 @@ inference, segment it (nnU-Net's sliding window and export), and read its encode
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,13 @@ class TrainedModel:
         p = self.predictor
         Path(output_file_truncated).parent.mkdir(parents=True, exist_ok=True)
         logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(case.data)).cpu()
+        final = Path(str(output_file_truncated) + p.dataset_json["file_ending"])
+        # exported under a hidden name, then renamed: a killed run never leaves a half-written prediction
+        staging = final.parent / f".partial_{final.name[:-len(p.dataset_json['file_ending'])]}"
         export_prediction_from_logits(logits, case.properties, p.configuration_manager, p.plans_manager,
-                                      p.dataset_json, str(output_file_truncated), False)
-        return Path(str(output_file_truncated) + p.dataset_json["file_ending"])
+                                      p.dataset_json, str(staging), False)
+        os.replace(str(staging) + p.dataset_json["file_ending"], final)
+        return final
 
     # ------------------------------------------------------------------------------------------
     # encoder features
@@ -100,7 +105,9 @@ class TrainedModel:
             slices = [data]
         tiles = []
         for img in slices:
-            img = pad_nd_image(img, patch, "constant", {"value": 0}, False)
+            # cases smaller than the patch along an axis (common with nnU-Net's default plans) are
+            # zero-padded up to it, as nnU-Net's sliding window does; np.pad takes `constant_values`
+            img = pad_nd_image(img, patch, "constant", {"constant_values": 0}, False)
             steps = compute_steps_for_sliding_window(img.shape[1:], patch, 0.5)
             for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
                 sl = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch))

@@ -1,6 +1,8 @@
 """One evaluation run: preprocess every case once, compute the five metric families, write the report."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from nnunet_diffaug.evaluation.inputs import EvaluationInputs
 from nnunet_diffaug.evaluation.montage import write_montage
 from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
 from nnunet_diffaug.evaluation.report import write_report
-from nnunet_diffaug.rawdata import CASE_RECORDS_DIR
+from nnunet_diffaug.rawdata import CASE_RECORDS_DIR, atomic_write_json
 
 SETS = ("synthetic", "training", "validation")
 
@@ -44,7 +46,6 @@ def _case_sets(inputs: EvaluationInputs) -> dict[str, dict]:
 
 
 def _source_case(inputs: EvaluationInputs, case_id: str) -> str | None:
-    import json
     record = inputs.synthetic_folder / CASE_RECORDS_DIR / f"{case_id}.json"
     try:
         return json.loads(record.read_text()).get("source_case") if record.is_file() else None
@@ -52,11 +53,42 @@ def _source_case(inputs: EvaluationInputs, case_id: str) -> str | None:
         return None
 
 
+def _prediction_fingerprint(inputs: EvaluationInputs, image_files: list[str], s: Settings) -> dict:
+    """What a stored prediction depends on: the model's checkpoint, test-time mirroring and the case's images."""
+    def stat(f):
+        st = os.stat(f)
+        return [str(f), st.st_size, st.st_mtime_ns]
+    return {"checkpoint": stat(inputs.checkpoint_file), "test_time_mirroring": s.use_mirroring,
+            "images": [stat(f) for f in image_files]}
+
+
+def _segment_once(model: TrainedModel, inputs: EvaluationInputs, cid: str, case: PreprocessedCase,
+                  image_files: list[str], folder: Path, s: Settings) -> Path:
+    """nnU-Net's prediction of one case, reused from an earlier run when nothing it depends on changed.
+
+    Segmenting is the slow part of an evaluation (minutes per case on a CPU with default plans); a run that
+    fails or is stopped later must not have to redo it.
+    """
+    record = folder / f"{cid}.prediction.json"
+    fingerprint = _prediction_fingerprint(inputs, image_files, s)
+    if record.is_file():
+        try:
+            stored = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            stored = None
+        if stored and stored.get("fingerprint") == fingerprint and Path(stored["file"]).is_file():
+            return Path(stored["file"])
+    prediction = model.segment(case, folder / cid)
+    atomic_write_json(record, {"file": str(prediction), "fingerprint": fingerprint})
+    return prediction
+
+
 def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, out: Path, s: Settings):
     labels = model.foreground_labels
     predictions, per_case = {}, {}
     for cid, case in tqdm(pre["synthetic"].items(), desc="segmenting synthetic cases", disable=not s.progress):
-        predictions[cid] = model.segment(case, out / "predictions_synthetic" / cid)
+        predictions[cid] = _segment_once(model, inputs, cid, case, inputs.synthetic_cases[cid]["images"],
+                                         out / "predictions_synthetic", s)
         per_case[cid] = fidelity.case_dice(case.label_file, predictions[cid], model.reader_writer, labels)
     synthetic = fidelity.summarise(per_case, labels)
     # nnU-Net's own final validation is reused when it was made the same way (mirroring on, same checkpoint)
@@ -65,7 +97,8 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
     if real is None:
         real_cases = {}
         for cid, case in tqdm(pre["validation"].items(), desc="segmenting validation cases", disable=not s.progress):
-            f = model.segment(case, out / "predictions_validation" / cid)
+            f = _segment_once(model, inputs, cid, case, inputs.real_cases[cid]["images"],
+                              out / "predictions_validation", s)
             real_cases[cid] = fidelity.case_dice(case.label_file, f, model.reader_writer, labels)
         real = {**fidelity.summarise(real_cases, labels),
                 "source": "predicted here with the same settings as the synthetic cases"}

@@ -155,7 +155,7 @@ class LabelGenerator:
 
     # ------------------------------------------------------------------ sampling
     def sampler(self, name: str = "dpmpp", steps: int | None = None) -> Sampler:
-        return Sampler(name, self.train_scheduler, steps or self.cfg.sampling_steps)
+        return Sampler(name, self.train_scheduler, self.cfg.sampling_steps if steps is None else steps)
 
     @torch.no_grad()
     def sample(self, attributes: np.ndarray | None, n: int, guidance: float, sampler: Sampler,

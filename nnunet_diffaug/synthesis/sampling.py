@@ -24,6 +24,8 @@ class Sampler:
     def __init__(self, name: str, train_scheduler, steps: int):
         if name not in SAMPLERS:
             raise DiffAugError(f"Unknown sampler {name!r}; choose one of {SAMPLERS}.")
+        if int(steps) != steps or steps < 1:
+            raise DiffAugError(f"--steps {steps}: a sampler needs at least 1 step.")
         self.name = name
         self._train_scheduler = train_scheduler
         T = int(train_scheduler.num_train_timesteps)

@@ -212,6 +212,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                            f"dataset_fingerprint.json).")
     if num_cases < 1:
         raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
+    if steps is not None and steps < 1:
+        raise DiffAugError(f"--steps {steps}: a sampler needs at least 1 step.")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise DiffAugError(f"-part_id {part_id} must be in 0..{num_parts - 1} (-num_parts {num_parts}).")
     dev = resolve_device(device)

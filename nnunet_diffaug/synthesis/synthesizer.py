@@ -156,4 +156,4 @@ class Synthesizer:
 
     def sampler(self, name: str | None = None, steps: int | None = None) -> Sampler:
         return Sampler(name or self.config.sampling.sampler, self.train_scheduler,
-                       steps or self.config.sampling.steps)
+                       self.config.sampling.steps if steps is None else steps)
