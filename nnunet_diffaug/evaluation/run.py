@@ -53,24 +53,20 @@ def _source_case(inputs: EvaluationInputs, case_id: str) -> str | None:
         return None
 
 
-def _prediction_fingerprint(inputs: EvaluationInputs, image_files: list[str], s: Settings) -> dict:
-    """What a stored prediction depends on: the model's checkpoint, test-time mirroring and the case's images."""
-    def stat(f):
-        st = os.stat(f)
-        return [str(f), st.st_size, st.st_mtime_ns]
-    return {"checkpoint": stat(inputs.checkpoint_file), "test_time_mirroring": s.use_mirroring,
-            "images": [stat(f) for f in image_files]}
-
-
-def _segment_once(model: TrainedModel, inputs: EvaluationInputs, cid: str, case: PreprocessedCase,
-                  image_files: list[str], folder: Path, s: Settings) -> Path:
-    """nnU-Net's prediction of one case, reused from an earlier run when nothing it depends on changed.
+def segment_once(model: TrainedModel, checkpoint_file: Path, cid: str, case: PreprocessedCase,
+                 image_files: list[str], folder: Path, use_mirroring: bool) -> Path:
+    """nnU-Net's prediction of one case, reused from an earlier run when nothing it depends on changed
+    (the model's checkpoint, test-time mirroring, the case's image files).
 
     Segmenting is the slow part of an evaluation (minutes per case on a CPU with default plans); a run that
     fails or is stopped later must not have to redo it.
     """
-    record = folder / f"{cid}.prediction.json"
-    fingerprint = _prediction_fingerprint(inputs, image_files, s)
+    def stat(f):
+        st = os.stat(f)
+        return [str(f), st.st_size, st.st_mtime_ns]
+    fingerprint = {"checkpoint": stat(checkpoint_file), "test_time_mirroring": use_mirroring,
+                   "images": [stat(f) for f in image_files]}
+    record = Path(folder) / f"{cid}.prediction.json"
     if record.is_file():
         try:
             stored = json.loads(record.read_text())
@@ -78,7 +74,7 @@ def _segment_once(model: TrainedModel, inputs: EvaluationInputs, cid: str, case:
             stored = None
         if stored and stored.get("fingerprint") == fingerprint and Path(stored["file"]).is_file():
             return Path(stored["file"])
-    prediction = model.segment(case, folder / cid)
+    prediction = model.segment(case, Path(folder) / cid)
     atomic_write_json(record, {"file": str(prediction), "fingerprint": fingerprint})
     return prediction
 
@@ -87,8 +83,9 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
     labels = model.foreground_labels
     predictions, per_case = {}, {}
     for cid, case in tqdm(pre["synthetic"].items(), desc="segmenting synthetic cases", disable=not s.progress):
-        predictions[cid] = _segment_once(model, inputs, cid, case, inputs.synthetic_cases[cid]["images"],
-                                         out / "predictions_synthetic", s)
+        predictions[cid] = segment_once(model, inputs.checkpoint_file, cid, case,
+                                        inputs.synthetic_cases[cid]["images"], out / "predictions_synthetic",
+                                        s.use_mirroring)
         per_case[cid] = fidelity.case_dice(case.label_file, predictions[cid], model.reader_writer, labels)
     synthetic = fidelity.summarise(per_case, labels)
     # nnU-Net's own final validation is reused when it was made the same way (mirroring on, same checkpoint)
@@ -97,8 +94,8 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
     if real is None:
         real_cases = {}
         for cid, case in tqdm(pre["validation"].items(), desc="segmenting validation cases", disable=not s.progress):
-            f = _segment_once(model, inputs, cid, case, inputs.real_cases[cid]["images"],
-                              out / "predictions_validation", s)
+            f = segment_once(model, inputs.checkpoint_file, cid, case, inputs.real_cases[cid]["images"],
+                             out / "predictions_validation", s.use_mirroring)
             real_cases[cid] = fidelity.case_dice(case.label_file, f, model.reader_writer, labels)
         real = {**fidelity.summarise(real_cases, labels),
                 "source": "predicted here with the same settings as the synthetic cases"}

@@ -1,0 +1,160 @@
+"""Judge-filtered synthesis: a real-trained nnU-Net keeps the candidates it reads correctly.
+
+Candidates are a mix the judge must tell apart: deformed real training cases (images follow their labels)
+and the same label maps with noise images (they do not). The judge is a tiny nnU-Net trained on fold 0.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, filter_synthetic_set
+from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, SyntheticProvenance, list_cases,
+                                    load_dataset_json, read_provenance)
+from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
+                     private_copy_of_example, run)
+
+pytestmark = pytest.mark.slow
+TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
+N_GOOD = 4
+
+
+def _add_noise_cases(folder, raw, sources, rng):
+    """The candidates' bad half: real label maps with noise images of the real intensity range."""
+    prov = read_provenance(folder)
+    writer = SyntheticDatasetWriter(folder, load_dataset_json(raw / EXAMPLE_NAME), prov)
+    real = list_cases(raw / EXAMPLE_NAME)
+    for i, source in enumerate(sources):
+        image = sitk.ReadImage(real[source]["images"][0])
+        arr = sitk.GetArrayFromImage(image).astype(np.float32)
+        noise = sitk.GetImageFromArray(rng.normal(arr.mean(), arr.std(), arr.shape).astype(np.float32))
+        noise.CopyInformation(image)
+        writer.write_case(f"synth_{100 + i:05d}", [noise], sitk.ReadImage(real[source]["label"]),
+                          {"source_case": source, "kind": "noise"})
+    writer.finalize()
+
+
+@pytest.fixture(scope="module")
+def judged(planned_example, tmp_path_factory):
+    src, splits = planned_example
+    root = private_copy_of_example(src, tmp_path_factory.mktemp("judge"))
+    with nnunet_folders(root):
+        budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
+                  "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+        run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS,
+             "-device", "cpu"], nnunet_env(root, **budget))
+        raw, train = root / "raw", splits[0]["train"]
+        candidates = make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 0, train, N_GOOD, dataset_id=971)
+        _add_noise_cases(candidates, raw, train[:N_GOOD], np.random.default_rng(0))
+        judge = Judge(root / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__{CONFIG}")
+        yield root, splits, candidates, judge
+
+
+def test_the_kept_cases_are_the_ones_the_judge_reads_and_every_score_is_recorded(judged, tmp_path):
+    root, _, candidates, judge = judged
+    out = root / "raw" / "Dataset972_ChestCTSlabsSynthF0"
+    summary = filter_synthetic_set(candidates, out, judge, keep=N_GOOD, progress=False)
+    scores = {c: s["score"] for c, s in summary["scores"].items()}
+    noise = {c for c in scores if c.startswith("synth_001")}
+    print("judge scores:", {c: round(v, 3) for c, v in scores.items()})
+    assert len(scores) == 2 * N_GOOD
+    # the filtered set reads better than the candidates it came from, and the noise cases are the ones dropped
+    # (measured with this 4-epoch judge: deformed real 0.15-0.22, noise 0.05-0.10)
+    assert summary["score_kept"]["min"] > summary["score_dropped"]["max"]
+    assert summary["score_kept"]["mean"] > 1.3 * np.mean(list(scores.values()))
+    assert set(summary["kept"]).isdisjoint(noise) and set(summary["dropped"]) == noise
+    kept = list_cases(out)
+    assert sorted(kept) == summary["kept"]
+    record = json.loads((out / CASE_RECORDS_DIR / f"{summary['kept'][0]}.json").read_text())
+    assert record["judge_score"] == pytest.approx(scores[summary["kept"][0]]) and record["candidate_of"] == candidates.name
+    prov = read_provenance(out)
+    assert prov.generator["judge_filter"]["candidates"] == 2 * N_GOOD and prov.fold == 0
+    assert json.loads((out / SUMMARY_FILE).read_text())["kept"] == summary["kept"]
+    # a rerun reuses the stored scores and cases
+    again = filter_synthetic_set(candidates, out, judge, keep=N_GOOD, progress=False)
+    assert again["kept"] == summary["kept"] and again["scores"] == summary["scores"]
+
+
+def test_a_floor_nobody_reaches_keeps_what_passes_and_says_so(judged, tmp_path):
+    root, _, candidates, judge = judged
+    with pytest.raises(DiffAugError, match=r"Only 0 of 8 candidates reach --min-class-dice 1.0"):
+        filter_synthetic_set(candidates, tmp_path / "Dataset973_X", judge, keep=2, min_class_dice=1.0, progress=False)
+
+
+def _copy_model(judge, tmp_path, edit):
+    folder = tmp_path / judge.model_folder.name
+    shutil.copytree(judge.model_folder, folder)
+    edit(folder)
+    return Judge(folder)
+
+
+def test_judges_of_another_fold_dataset_or_trained_on_synthetic_cases_are_refused(judged, tmp_path):
+    root, splits, candidates, judge = judged
+
+    def other_split(folder):  # validated on cases that are not fold 0's validation cases
+        summary = folder / "fold_0" / "validation" / "summary.json"
+        s = json.loads(summary.read_text())
+        for case in s["metric_per_case"]:
+            case["reference_file"] = case["reference_file"].replace(splits[0]["val"][0], splits[0]["train"][0])
+        summary.write_text(json.dumps(s))
+
+    def synthetic_trained(folder):
+        debug = folder / "fold_0" / "debug.json"
+        debug.write_text(json.dumps({**json.loads(debug.read_text()), "synthetic_dataset_folder": "/x/Dataset950_S"}))
+
+    def other_dataset(folder):
+        plans = folder / "plans.json"
+        plans.write_text(json.dumps({**json.loads(plans.read_text()), "dataset_name": "Dataset004_Hippocampus"}))
+
+    for edit, message in ((other_split, r"trained on another fold or split"),
+                          (synthetic_trained, r"trained with synthetic cases"),
+                          (other_dataset, r"trained on Dataset004_Hippocampus")):
+        bad = _copy_model(judge, tmp_path / edit.__name__, edit)
+        out = tmp_path / f"out_{edit.__name__}"
+        with pytest.raises(DiffAugError, match=message):
+            filter_synthetic_set(candidates, out, bad, keep=2, progress=False)
+        assert not out.exists()  # refused before anything is written
+
+
+_FILTER_SCRIPT = """
+import sys
+from pathlib import Path
+from nnunet_diffaug.judge_filter import Judge, filter_synthetic_set
+filter_synthetic_set(Path(sys.argv[1]), Path(sys.argv[2]), Judge(Path(sys.argv[3])), keep=int(sys.argv[4]),
+                     progress=False)
+"""
+
+
+def test_kill_9_during_filtering_loses_no_finished_work(judged, tmp_path):
+    root, _, candidates, judge = judged
+    fresh = candidates.parent / "Dataset974_ChestCTSlabsSynthF0"
+    shutil.copytree(candidates, fresh, ignore=shutil.ignore_patterns(SCORES_DIR))
+    out = root / "raw" / "Dataset975_ChestCTSlabsSynthF0"
+    args = [sys.executable, "-c", _FILTER_SCRIPT, str(fresh), str(out), str(judge.model_folder), str(N_GOOD)]
+    proc = subprocess.Popen(args, env=nnunet_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scores = fresh / SCORES_DIR
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if scores.is_dir() and len(list(scores.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the filter finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    judged_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("*.json")}
+    assert len(judged_before) >= 2
+    for p in scores.glob("*.json"):
+        json.loads(p.read_text())  # every stored score is complete JSON
+    # the rerun keeps every score stored before the kill and finishes the set
+    summary = filter_synthetic_set(fresh, out, judge, keep=N_GOOD, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("*.json") if p.name in judged_before} == judged_before
+    assert len(summary["scores"]) == 2 * N_GOOD and sorted(list_cases(out)) == summary["kept"]
+    assert read_provenance(out).generator["judge_filter"]["candidates_dataset"] == fresh.name
