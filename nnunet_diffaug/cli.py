@@ -10,6 +10,7 @@ import os
 import sys
 
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable  # noqa: F401  (also re-exported)
 
 
 def _friendly_errors(main):
@@ -25,16 +26,6 @@ def _friendly_errors(main):
 
 def _formatter(prog):
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=40)
-
-
-def ensure_trainer_discoverable() -> str:
-    """Points nnUNet_extTrainer at our shim folder for this process and every process it starts."""
-    from nnunet_diffaug.paths import trainer_shim_folder
-    shim = str(trainer_shim_folder())
-    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if shim not in current:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(current + [shim])
-    return os.environ["nnUNet_extTrainer"]
 
 
 # ----------------------------------------------------------------------------------------------
