@@ -63,7 +63,7 @@ def _paired(rs: list[dict], stock: list[dict], value) -> tuple[float | None, flo
         return None, None
     a, b = np.array(pairs).T
     diffs = a - b
-    if len(diffs) < 2 or np.all(diffs == diffs[0]) or np.any(np.isnan(diffs)):
+    if len(diffs) < 2 or np.any(np.isnan(diffs)) or np.ptp(diffs) < 1e-12:
         return float(np.mean(diffs)), None
     return float(diffs.mean()), float(stats.ttest_rel(a, b).pvalue)
 
