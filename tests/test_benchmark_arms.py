@@ -314,3 +314,14 @@ def test_table_has_a_row_per_arm_with_seeds_wall_time_and_iterations(tmp_path):
     import matplotlib.image
     assert matplotlib.image.imread(png).shape[1] >= 600
     assert json.loads((tmp_path / "benchmark_results.json").read_text())["aggregate"][1]["wall_time_min"] == 3.0
+
+
+def test_demo_explains_that_small_one_seed_differences_are_noise():
+    from nnunet_diffaug.demo import explain_noise
+    results = {"test_cases": ["a", "b", "c"], "runs": [{"seed": 0, "n_train": 5}],
+               "aggregate": [{"arm": "stock"}, {"arm": "diffaug_r33", "difference_vs_stock": -0.002},
+                             {"arm": "patchmix", "difference_vs_stock": 0.09}]}
+    text = explain_noise(results)
+    assert "1 seed and 3 test cases, differences below about 0.05 Dice are noise" in text
+    assert "diffaug_r33: -0.002 (within the noise)" in text and "patchmix: +0.090 (larger" in text
+    assert "--seeds 0 1 2 3 4" in text
