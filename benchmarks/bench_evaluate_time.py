@@ -74,7 +74,7 @@ def main(argv=None):
     env.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
                 "nnUNet_results": str(root / "results")})
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    from nnunet_diffaug.cli import ensure_trainer_discoverable
+    from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
     env["nnUNet_extTrainer"] = ensure_trainer_discoverable()
 
     build_dataset(root / "raw", 5)

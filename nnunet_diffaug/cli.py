@@ -11,6 +11,7 @@ import os
 import sys
 
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable  # noqa: F401  (also re-exported)
 
 
 def _friendly_errors(main):
@@ -60,16 +61,6 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False, high_o
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = _int_at_least(1), _int_at_least(0)
-
-
-def ensure_trainer_discoverable() -> str:
-    """Points nnUNet_extTrainer at our shim folder for this process and every process it starts."""
-    from nnunet_diffaug.paths import trainer_shim_folder
-    shim = str(trainer_shim_folder())
-    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if shim not in current:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(current + [shim])
-    return os.environ["nnUNet_extTrainer"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,9 +147,11 @@ def _size(value: str):
 def benchmark_entry(argv=None):
     p = argparse.ArgumentParser(
         prog="diffaug_benchmark", formatter_class=_formatter,
-        description="Stock nnUNetTrainer vs nnUNetTrainerDiffAug on held-out real cases at several training-set "
-                    "sizes and seeds (same subsets, seeds and budget for both arms). Writes benchmark_table.md, "
-                    "benchmark_results.json and benchmark_plot.png into the output folder; resumable.")
+        description="Stock nnU-Net vs any set of named arms (DiffAug ratios, schedules, equal real exposure, "
+                    "PatchMix, synthetic-only, deformed-real and randomised controls) on held-out real cases at "
+                    "several training-set sizes and seeds (same subsets, seeds and budget for every arm). Writes "
+                    "benchmark_table.md, benchmark_results.json and benchmark_plot.png into the output folder; "
+                    "resumable, and adding arms or seeds to a workspace trains only what is new.")
     p.add_argument("-d", required=True, help="dataset name or id (planned and preprocessed)")
     p.add_argument("-c", default="3d_fullres", choices=["2d", "3d_fullres"], help="nnU-Net configuration")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
@@ -169,8 +162,16 @@ def benchmark_entry(argv=None):
     p.add_argument("--test-cases", nargs="+", default=[], help="held-out test cases (overrides --test-fraction)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=50, help="nnU-Net epochs per arm")
     p.add_argument("--iterations", type=POSITIVE_INT, default=50, help="training iterations per epoch")
-    p.add_argument("--ratios", nargs="+", type=_float_in(0, 1, low_open=True), default=[1 / 3], help="synthetic share of each DiffAug arm")
-    p.add_argument("--synthetic-only", action="store_true", help="add a synthetic-only arm (r = 1)")
+    p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                   help="arms to run besides stock (always run): e.g. diffaug_r33 diffaug_r33_linear "
+                        "diffaug_r33_cutoff50 diffaug_r33_equalreal patchmix synthetic_only deformed_real_r33 "
+                        "randomised_r33 (grammar in README section 4); default: diffaug_r33, or none when "
+                        "--ratios/--synthetic-only are given")
+    p.add_argument("--arms-file", default=None,
+                   help="JSON file of custom arms: name -> {trainer, env, synthetic: {generator, labels} or null}")
+    p.add_argument("--ratios", nargs="+", type=_float_in(0, 1, low_open=True), default=[],
+                   help="adds a diffaug_r<NN> arm per synthetic share (older spelling of --arms diffaug_r<NN>)")
+    p.add_argument("--synthetic-only", action="store_true", help="adds the synthetic_only arm (= diffaug_r100)")
     p.add_argument("--n-synthetic", type=POSITIVE_INT, default=20, help="synthetic cases per subset")
     p.add_argument("--synthesizer-preset", default="tiny", help="synthesizer preset or config JSON")
     p.add_argument("--sampler", default="dpmpp", help="diffusion sampler for synthesis")
@@ -180,13 +181,19 @@ def benchmark_entry(argv=None):
     p.add_argument("--verbose", action="store_true", help="show the output of every step")
     args = p.parse_args(argv)
     ensure_trainer_discoverable()
-    from nnunet_diffaug.benchmark import BenchmarkSettings, format_table, run_benchmark
+    from nnunet_diffaug.benchmark import DEFAULT_ARMS, BenchmarkSettings, format_table, run_benchmark, settings_arms
     from nnunet_diffaug.paths import nnunet_results, resolve_dataset_name
+    arms = args.arms if args.arms is not None else (["stock"] if args.ratios or args.synthetic_only else DEFAULT_ARMS)
+    arms_file = str(os.path.abspath(args.arms_file)) if args.arms_file else None
+    # arm names, ratios and the arms file are checked before the dataset is even looked up
+    settings_arms(BenchmarkSettings(dataset="", arms=tuple(arms), arms_file=arms_file, ratios=tuple(args.ratios),
+                                    synthetic_only=args.synthetic_only))
     dataset = resolve_dataset_name(args.d)
     settings = BenchmarkSettings(
         dataset=dataset, configuration=args.c, plans=args.p, train_sizes=tuple(args.train_sizes),
         seeds=tuple(args.seeds), test_fraction=args.test_fraction, test_cases=tuple(args.test_cases),
-        epochs=args.epochs, iterations=args.iterations, ratios=tuple(args.ratios), synthetic_only=args.synthetic_only,
+        epochs=args.epochs, iterations=args.iterations, arms=tuple(arms), arms_file=arms_file,
+        ratios=tuple(args.ratios), synthetic_only=args.synthetic_only,
         n_synthetic=args.n_synthetic, synthesizer_preset=args.synthesizer_preset, sampler=args.sampler,
         steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans)
     out = args.o or nnunet_results() / dataset / f"diffaug_benchmark__{args.c}"

@@ -22,6 +22,28 @@ EXAMPLE_ID = 990
 
 
 DEMO_PLANS = "nnUNetPlansDiffAugDemo"
+NOISE_DICE = 0.05   # differences smaller than this, from one seed on a handful of test cases, are noise
+
+
+def explain_noise(results: dict) -> str:
+    """What the demo's numbers mean: one seed and a few held-out cases cannot show a small effect."""
+    n_test = len(results["test_cases"])
+    seeds = sorted({r["seed"] for r in results["runs"]})
+    lines = [f"How to read this: each row is one nnU-Net trained on the same {results['runs'][0]['n_train']} real "
+             f"cases with the same budget, scored on {n_test} held-out real cases ('Δ vs stock' = arm - stock).",
+             f"With {len(seeds)} seed{'s' if len(seeds) > 1 else ''} and {n_test} test cases, differences below "
+             f"about {NOISE_DICE:.2f} Dice are noise: another seed alone can move a short run's Dice by about that "
+             f"much{', and a single seed gives no p-value' if len(seeds) == 1 else ''}."]
+    deltas = [r for r in results["aggregate"] if r.get("difference_vs_stock") is not None]
+    for r in deltas:
+        verdict = ("within the noise" if abs(r["difference_vs_stock"]) < NOISE_DICE
+                   else "larger than one seed's noise, but still one seed")
+        lines.append(f"  {r['arm']}: {r['difference_vs_stock']:+.3f} ({verdict})")
+    lines.append("To measure it on your data, run several seeds (paired t-test across seeds) and longer training, "
+                 "e.g.:\n  diffaug_benchmark -d <dataset> --arms diffaug_r33 deformed_real_r33 --seeds 0 1 2 3 4 "
+                 "--epochs 200\n(see README section 4; rerunning the same workspace with more seeds trains only the "
+                 "new ones).")
+    return "\n".join(lines)
 
 
 def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, iterations: int = 25,
@@ -66,6 +88,8 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     results = run_benchmark(settings, workdir / "benchmark", verbose=verbose)
     print()
     print(format_table(results))
+    print()
+    print(explain_noise(results))
     print(f"\nTable, JSON and plot: {workdir / 'benchmark'} (benchmark_table.md, benchmark_results.json, "
           f"benchmark_plot.png)")
     return results

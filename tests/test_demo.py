@@ -18,6 +18,7 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
                 "--iterations", "2", "--n-synthetic", "2", "--synthesizer-preset", str(config)], env, timeout=1200)
 
     assert "| 5 | stock |" in proc.stdout and "| 5 | diffaug_r33 |" in proc.stdout  # the table, printed
+    assert "differences below about 0.05 Dice are noise" in proc.stdout  # and what it means
     bench = out / "benchmark"
     results = json.loads((bench / "benchmark_results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == {"stock", "diffaug_r33"}

@@ -29,7 +29,7 @@ class TrainedModel:
                  device: str = "cpu", use_mirroring: bool = True):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        from nnunet_diffaug.cli import ensure_trainer_discoverable
+        from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
         ensure_trainer_discoverable()  # the model's trainer class may be one of ours (also when called as a library)
         self.device = torch.device(device)
         self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,

@@ -1,0 +1,191 @@
+"""Benchmark arms as data: a name, a trainer, environment overrides, and the synthetic set it needs.
+
+Built-in names (a compact grammar, so any ratio or schedule is an arm without code):
+
+- ``stock``: nnU-Net's own trainer (``nnUNetTrainerBudget``: only the training length and seed set).
+- ``diffaug_r<NN>[_linear|_cutoff<FF>][_equalreal][_generated]``: ``nnUNetTrainerDiffAug`` with
+  synthetic share NN/100 (r33 and r67 mean 1/3 and 2/3) of diffusion-synthesized cases;
+  ``_linear`` / ``_cutoff<FF>`` set the synthetic-share schedule, ``_equalreal`` scales the
+  iterations so the arm sees as many real samples as stock, ``_generated`` paints generated label
+  maps instead of deformed real ones.
+- ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
+  synthesized ones (control: is the gain just from more geometric augmentation?).
+- ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
+  real label maps (control: does the learned appearance matter, or does any new image do?).
+- ``synthetic_only``: an alias of ``diffaug_r100`` (trained on synthetic cases only, validated on real).
+- ``patchmix[_alpha<NN>]``: ``nnUNetTrainerDiffAugPatchMix`` on a ``real-aligned`` synthetic set.
+
+Custom arms come from a JSON file: ``{"name": {"trainer": ..., "env": {...}, "synthetic":
+{"generator": ..., "labels": ...} or null}}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from nnunet_diffaug.errors import DiffAugError
+
+STOCK_TRAINER = "nnUNetTrainerBudget"      # the stock trainer, only its training length and seed set
+DIFFAUG_TRAINER = "nnUNetTrainerDiffAug"
+PATCHMIX_TRAINER = "nnUNetTrainerDiffAugPatchMix"
+
+GENERATORS = ("diffusion", "randomised", "deformed-real")
+LABEL_MODES = ("real", "generated", "real-aligned")
+# Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
+RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
+                "DIFFAUG_SYNTHETIC_DATASET")
+DEFAULT_ARMS = ("stock", "diffaug_r33")
+ALIASES = {"synthetic_only": "diffaug_r100"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
+                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?P<gen>_generated)?$")
+_PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
+_SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
+
+GRAMMAR_HELP = ("stock; diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
+                "then optional _linear or _cutoff<FF>, _equalreal, _generated), e.g. diffaug_r33, "
+                "diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
+                "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """Which synthetic set an arm trains on; one set per fold and spec is made and shared by all arms."""
+    generator: str = "diffusion"
+    labels: str = "real"
+
+    @property
+    def needs_synthesizer(self) -> bool:
+        # generated label maps come from the label generator trained with the diffusion synthesizer
+        return self.generator == "diffusion" or self.labels == "generated"
+
+    @property
+    def key(self) -> str:
+        return f"{self.generator}__{self.labels}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    trainer: str
+    env: tuple = ()                      # sorted (variable, value) pairs, values as strings
+    synthetic: SyntheticSpec | None = None
+
+    def to_json(self) -> dict:
+        return {"trainer": self.trainer, "env": dict(self.env),
+                "synthetic": None if self.synthetic is None else dataclasses.asdict(self.synthetic)}
+
+
+def _env(**values) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in values.items()))
+
+
+def _ratio(nn: str) -> float:
+    # the names round: r33 and r67 mean the thirds (r33 is the trainer's default 1/3, as in earlier workspaces)
+    return {33: 1 / 3, 67: 2 / 3}.get(int(nn), int(nn) / 100)
+
+
+def builtin_arm(name: str) -> Arm | None:
+    """The arm a built-in name stands for, or None if the name is not in the grammar."""
+    name = ALIASES.get(name, name)
+    if name == "stock":
+        return Arm("stock", STOCK_TRAINER)
+    m = _MIXING.match(name)
+    if m:
+        ratio = _ratio(m["ratio"])
+        if ratio > 1:
+            return None
+        env = {"DIFFAUG_SYNTHETIC_RATIO": ratio}
+        if m["linear"]:
+            env["DIFFAUG_SYNTHETIC_SCHEDULE"] = "linear"
+        if m["cutoff"]:
+            cutoff = int(m["cutoff"])
+            if not 0 < cutoff <= 100:
+                return None
+            env["DIFFAUG_SYNTHETIC_SCHEDULE"] = f"cutoff:{cutoff / 100:g}"
+        if m["equal"]:
+            env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
+        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], "generated" if m["gen"] else "real")
+        return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
+    m = _PATCHMIX.match(name)
+    if m:
+        env = {} if m["alpha"] is None else {"DIFFAUG_PATCHMIX_ALPHA": int(m["alpha"]) / 100}
+        if m["alpha"] is not None and int(m["alpha"]) > 100:
+            return None
+        return Arm(name, PATCHMIX_TRAINER, _env(**env), SyntheticSpec("diffusion", "real-aligned"))
+    return None
+
+
+def ratio_arm_name(ratio: float) -> str:
+    """The built-in name of a DiffAug arm at this synthetic share (for the --ratios flag)."""
+    if not 0 < ratio <= 1:
+        raise DiffAugError(f"--ratios: {ratio} is not in (0, 1].")
+    return f"diffaug_r{round(100 * ratio):d}"
+
+
+def load_arms_file(path: str | Path) -> dict[str, Arm]:
+    """Custom arms from a JSON file, checked completely before any work starts."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffAugError(f"--arms-file {path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise DiffAugError(f"--arms-file {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict) or not obj:
+        raise DiffAugError(f"--arms-file {path} must hold a JSON object: arm name -> {{trainer, env, synthetic}}.")
+    return {name: _custom_arm(name, spec, path) for name, spec in obj.items()}
+
+
+def _custom_arm(name: str, spec, path: Path) -> Arm:
+    where = f"--arms-file {path}, arm {name!r}"
+    if not _NAME.match(name):
+        raise DiffAugError(f"{where}: a name may hold only letters, digits, '_', '.', '-' (it names a folder).")
+    if builtin_arm(name) is not None or name in ALIASES:
+        raise DiffAugError(f"{where}: the name is a built-in arm; choose another name for a custom arm.")
+    if not isinstance(spec, dict):
+        raise DiffAugError(f"{where}: must be an object with 'trainer', optional 'env' and 'synthetic'.")
+    unknown = sorted(set(spec) - {"trainer", "env", "synthetic", "description"})
+    if unknown:
+        raise DiffAugError(f"{where}: unknown key(s) {unknown}; allowed: trainer, env, synthetic, description.")
+    trainer = spec.get("trainer")
+    if not isinstance(trainer, str) or not trainer:
+        raise DiffAugError(f"{where}: 'trainer' must name an nnU-Net trainer class, e.g. {DIFFAUG_TRAINER!r}.")
+    env = spec.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                            for v in env.values()):
+        raise DiffAugError(f"{where}: 'env' must map variable names to strings or numbers.")
+    reserved = sorted(set(env) & set(RESERVED_ENV))
+    if reserved:
+        raise DiffAugError(f"{where}: 'env' sets {reserved}, which the benchmark sets the same for every arm "
+                           f"(budget, seed) or per fold (synthetic set); change the budget with the benchmark's flags.")
+    synthetic = spec.get("synthetic")
+    if synthetic is not None:
+        if not isinstance(synthetic, dict) or set(synthetic) - {"generator", "labels"}:
+            raise DiffAugError(f"{where}: 'synthetic' must be null or {{\"generator\": ..., \"labels\": ...}}.")
+        s = SyntheticSpec(synthetic.get("generator", "diffusion"), synthetic.get("labels", "real"))
+        if s.generator not in GENERATORS:
+            raise DiffAugError(f"{where}: synthetic generator {s.generator!r} is not one of {list(GENERATORS)}.")
+        if s.labels not in LABEL_MODES:
+            raise DiffAugError(f"{where}: synthetic labels {s.labels!r} is not one of {list(LABEL_MODES)}.")
+        synthetic = s
+    return Arm(name, trainer, _env(**env), synthetic)
+
+
+def resolve_arms(names, custom: dict[str, Arm] | None = None) -> list[Arm]:
+    """The arms to run, stock first, each once (aliases folded); unknown names are refused with the valid ones."""
+    custom = custom or {}
+    arms: dict[str, Arm] = {}
+    unknown = []
+    for name in ["stock", *names]:
+        arm = custom.get(name) or builtin_arm(name)
+        if arm is None:
+            unknown.append(name)
+        elif arm.name not in arms:
+            arms[arm.name] = arm
+    if unknown:
+        extra = f"; from the arms file: {', '.join(sorted(custom))}" if custom else ""
+        raise DiffAugError(f"--arms: unknown arm(s) {unknown}. Valid: {GRAMMAR_HELP}{extra}.")
+    return list(arms.values())

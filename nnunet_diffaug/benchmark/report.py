@@ -1,0 +1,176 @@
+"""The benchmark's report: per-arm Dice with the paired difference to stock, wall time, and a plot."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffaug.benchmark.workspace import (TIMINGS_FILE, TRAINING_STATS_FILE, fold_folder, read_json_or,
+                                                summary_file)
+from nnunet_diffaug.rawdata import atomic_path, atomic_write_json, atomic_write_text, load_dataset_json
+
+
+def _nnunet_log_wall_time(folder: Path, summary: Path) -> float | None:
+    """Arms trained before the benchmark timed them: from the start stamp in the name of nnU-Net's training
+    log to the validation summary; only for a run that was never resumed (one log)."""
+    logs = list(folder.glob("training_log_*.txt"))
+    m = re.match(r"training_log_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)\.txt$", logs[0].name) if len(logs) == 1 else None
+    if not m:
+        return None
+    start = datetime.datetime(*map(int, m.groups())).timestamp()
+    return max(0.0, summary.stat().st_mtime - start)
+
+
+def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
+    labels = {str(v): k for k, v in load_dataset_json(workdir / "raw" / s.dataset)["labels"].items() if v != 0}
+    timings = read_json_or(workdir / TIMINGS_FILE, {})
+    budget_iterations = s.epochs * s.iterations
+    runs = []
+    for fold, f in enumerate(folds):
+        for arm in arms:
+            file = summary_file(workdir, arm, s.dataset, s.plans, s.configuration, fold)
+            summary = json.loads(file.read_text())
+            folder = fold_folder(workdir, arm, s.dataset, s.plans, s.configuration, fold)
+            stats = read_json_or(folder / TRAINING_STATS_FILE, {})
+            wall, source = timings.get(f"{arm.name}/fold_{fold}", {}).get("wall_time_s"), "benchmark"
+            if wall is None:
+                wall, source = _nnunet_log_wall_time(folder, file), "nnU-Net training log"
+            iterations = stats.get("total_iterations")
+            if iterations is None and "DIFFAUG_EQUAL_REAL_EXPOSURE" not in dict(arm.env):
+                iterations = budget_iterations  # an arm that does not scale its iterations runs the budget
+            runs.append({"arm": arm.name, "trainer": arm.trainer, "fold": fold, "size": f["size"],
+                         "n_train": f["n_train"], "seed": f["seed"], "train_cases": f["train"],
+                         "dice": {labels[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in labels},
+                         "mean_foreground_dice": float(summary["foreground_mean"]["Dice"]),
+                         "wall_time_s": wall, "wall_time_source": None if wall is None else source,
+                         "total_iterations": iterations, "training_stats": stats or None})
+    return {"settings": dataclasses.asdict(s), "test_cases": folds[0]["val"] if folds else [],
+            "arms": {a.name: a.to_json() for a in arms}, "classes": list(labels.values()), "runs": runs,
+            "aggregate": aggregate(runs, [a.name for a in arms])}
+
+
+def _paired(rs: list[dict], stock: list[dict], value) -> tuple[float | None, float | None]:
+    """Mean of (arm - stock) over the seeds both ran, and the paired t-test p (None with one seed or
+    when every difference is the same, where t is undefined)."""
+    from scipy import stats
+    by_seed = {q["seed"]: value(q) for q in stock}
+    pairs = [(value(r), by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
+    if not pairs:
+        return None, None
+    a, b = np.array(pairs).T
+    diffs = a - b
+    if len(diffs) < 2 or np.any(np.isnan(diffs)) or np.ptp(diffs) < 1e-12:
+        return float(np.mean(diffs)), None
+    return float(diffs.mean()), float(stats.ttest_rel(a, b).pvalue)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
+    """Per (size, arm): mean and sd over seeds, the paired difference to stock (p across seeds), cost."""
+    rows = []
+    for n_train in sorted({r["n_train"] for r in runs}):
+        by_arm = {a: sorted((r for r in runs if r["arm"] == a and r["n_train"] == n_train), key=lambda r: r["seed"])
+                  for a in arm_names}
+        stock = by_arm["stock"]
+        stock_iterations = _mean(q.get("total_iterations") for q in stock)
+        for arm in arm_names:
+            rs = by_arm[arm]
+            if not rs:
+                continue
+            values = np.array([r["mean_foreground_dice"] for r in rs])
+            classes = list(rs[0]["dice"])
+            per_class = {c: np.array([r["dice"][c] for r in rs], dtype=float) for c in classes}
+            wall = _mean(r.get("wall_time_s") for r in rs)
+            iterations = _mean(r.get("total_iterations") for r in rs)
+            row = {"n_train": n_train, "arm": arm, "n_seeds": len(rs),
+                   "mean_foreground_dice": float(values.mean()),
+                   "sd": float(values.std(ddof=1)) if len(values) > 1 else None,  # one seed has no spread
+                   "per_class_mean": {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
+                                      for c, v in per_class.items()},
+                   "per_class_sd": {c: float(np.nanstd(v, ddof=1)) if np.sum(~np.isnan(v)) > 1 else None
+                                    for c, v in per_class.items()},
+                   "wall_time_min": None if wall is None else wall / 60,
+                   "iterations_vs_stock": (iterations / stock_iterations
+                                           if iterations is not None and stock_iterations else None)}
+            if arm != "stock":
+                row["difference_vs_stock"], row["paired_t_p_value"] = _paired(
+                    rs, stock, lambda r: r["mean_foreground_dice"])
+                row["per_class_difference_vs_stock"] = {
+                    c: dict(zip(("difference", "paired_t_p_value"), _paired(rs, stock, lambda r, c=c: r["dice"][c])))
+                    for c in classes}
+            rows.append(row)
+    return rows
+
+
+def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
+    return f"{mean:.3f}" + (one_seed if sd is None else f" ± {sd:.3f}")
+
+
+def format_table(results: dict) -> str:
+    classes = results["classes"]
+    head = ["n_train", "arm", "seeds", "mean fg Dice (± sd)", *classes, "Δ vs stock", "paired p", "wall min",
+            "iterations vs stock"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["aggregate"]:
+        delta, p = row.get("difference_vs_stock"), row.get("paired_t_p_value")
+        wall, iters = row.get("wall_time_min"), row.get("iterations_vs_stock")
+        class_sd = row.get("per_class_sd", {})
+        lines.append("| " + " | ".join([
+            str(row["n_train"]), row["arm"], str(row.get("n_seeds", "")),
+            _mean_sd(row["mean_foreground_dice"], row["sd"], " (1 seed)"),
+            *[_mean_sd(row["per_class_mean"][c], class_sd.get(c)) for c in classes],
+            "" if delta is None else f"{delta:+.3f}", "" if p is None else f"{p:.3g}",
+            "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×"]) + " |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["aggregate"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    sizes = sorted({r["n_train"] for r in rows})
+    if len(sizes) > 1:  # Dice against training-set size, one line per arm
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm in arms:
+            rs = [r for r in rows if r["arm"] == arm]
+            ax.errorbar([r["n_train"] for r in rs], [r["mean_foreground_dice"] for r in rs],
+                        yerr=[r["sd"] or 0.0 for r in rs], marker="o", capsize=3, label=arm)
+        ax.set_xlabel("real training cases")
+    else:  # one size: grouped bars per class (and the foreground mean), one bar per arm, seed sd as error bar
+        groups = ["mean fg", *results["classes"]]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(arms) + 2), 4))
+        width = 0.8 / max(1, len(arms))
+        for i, arm in enumerate(arms):
+            r = next(r for r in rows if r["arm"] == arm)
+            heights = [r["mean_foreground_dice"], *[r["per_class_mean"][c] for c in results["classes"]]]
+            sds = [r["sd"], *[r.get("per_class_sd", {}).get(c) for c in results["classes"]]]
+            x = np.arange(len(groups)) + (i - (len(arms) - 1) / 2) * width
+            ax.bar(x, np.nan_to_num(heights), width, yerr=[sd or 0.0 for sd in sds], capsize=2,
+                   label=f"{arm} ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''})")
+        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"{sizes[0] if sizes else ''} real training cases; error bars: sd over seeds")
+    ax.set_ylabel("Dice on held-out real cases")
+    ax.set_title(f"{results['settings']['dataset']} {results['settings']['configuration']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_report(results: dict, workdir: Path) -> None:
+    atomic_write_json(workdir / "benchmark_results.json", results)
+    atomic_write_text(workdir / "benchmark_table.md", format_table(results) + "\n")
+    _plot(results, workdir / "benchmark_plot.png")

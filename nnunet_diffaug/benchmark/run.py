@@ -1,0 +1,156 @@
+"""Runs the benchmark: each step a console script, as a user would run it, in the workspace's nnU-Net folders.
+
+For every fold (training subset x seed) and every unfinished arm: the synthetic sets the arms need are
+made once (the diffusion synthesizer is trained only if one of them needs it), then each arm trains
+with the same budget and seed and is scored by nnU-Net's own final validation on the held-out cases.
+A finished arm (its ``summary.json`` exists) is never retrained, so a workspace resumes, and adding an
+arm or a seed trains only what is new.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from nnunet_diffaug import paths
+from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec
+from nnunet_diffaug.benchmark.report import collect_results, write_report
+from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
+                                               settings_arms)
+from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, make_workspace,
+                                                record_timing, summary_file, write_splits)
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.rawdata import atomic_write_json, list_cases, load_dataset_json
+from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
+
+SMALL_PLANS = "nnUNetPlansDiffAugSmall"
+CommandRunner = Callable[[list, dict], None]
+
+
+class SubprocessRunner:
+    """Runs one step, its output appended to the workspace's log (or shown with verbose)."""
+
+    def __init__(self, log: Path, verbose: bool):
+        self.log = log
+        self.verbose = verbose
+
+    def __call__(self, cmd: list[str], env: dict) -> None:
+        with open(self.log, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, env=env, stdout=None if self.verbose else log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise DiffAugError(f"'{' '.join(cmd)}' failed (exit {proc.returncode}); see {self.log}.")
+
+
+def _script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def step_env(workdir: Path, results: str, extra: dict) -> dict:
+    """The environment of one step: the workspace's nnU-Net folders, our trainers, and only the DIFFAUG_
+    variables this step sets (one left in the user's shell would change some arms and not others)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFAUG_")}
+    env.update({"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
+                "nnUNet_results": str(workdir / "results" / results),
+                "nnUNet_extTrainer": ensure_trainer_discoverable()})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int) -> list[str]:
+    return [_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
+            "-device", s.device, "--seed", str(seed), "-p", s.synthesizer_preset, "-plans", s.plans]
+
+
+def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str) -> list[str]:
+    cmd = [_script("diffaug_synthesize"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
+           "-device", s.device, "--seed", str(seed), "-n", str(s.n_synthetic), "--labels", spec.labels,
+           "-o", str(int(dataset_name[7:10]))]
+    if spec.generator == "diffusion":  # the default generator: no flag, as the first benchmark version ran it
+        cmd += ["--sampler", s.sampler, "--steps", str(s.steps)]
+    else:
+        cmd += ["--generator", spec.generator]
+    return cmd
+
+
+def train_command(s: BenchmarkSettings, arm: Arm, fold: int) -> list[str]:
+    # a killed run leaves checkpoint_latest.pth: --c continues it instead of starting over
+    return [_script("nnUNetv2_train"), s.dataset, s.configuration, str(fold), "-tr", arm.trainer, "-p", s.plans,
+            "-device", s.device, "--c"]
+
+
+def train_env(s: BenchmarkSettings, arm: Arm, seed: int, synthetic_dataset: str | None) -> dict:
+    env = {"DIFFAUG_NUM_EPOCHS": s.epochs, "DIFFAUG_ITERATIONS_PER_EPOCH": s.iterations,
+           "DIFFAUG_VAL_ITERATIONS": s.val_iterations, "DIFFAUG_SEED": seed, **dict(arm.env)}
+    if synthetic_dataset is not None:
+        env["DIFFAUG_SYNTHETIC_DATASET"] = synthetic_dataset
+    return env
+
+
+def _use_small_plans(workdir: Path, s: BenchmarkSettings) -> BenchmarkSettings:
+    from nnunet_diffaug.small_plans import write_small_plans
+    if not (workdir / "preprocessed" / s.dataset / f"{SMALL_PLANS}.json").is_file():
+        old = os.environ.get("nnUNet_preprocessed")
+        os.environ["nnUNet_preprocessed"] = str(workdir / "preprocessed")
+        try:
+            write_small_plans(s.dataset, s.plans, SMALL_PLANS)
+        finally:
+            os.environ["nnUNet_preprocessed"] = old
+    return dataclasses.replace(s, plans=SMALL_PLANS)
+
+
+def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbose: bool = False,
+                  runner: CommandRunner | None = None) -> dict:
+    """Runs what is missing in the workspace and reports every arm; ``runner`` runs one command (tests
+    pass a recorder)."""
+    from tqdm import tqdm
+    s = settings
+    arms = settings_arms(s)  # unknown arms and bad arm files are refused before anything is written
+    check_inputs(s.dataset, s.plans, paths.nnunet_raw(), paths.nnunet_preprocessed())
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    make_workspace(workdir, s.dataset, paths.nnunet_raw(), paths.nnunet_preprocessed())
+    pre = workdir / "preprocessed" / s.dataset
+    if s.small_plans:
+        s = _use_small_plans(workdir, s)
+    if not (pre / f"{s.plans}.json").is_file():
+        raise DiffAugError(f"{pre / (s.plans + '.json')} does not exist: plan and preprocess {s.dataset} first.")
+    check_same_arm_settings(workdir / "benchmark_settings.json", s)
+    definitions = check_arm_definitions(workdir / "benchmark_arms.json", arms)
+
+    cases = sorted(list_cases(workdir / "raw" / s.dataset, load_dataset_json(workdir / "raw" / s.dataset)))
+    _, folds = draw_subsets(cases, s)
+    write_splits(pre / "splits_final.json", folds)
+    atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))
+    atomic_write_json(workdir / "benchmark_arms.json", definitions)
+
+    run = runner or SubprocessRunner(workdir / "benchmark_log.txt", verbose)
+    sets = SyntheticSets(workdir, s.dataset)
+    todo = [(fold, arm) for fold in range(len(folds)) for arm in arms
+            if not summary_file(workdir, arm, s.dataset, s.plans, s.configuration, fold).is_file()]
+    made_synthesizer: set[int] = set()
+    for fold, arm in tqdm(todo, desc="Benchmark arms", unit="arm"):
+        seed = folds[fold]["seed"]
+        synthetic = None
+        if arm.synthetic is not None:
+            synthetic = sets.name(fold, arm.synthetic)
+            if not sets.is_complete(fold, arm.synthetic):  # made once per fold, shared by the arms using it
+                if arm.synthetic.needs_synthesizer and fold not in made_synthesizer:
+                    run(synthesizer_command(s, fold, seed), step_env(workdir, "synthesizer", {}))  # resumes itself
+                    made_synthesizer.add(fold)
+                run(synthesize_command(s, fold, seed, arm.synthetic, synthetic), step_env(workdir, "synthesizer", {}))
+                sets.mark_complete(fold, arm.synthetic)
+        start = time.monotonic()
+        run(train_command(s, arm, fold), step_env(workdir, arm.name, train_env(s, arm, seed, synthetic)))
+        # our own clock: the stock trainer reports no time, and every arm is timed the same way
+        record_timing(workdir, arm, fold, time.monotonic() - start)
+
+    results = collect_results(workdir, s, folds, arms)
+    write_report(results, workdir)
+    return results

@@ -1,0 +1,68 @@
+"""What a benchmark is: its settings, which of them define a finished arm, and the arms they name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from nnunet_diffaug.benchmark.arms import DEFAULT_ARMS, Arm, load_arms_file, ratio_arm_name, resolve_arms
+from nnunet_diffaug.errors import DiffAugError
+
+
+@dataclasses.dataclass
+class BenchmarkSettings:
+    dataset: str                         # e.g. Dataset990_ChestCTSlabs (in the user's nnU-Net folders)
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    train_sizes: tuple = (2, 5, "all")
+    seeds: tuple = (0, 1, 2)
+    test_fraction: float = 0.3           # held-out real cases, fixed across sizes and seeds
+    test_cases: tuple = ()               # or named explicitly
+    epochs: int = 50
+    iterations: int = 50
+    val_iterations: int = 5
+    arms: tuple = DEFAULT_ARMS           # arm names (see arms.py); stock is always run
+    arms_file: str | None = None         # JSON file of custom arms
+    ratios: tuple = ()                   # older flag: one diffaug_r<NN> arm per synthetic share
+    synthetic_only: bool = False         # older flag: adds diffaug_r100
+    n_synthetic: int = 20
+    synthesizer_preset: str = "tiny"
+    sampler: str = "dpmpp"
+    steps: int = 20
+    device: str = "cpu"
+    small_plans: bool = False            # write and use a small plans copy in the workspace (CPU runs)
+
+
+# Settings that define what a finished arm IS: a workspace whose arms were trained under other values
+# would mix budgets or synthesizers in one table, so such a rerun is refused. Seeds and the arm list may
+# grow (an arm's own definition is checked by name, see check_arm_definitions).
+ARM_DEFINING_SETTINGS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations",
+                         "n_synthetic", "synthesizer_preset", "sampler", "steps")
+
+
+def settings_arms(s: BenchmarkSettings) -> list[Arm]:
+    """The arms these settings name: --arms, plus the older --ratios / --synthetic-only translated to arms."""
+    names = list(s.arms) + [ratio_arm_name(r) for r in s.ratios] + (["synthetic_only"] if s.synthetic_only else [])
+    return resolve_arms(names, load_arms_file(s.arms_file) if s.arms_file else None)
+
+
+def check_same_arm_settings(settings_file: Path, s: BenchmarkSettings) -> None:
+    if not settings_file.is_file():
+        return
+    before = json.loads(settings_file.read_text())
+    now = dataclasses.asdict(s)
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in ARM_DEFINING_SETTINGS if k in before and before[k] != now[k]]
+    if changed:
+        raise DiffAugError(f"{settings_file.parent} holds arms trained with other settings ({'; '.join(changed)}): "
+                           f"their results would be mixed into one table. Use a new workspace folder (-o).")
+
+
+def check_arm_definitions(arms_file: Path, arms: list[Arm]) -> dict:
+    """Refuses an arm whose name the workspace already used for another trainer, env or synthetic set;
+    returns every definition the workspace has seen (earlier arms stay recorded when not rerun)."""
+    known = json.loads(arms_file.read_text()) if arms_file.is_file() else {}
+    for arm in arms:
+        if arm.name in known and known[arm.name] != arm.to_json():
+            raise DiffAugError(f"{arms_file.parent} trained arm {arm.name!r} as {known[arm.name]}, now defined as "
+                               f"{arm.to_json()}: rename the custom arm, or use a new workspace folder (-o).")
+    return {**known, **{a.name: a.to_json() for a in arms}}

@@ -1,0 +1,327 @@
+"""Benchmark arms as data: the arm table, shared synthetic sets, resuming (also older workspaces), statistics
+and report, with a fake runner that records the commands the benchmark would run."""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from nnunet_diffaug.benchmark import (BenchmarkSettings, aggregate, builtin_arm, format_table, load_arms_file,
+                                      resolve_arms, run_benchmark)
+from nnunet_diffaug.benchmark.arms import STOCK_TRAINER
+from nnunet_diffaug.errors import DiffAugError
+
+DATASET = "Dataset500_Toy"
+CLASSES = {"background": 0, "liver": 1, "tumour": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# the arm table
+# ----------------------------------------------------------------------------------------------
+
+def test_builtin_arms_name_their_trainer_env_and_synthetic_set():
+    stock = builtin_arm("stock")
+    assert stock.trainer == STOCK_TRAINER and stock.env == () and stock.synthetic is None
+    r33 = builtin_arm("diffaug_r33")
+    assert r33.trainer == "nnUNetTrainerDiffAug" and float(dict(r33.env)["DIFFAUG_SYNTHETIC_RATIO"]) == pytest.approx(1 / 3)
+    assert (r33.synthetic.generator, r33.synthetic.labels) == ("diffusion", "real")
+    combo = dict(builtin_arm("diffaug_r50_cutoff75_equalreal").env)
+    assert combo == {"DIFFAUG_SYNTHETIC_RATIO": "0.5", "DIFFAUG_SYNTHETIC_SCHEDULE": "cutoff:0.75",
+                     "DIFFAUG_EQUAL_REAL_EXPOSURE": "1"}
+    assert dict(builtin_arm("diffaug_r33_linear").env)["DIFFAUG_SYNTHETIC_SCHEDULE"] == "linear"
+    assert builtin_arm("diffaug_r33_cutoff50").env == builtin_arm("diffaug_r33").env + (
+        ("DIFFAUG_SYNTHETIC_SCHEDULE", "cutoff:0.5"),)
+    patchmix = builtin_arm("patchmix")
+    assert patchmix.trainer == "nnUNetTrainerDiffAugPatchMix" and patchmix.synthetic.labels == "real-aligned"
+    assert dict(builtin_arm("patchmix_alpha80").env) == {"DIFFAUG_PATCHMIX_ALPHA": "0.8"}
+    deformed, randomised = builtin_arm("deformed_real_r33"), builtin_arm("randomised_r33")
+    assert deformed.env == randomised.env == r33.env  # the controls change only the synthetic source
+    assert deformed.synthetic.generator == "deformed-real" and not deformed.synthetic.needs_synthesizer
+    assert randomised.synthetic.generator == "randomised" and not randomised.synthetic.needs_synthesizer
+    assert builtin_arm("diffaug_r33_generated").synthetic.labels == "generated"
+    assert builtin_arm("synthetic_only").name == "diffaug_r100"
+    assert builtin_arm("diffaug_r0").synthetic is None  # r = 0 draws no synthetic case
+    for bad in ("diffaug_r150", "diffaug_r33_cutoff0", "diffaug", "stock_r33", "patchmix_alpha120", "DiffAug_r33"):
+        assert builtin_arm(bad) is None, bad
+
+
+def test_arm_list_starts_with_stock_folds_aliases_and_refuses_unknown_names_with_the_valid_ones():
+    assert [a.name for a in resolve_arms(["diffaug_r33", "synthetic_only", "diffaug_r100", "stock"])] == \
+        ["stock", "diffaug_r33", "diffaug_r100"]
+    with pytest.raises(DiffAugError, match=r"--arms: unknown arm\(s\) \['diffaug_33', 'mixup'\]\. Valid: stock; "
+                                           r"diffaug_r<NN>.*patchmix"):
+        resolve_arms(["diffaug_r33", "diffaug_33", "mixup"])
+
+
+def test_arms_file_defines_custom_arms_and_refuses_bad_ones(tmp_path):
+    good = tmp_path / "arms.json"
+    good.write_text(json.dumps({"heavy_aug": {"trainer": "nnUNetTrainerDA5", "env": {}, "synthetic": None},
+                                "diffaug_generated_r25": {"trainer": "nnUNetTrainerDiffAug",
+                                                          "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.25},
+                                                          "synthetic": {"generator": "diffusion",
+                                                                        "labels": "generated"}}}))
+    custom = load_arms_file(good)
+    arms = resolve_arms(["heavy_aug", "diffaug_generated_r25", "diffaug_r33"], custom)
+    assert [a.name for a in arms] == ["stock", "heavy_aug", "diffaug_generated_r25", "diffaug_r33"]
+    assert arms[1].trainer == "nnUNetTrainerDA5" and arms[1].synthetic is None
+    assert dict(arms[2].env) == {"DIFFAUG_SYNTHETIC_RATIO": "0.25"} and arms[2].synthetic.labels == "generated"
+    with pytest.raises(DiffAugError, match="from the arms file: diffaug_generated_r25, heavy_aug"):
+        resolve_arms(["nope"], custom)
+
+    cases = {
+        "does not exist": None,
+        "not valid JSON": "{",
+        "unknown key\\(s\\) \\['ratio'\\]": {"a": {"trainer": "X", "ratio": 0.5}},
+        "'trainer' must name": {"a": {"env": {}}},
+        "DIFFAUG_NUM_EPOCHS": {"a": {"trainer": "X", "env": {"DIFFAUG_NUM_EPOCHS": 5}}},
+        "generator 'gan' is not one of": {"a": {"trainer": "X", "synthetic": {"generator": "gan"}}},
+        "labels 'fake' is not one of": {"a": {"trainer": "X", "synthetic": {"labels": "fake"}}},
+        "is a built-in arm": {"diffaug_r50": {"trainer": "X"}},
+        "only letters": {"a/b": {"trainer": "X"}},
+    }
+    for i, (message, content) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.json"
+        if content is not None:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(DiffAugError, match=f"--arms-file {path}.*{message}"):
+            load_arms_file(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark with a fake runner
+# ----------------------------------------------------------------------------------------------
+
+def _user_dataset(root: Path, monkeypatch, n_cases: int = 8) -> None:
+    raw = root / "user_raw" / DATASET
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    for i in range(n_cases):
+        (raw / "imagesTr" / f"toy_{i:03d}_0000.nii.gz").write_bytes(b"")
+        (raw / "labelsTr" / f"toy_{i:03d}.nii.gz").write_bytes(b"")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": CLASSES,
+                                                  "numTraining": n_cases, "file_ending": ".nii.gz"}))
+    pre = root / "user_preprocessed" / DATASET
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text("{}")
+    monkeypatch.setenv("nnUNet_raw", str(root / "user_raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "user_preprocessed"))
+
+
+def _write_summary(fold_dir: Path, dice: float) -> None:
+    (fold_dir / "validation").mkdir(parents=True, exist_ok=True)
+    (fold_dir / "validation" / "summary.json").write_text(json.dumps(
+        {"mean": {"1": {"Dice": dice}, "2": {"Dice": dice - 0.2}}, "foreground_mean": {"Dice": dice - 0.1}}))
+
+
+class FakeRunner:
+    """Records every command; 'trains' an arm by writing its summary.json (Dice from ``dice[arm]``)."""
+
+    def __init__(self, dice: dict):
+        self.dice = dice
+        self.calls = []
+
+    def __call__(self, cmd, env):
+        self.calls.append((Path(cmd[0]).name, cmd, env))
+        if Path(cmd[0]).name == "nnUNetv2_train":
+            dataset, config, fold, trainer = cmd[1], cmd[2], int(cmd[3]), cmd[cmd.index("-tr") + 1]
+            arm = Path(env["nnUNet_results"]).name
+            fold_dir = Path(env["nnUNet_results"]) / dataset / f"{trainer}__{cmd[cmd.index('-p') + 1]}__{config}" / f"fold_{fold}"
+            _write_summary(fold_dir, self.dice[arm] + 0.01 * fold)
+            if env.get("DIFFAUG_EQUAL_REAL_EXPOSURE") == "1":
+                total = int(env["DIFFAUG_NUM_EPOCHS"]) * int(env["DIFFAUG_ITERATIONS_PER_EPOCH"]) * 3 // 2
+                (fold_dir / "diffaug_training_stats.json").write_text(json.dumps({"total_iterations": total}))
+
+    def named(self, script):
+        return [(cmd, env) for name, cmd, env in self.calls if name == script]
+
+    def trained(self):
+        return [(Path(env["nnUNet_results"]).name, int(cmd[3])) for cmd, env in self.named("nnUNetv2_train")]
+
+
+def _flag(cmd, flag):
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp_path, monkeypatch):
+    _user_dataset(tmp_path, monkeypatch)
+    monkeypatch.setenv("DIFFAUG_SYNTHETIC_SCHEDULE", "linear")  # left in the user's shell: must not leak into arms
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
+                          arms=("diffaug_r33", "diffaug_r33_cutoff50", "diffaug_r50_equalreal", "patchmix",
+                                "deformed_real_r33", "randomised_r33"))
+    runner = FakeRunner({"stock": 0.6, "diffaug_r33": 0.65, "diffaug_r33_cutoff50": 0.62,
+                         "diffaug_r50_equalreal": 0.7, "patchmix": 0.6, "deformed_real_r33": 0.63,
+                         "randomised_r33": 0.5})
+    results = run_benchmark(s, tmp_path / "ws", runner=runner)
+
+    synth = runner.named("diffaug_synthesize")
+    kinds = sorted((c[c.index("--generator") + 1] if "--generator" in c else "diffusion", _flag(c, "--labels"))
+                   for c, _ in synth)
+    assert kinds == [("deformed-real", "real"), ("diffusion", "real"), ("diffusion", "real-aligned"),
+                     ("randomised", "real")]  # four arms share the diffusion set: made once
+    ids = [int(_flag(c, "-o")) for c, _ in synth]
+    assert len(set(ids)) == 4 and all(i >= 900 for i in ids)
+    assert len(runner.named("diffaug_train_synthesizer")) == 1  # trained once per fold, only for diffusion sets
+    sets = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_DATASET") for _, env in
+            runner.named("nnUNetv2_train")}
+    assert sets["stock"] is None
+    assert sets["diffaug_r33"] == sets["diffaug_r33_cutoff50"] == sets["diffaug_r50_equalreal"]
+    assert len({sets["diffaug_r33"], sets["patchmix"], sets["deformed_real_r33"], sets["randomised_r33"]}) == 4
+    aligned = next(int(_flag(c, "-o")) for c, _ in synth if _flag(c, "--labels") == "real-aligned")
+    assert sets["patchmix"] == f"Dataset{aligned:03d}_ToySynthF0"
+    envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}
+    assert "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["stock"] and "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["diffaug_r33"]
+    assert envs["diffaug_r33_cutoff50"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "cutoff:0.5"
+    for env in envs.values():  # same budget and seed for every arm
+        assert (env["DIFFAUG_NUM_EPOCHS"], env["DIFFAUG_ITERATIONS_PER_EPOCH"], env["DIFFAUG_SEED"]) == ("4", "5", "0")
+
+    rows = {r["arm"]: r for r in results["aggregate"]}
+    assert rows["diffaug_r50_equalreal"]["iterations_vs_stock"] == pytest.approx(1.5)
+    assert rows["diffaug_r33"]["iterations_vs_stock"] == pytest.approx(1.0)
+    assert rows["randomised_r33"]["difference_vs_stock"] == pytest.approx(-0.1)
+    assert all(r["wall_time_min"] is not None for r in rows.values())
+    assert (tmp_path / "ws" / "benchmark_plot.png").stat().st_size > 1000
+
+    # rerun with the same arms: nothing runs
+    again = FakeRunner(runner.dice)
+    run_benchmark(s, tmp_path / "ws", runner=again)
+    assert again.calls == []
+
+
+def test_only_controls_without_a_trained_synthesizer(tmp_path, monkeypatch):
+    _user_dataset(tmp_path, monkeypatch)
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0, 1), arms=("deformed_real_r33",))
+    runner = FakeRunner({"stock": 0.6, "deformed_real_r33": 0.6})
+    run_benchmark(s, tmp_path / "ws", runner=runner)
+    assert runner.named("diffaug_train_synthesizer") == []
+    assert [_flag(c, "-f") for c, _ in runner.named("diffaug_synthesize")] == ["0", "1"]  # one set per fold
+
+
+def _legacy_workspace(root: Path, monkeypatch) -> tuple[Path, BenchmarkSettings]:
+    """A workspace as the first version of the benchmark left it: stock and diffaug_r33 trained on fold 0,
+    the synthesizer's set in raw/ (found by provenance, no registry), no arm or timing files."""
+    from nnunet_diffaug.benchmark.workspace import draw_subsets, make_workspace
+    _user_dataset(root, monkeypatch)
+    ws = root / "ws"
+    make_workspace(ws, DATASET, root / "user_raw", root / "user_preprocessed")
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5)
+    cases = [f"toy_{i:03d}" for i in range(8)]
+    _, folds = draw_subsets(cases, s)
+    (ws / "preprocessed" / DATASET / "splits_final.json").write_text(
+        json.dumps([{"train": f["train"], "val": f["val"]} for f in folds]))
+    old = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("arms", "arms_file")}
+    old.update(ratios=[1 / 3], synthetic_only=False)
+    (ws / "benchmark_settings.json").write_text(json.dumps(old))
+    for arm, trainer, dice in (("stock", "nnUNetTrainerBudget", 0.6), ("diffaug_r33", "nnUNetTrainerDiffAug", 0.7)):
+        _write_summary(ws / "results" / arm / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0", dice)
+    legacy_set = ws / "raw" / "Dataset900_ToySynthF0"
+    legacy_set.mkdir()
+    (legacy_set / "diffaug_provenance.json").write_text(json.dumps(
+        {"source_dataset": DATASET, "fold": 0, "configuration": "3d_fullres", "training_cases": folds[0]["train"],
+         "generator": {"kind": "label_conditioned_latent_diffusion", "label_mode": "real"}, "seed": 0}))
+    return ws, s
+
+
+def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_path, monkeypatch):
+    ws, s = _legacy_workspace(tmp_path, monkeypatch)
+    runner = FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "patchmix": 0.66, "diffaug_r50": 0.68})
+    results = run_benchmark(dataclasses.replace(s, arms=("diffaug_r33", "patchmix", "diffaug_r50")), ws, runner=runner)
+    assert runner.trained() == [("patchmix", 0), ("diffaug_r50", 0)]  # stock and diffaug_r33 are not retrained
+    synth = {_flag(c, "--labels"): _flag(c, "-o") for c, _ in runner.named("diffaug_synthesize")}
+    # the new real-aligned set takes the next free id; diffaug_r50 continues the older run's set (id 900)
+    assert synth == {"real-aligned": "901", "real": "900"}
+    envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}
+    assert envs["diffaug_r50"]["DIFFAUG_SYNTHETIC_DATASET"] == "Dataset900_ToySynthF0"
+    assert envs["patchmix"]["DIFFAUG_SYNTHETIC_DATASET"] == "Dataset901_ToySynthF0"
+    rows = {r["arm"]: r for r in results["aggregate"]}
+    assert rows["diffaug_r33"]["difference_vs_stock"] == pytest.approx(0.1)
+    assert rows["stock"]["wall_time_min"] is None  # trained before the benchmark timed arms, no nnU-Net log here
+    assert rows["patchmix"]["wall_time_min"] is not None
+
+    # a seed added later: every arm trains on the new fold only, the shared sets of fold 0 are not remade
+    more = FakeRunner(runner.dice)
+    run_benchmark(dataclasses.replace(s, seeds=(0, 1), arms=("diffaug_r33", "patchmix", "diffaug_r50")), ws,
+                  runner=more)
+    assert more.trained() == [("stock", 1), ("diffaug_r33", 1), ("patchmix", 1), ("diffaug_r50", 1)]
+    assert sorted(_flag(c, "-f") for c, _ in more.named("diffaug_synthesize")) == ["1", "1"]
+    assert len(more.named("diffaug_train_synthesizer")) == 1
+
+    # a budget change is still refused; a custom arm reusing a trained arm's name for something else too
+    with pytest.raises(DiffAugError, match="epochs 4 -> 8"):
+        run_benchmark(dataclasses.replace(s, epochs=8), ws, runner=FakeRunner({}))
+    arms_file = tmp_path / "arms.json"
+    arms_file.write_text(json.dumps({"patchmix_v2": {"trainer": "nnUNetTrainerDiffAugPatchMix"}}))
+    run_benchmark(dataclasses.replace(s, arms=("patchmix_v2",), arms_file=str(arms_file)), ws,
+                  runner=FakeRunner({"stock": 0.6, "patchmix_v2": 0.5}))
+    arms_file.write_text(json.dumps({"patchmix_v2": {"trainer": "nnUNetTrainerDiffAugPatchMix",
+                                                     "env": {"DIFFAUG_PATCHMIX_ALPHA": 0.8}}}))
+    with pytest.raises(DiffAugError, match="trained arm 'patchmix_v2' as .* rename the custom arm"):
+        run_benchmark(dataclasses.replace(s, arms=("patchmix_v2",), arms_file=str(arms_file)), ws,
+                      runner=FakeRunner({}))
+
+
+def test_unknown_arm_is_refused_before_the_workspace_is_made(tmp_path, monkeypatch):
+    _user_dataset(tmp_path, monkeypatch)
+    with pytest.raises(DiffAugError, match="unknown arm"):
+        run_benchmark(BenchmarkSettings(dataset=DATASET, arms=("diffaug_r33", "bogus")), tmp_path / "ws",
+                      runner=FakeRunner({}))
+    assert not (tmp_path / "ws").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics and report
+# ----------------------------------------------------------------------------------------------
+
+def _runs(values: dict, wall: dict | None = None):
+    return [{"arm": arm, "n_train": 3, "seed": seed, "mean_foreground_dice": v, "dice": {"liver": v, "tumour": v / 2},
+             "wall_time_s": (wall or {}).get(arm), "total_iterations": 100}
+            for arm, vs in values.items() for seed, v in enumerate(vs)]
+
+
+def test_paired_difference_and_p_value_match_scipy_and_one_seed_has_neither_p_nor_sd():
+    stock, arm = [0.61, 0.55, 0.70, 0.64], [0.66, 0.58, 0.71, 0.70]
+    rows = {r["arm"]: r for r in aggregate(_runs({"stock": stock, "patchmix": arm}), ["stock", "patchmix"])}
+    assert rows["patchmix"]["difference_vs_stock"] == pytest.approx(np.mean(np.subtract(arm, stock)))
+    assert rows["patchmix"]["paired_t_p_value"] == pytest.approx(stats.ttest_rel(arm, stock).pvalue)
+    assert rows["patchmix"]["n_seeds"] == 4 and rows["patchmix"]["sd"] == pytest.approx(np.std(arm, ddof=1))
+    tumour = rows["patchmix"]["per_class_difference_vs_stock"]["tumour"]
+    assert tumour["difference"] == pytest.approx(np.mean(np.subtract(arm, stock)) / 2)
+    assert tumour["paired_t_p_value"] == pytest.approx(stats.ttest_rel(np.divide(arm, 2), np.divide(stock, 2)).pvalue)
+    one = {r["arm"]: r for r in aggregate(_runs({"stock": [0.6], "patchmix": [0.7]}), ["stock", "patchmix"])}
+    assert one["patchmix"]["difference_vs_stock"] == pytest.approx(0.1)
+    assert one["patchmix"]["paired_t_p_value"] is None and one["patchmix"]["sd"] is None
+    assert one["patchmix"]["per_class_sd"] == {"liver": None, "tumour": None}
+
+
+def test_table_has_a_row_per_arm_with_seeds_wall_time_and_iterations(tmp_path):
+    from nnunet_diffaug.benchmark import write_report
+    arms = ["stock", "diffaug_r33", "deformed_real_r33"]
+    runs = _runs({"stock": [0.6, 0.62], "diffaug_r33": [0.65, 0.66], "deformed_real_r33": [0.6, 0.64]},
+                 wall={"stock": 120.0, "diffaug_r33": 180.0, "deformed_real_r33": 150.0})
+    results = {"settings": {"dataset": DATASET, "configuration": "3d_fullres"}, "classes": ["liver", "tumour"],
+               "aggregate": aggregate(runs, arms)}
+    lines = format_table(results).splitlines()
+    assert "wall min" in lines[0] and "iterations vs stock" in lines[0] and "paired p" in lines[0]
+    body = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert list(body) == arms
+    assert "| 3 | diffaug_r33 | 2 | 0.655 ± 0.007 |" in body["diffaug_r33"]
+    assert " 3.0 | 1.00× |" in body["diffaug_r33"] and " 2.0 | 1.00× |" in body["stock"]
+    assert "+0.045" in body["diffaug_r33"]
+    write_report(results, tmp_path)  # one training-set size: grouped bars per class
+    png = tmp_path / "benchmark_plot.png"
+    assert png.stat().st_size > 1000
+    import matplotlib.image
+    assert matplotlib.image.imread(png).shape[1] >= 600
+    assert json.loads((tmp_path / "benchmark_results.json").read_text())["aggregate"][1]["wall_time_min"] == 3.0
+
+
+def test_demo_explains_that_small_one_seed_differences_are_noise():
+    from nnunet_diffaug.demo import explain_noise
+    results = {"test_cases": ["a", "b", "c"], "runs": [{"seed": 0, "n_train": 5}],
+               "aggregate": [{"arm": "stock"}, {"arm": "diffaug_r33", "difference_vs_stock": -0.002},
+                             {"arm": "patchmix", "difference_vs_stock": 0.09}]}
+    text = explain_noise(results)
+    assert "1 seed and 3 test cases, differences below about 0.05 Dice are noise" in text
+    assert "diffaug_r33: -0.002 (within the noise)" in text and "patchmix: +0.090 (larger" in text
+    assert "--seeds 0 1 2 3 4" in text
