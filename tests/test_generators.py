@@ -6,7 +6,6 @@ diffaug_train_synthesizer never ran.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
