@@ -326,11 +326,20 @@ def synthesize_entry(argv=None):
     p = argparse.ArgumentParser(
         prog="diffaug_synthesize", formatter_class=_formatter,
         description="Write a synthetic nnU-Net raw dataset ($nnUNet_raw/DatasetYYY_<Task>SynthF<f>) with the "
-                    "fold's trained synthesizer: by default each case reuses a training label map of the fold, "
+                    "fold's trained synthesizer (or a --generator that needs none): by default each case reuses a training label map of the fold, "
                     "randomly deformed, with a newly painted image in raw units (see --labels for new or aligned "
                     "maps). Rerunning continues; complete cases are kept.")
     _add_common_synthesizer_args(p)
     p.add_argument("-n", type=POSITIVE_INT, required=True, help="number of synthetic cases (over all parts)")
+    p.add_argument("--generator", default="diffusion", choices=["diffusion", "randomised", "deformed-real"],
+                   help="what paints the images: 'diffusion' = the fold's trained synthesizer; 'randomised' = "
+                        "SynthSeg-style random intensities per class, bias field, blur, noise, gamma (no training); "
+                        "'deformed-real' = the source case's real image deformed with its labels (a control)")
+    p.add_argument("--randomisation", default=None, metavar="RANGES.json",
+                   help="--generator randomised: JSON object overriding the default ranges (see README)")
+    p.add_argument("-plans", default=None,
+                   help="nnU-Net plans identifier for randomised/deformed-real (default nnUNetPlans); diffusion "
+                        "uses its synthesizer's")
     p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned"],
                    help="where label maps come from: 'real' = deformed training label maps of the fold; "
                         "'generated' = new maps from the fold's label generator; 'real-aligned' = case i paints "
@@ -365,5 +374,6 @@ def synthesize_entry(argv=None):
     folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
                         seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
                         overwrite=args.overwrite, device=args.device, verbose=args.verbose, guidance=args.guidance,
-                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing)
+                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
+                        generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation)
     print(folder)

@@ -14,10 +14,12 @@ import hashlib
 import numpy as np
 import torch
 
+from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.checkpoint import file_sha256
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.label_attributes import (VolumeRequest, component_counts, draw_attributes,
-                                                       remove_small_fragments, volume_fractions)
+                                                       parse_volume_requests, remove_small_fragments,
+                                                       volume_fractions)
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES, LabelGenerator, label_final_file
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 
@@ -63,6 +65,29 @@ class GeneratedLabels:
                        "measured_components": {n: int(c) for n, c in zip(self.class_names,
                                                                          component_counts(clean, k))},
                        "fragment_voxels_relabelled": int(np.count_nonzero(raw != clean))}
+
+
+def open_generated_labels(syn_folder, data: FoldData, device, guidance: float | None, volume: list[str] | None,
+                          min_component_voxels: int) -> GeneratedLabels:
+    """The fold's label generator (trained beside the image synthesizer) for ``--labels generated``.
+
+    Only the label generator's files are needed, so image generators without a trained model use it too.
+    """
+    from nnunet_diffaug.synthesis.synthesizer import read_run_files
+    cfg, spec, _ = read_run_files(syn_folder)
+    if spec.training_cases != data.training_cases or spec.plans_identifier != data.plans_identifier:
+        raise DiffAugError(f"{syn_folder}: its label generator was trained on other training cases or plans "
+                           f"({spec.plans_identifier}) than fold {data.fold} of {data.folder / data.plans_identifier}"
+                           f".json has now; retrain it (diffaug_train_synthesizer --overwrite) or pass its -plans.")
+    generator = LabelGenerator.load(syn_folder, cfg.label_generator, spec.spatial_dims, spec.num_classes, device,
+                                    synthesize_hint=f"-d {spec.dataset_name} -c {spec.configuration} -f {spec.fold} ")
+    names = {k: int(v) for k, v in data.dataset_json["labels"].items() if k != "ignore"}
+    requests = parse_volume_requests(volume, names, spec.label_values)
+    name_of_value = {v: k for k, v in names.items()}
+    class_names = [name_of_value[v] for v in spec.label_values[1:]]
+    lg = cfg.label_generator
+    return GeneratedLabels(generator, requests, lg.guidance if guidance is None else float(guidance),
+                           min_component_voxels, class_names)
 
 
 def aligned_source(data: FoldData, index: int) -> tuple[str, np.ndarray]:

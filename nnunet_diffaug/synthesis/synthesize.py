@@ -1,6 +1,7 @@
-"""A trained synthesizer -> a synthetic nnU-Net raw dataset.
+"""Label maps of the fold -> a synthetic nnU-Net raw dataset, painted by one ``--generator``.
 
-Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`).
+Generators (:data:`GENERATORS`): ``diffusion`` (the fold's trained synthesizer, below), ``randomised``
+and ``deformed-real`` (:mod:`generators`, no training). Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`).
 
 Case ``i`` takes the label map of a training case of the fold (a seeded round robin), deforms it
 with a small random affine transform (nearest interpolation, so labels stay labels), paints an
@@ -21,9 +22,11 @@ from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
-from nnunet_diffaug.synthesis.label_attributes import parse_volume_requests
-from nnunet_diffaug.synthesis.label_generator import LabelGenerator
-from nnunet_diffaug.synthesis.label_modes import GeneratedLabels, aligned_raw_space, aligned_source, paint_volume
+from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
+from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
+from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
+from nnunet_diffaug.synthesis.label_modes import (GeneratedLabels, aligned_raw_space, aligned_source,
+                                                  open_generated_labels, paint_volume)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
@@ -176,17 +179,84 @@ def _extra_conditioning(syn: Synthesizer) -> dict:
     return {k: True for k in ("edge_hint", "tag_conditioning") if getattr(dcfg, k)}
 
 
-def _generated_labels(syn: Synthesizer, syn_folder: Path, data: FoldData, device, guidance: float | None,
-                      volume: list[str] | None, min_component_voxels: int) -> GeneratedLabels:
-    spec, lg = syn.spec, syn.config.label_generator
-    generator = LabelGenerator.load(syn_folder, lg, spec.spatial_dims, spec.num_classes, device,
-                                    synthesize_hint=f"-d {spec.dataset_name} -c {spec.configuration} -f {spec.fold} ")
-    names = {k: int(v) for k, v in data.dataset_json["labels"].items() if k != "ignore"}
-    requests = parse_volume_requests(volume, names, spec.label_values)
-    name_of_value = {v: k for k, v in names.items()}
-    class_names = [name_of_value[v] for v in spec.label_values[1:]]
-    return GeneratedLabels(generator, requests, lg.guidance if guidance is None else float(guidance),
-                           min_component_voxels, class_names)
+class DiffusionGenerator(Generator):
+    """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
+    kind = "diffusion"
+    label_modes = LABEL_MODES
+    options = ("--sampler", "--steps", "--spacing")
+
+    def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None):
+        self.syn, self._syn_folder, self.data, self.smp, self.spacing = syn, syn_folder, data, smp, spacing
+        self.sampling_config = syn.config.sampling
+        self.needs_source_image = syn.config.diffusion.edge_hint  # the edge hint reads the real image
+
+    @classmethod
+    def open(cls, request: SynthesisRequest) -> "DiffusionGenerator":
+        syn_folder = paths.synthesizer_folder(request.dataset_name, request.configuration, request.fold)
+        syn = Synthesizer.load(syn_folder, resolve_device(request.device))
+        spec = syn.spec
+        if request.plans_identifier not in (None, spec.plans_identifier):
+            raise DiffAugError(f"-plans {request.plans_identifier}: the synthesizer in {syn_folder} was trained on "
+                               f"{spec.plans_identifier}; drop -plans (diffusion uses the synthesizer's).")
+        data = FoldData(request.dataset_name, request.configuration, request.fold, spec.plans_identifier)
+        if data.training_cases != spec.training_cases:
+            raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {request.fold}'s training cases changed "
+                               f"since the synthesizer in {syn_folder} was trained; retrain it "
+                               f"(diffaug_train_synthesizer --overwrite).")
+        spacing = request.options.get("--spacing")
+        if spacing is not None and not syn.config.diffusion.tag_conditioning:
+            raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
+                               f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
+        smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
+        return cls(syn, syn_folder, data, smp, spacing)
+
+    @property
+    def training_cases(self) -> list[str]:
+        return list(self.syn.spec.training_cases)
+
+    @property
+    def synthesizer_folder(self) -> Path:
+        return self._syn_folder
+
+    def provenance(self, labels: str, seed: int) -> rawdata.SyntheticProvenance:
+        provenance = _provenance(self.syn, self._syn_folder, self.smp, labels, seed)
+        if self.spacing is not None:
+            provenance.generator["spacing_tag"] = [float(v) for v in self.spacing]
+        return provenance
+
+    def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing)
+        if draw.whole_volume:  # the whole volume on the case's grid; 2D synthesizers paint it slice by slice
+            image = paint_volume(self.syn, draw.labels, self.smp, gen, **hint_kwargs)
+        else:
+            image = self.syn.generate(draw.labels[None], self.smp, gen, **hint_kwargs)[0]  # (C, *spatial)
+        return image, {"sampler": self.smp.name, "steps": self.smp.steps, **hint_record}
+
+
+# ``--generator`` name -> implementation; each refuses the label modes and flags it cannot take
+GENERATORS: dict[str, type[Generator]] = {
+    "diffusion": DiffusionGenerator,
+    "randomised": RandomisedGenerator,
+    "deformed-real": DeformedRealGenerator,
+}
+
+
+def _draw_labels(labels: str, data: FoldData, index: int, seed: int, rng: np.random.Generator,
+                 generated: GeneratedLabels | None, generator: Generator) -> CaseDraw:
+    """Case ``index``'s label map by ``--labels`` mode (and the real image moved with it, if the generator wants it)."""
+    wants_image = generator.needs_source_image
+    if labels == "generated":
+        label_map, extra = generated.make(rng)
+        return CaseDraw(label_map, record=extra)
+    if labels == "real-aligned":
+        source, label_map = aligned_source(data, index)
+        image = _source_image(data, source, None) if wants_image else None
+        return CaseDraw(label_map, source, None, image, whole_volume=True, record={"aligned_with_source": True})
+    source, z, label_map = _pick_source(data, index, seed, rng)
+    image = _source_image(data, source, z) if wants_image else None
+    label_map, image, aug = augment_label_map(label_map, rng, generator.sampling_config, image)
+    return CaseDraw(label_map, source, z, image, aug)
 
 
 def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
@@ -194,11 +264,17 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
                progress: bool = True, verbose: bool = False, guidance: float | None = None,
                volume: list[str] | None = None,
-               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None) -> Path:
-    """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder.
+               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
+               generator: str = "diffusion", plans_identifier: str | None = None,
+               randomisation: str | None = None) -> Path:
+    """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
+    ``plans_identifier``: the preprocessed data of generators without a synthesizer (default nnUNetPlans).
+    ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``).
     """
+    if generator not in GENERATORS:
+        raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
     if labels not in LABEL_MODES:
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
     if labels != "generated" and (volume or guidance is not None):
@@ -216,27 +292,21 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         raise DiffAugError(f"--steps {steps}: a sampler needs at least 1 step.")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise DiffAugError(f"-part_id {part_id} must be in 0..{num_parts - 1} (-num_parts {num_parts}).")
-    dev = resolve_device(device)
+    kind = GENERATORS[generator]
     dataset_name = paths.resolve_dataset_name(dataset)
-    syn_folder = paths.synthesizer_folder(dataset_name, configuration, fold)
-    syn = Synthesizer.load(syn_folder, dev)
-    spec = syn.spec
-    data = FoldData(dataset_name, configuration, fold, spec.plans_identifier)
-    if data.training_cases != spec.training_cases:
-        raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {fold}'s training cases changed since the "
-                           f"synthesizer in {syn_folder} was trained; retrain it (diffaug_train_synthesizer --overwrite).")
-    if spacing is not None and not syn.config.diffusion.tag_conditioning:
-        raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
-                           f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
-    smp = syn.sampler(sampler, steps)
+    request = SynthesisRequest(dataset_name, configuration, fold, labels, plans_identifier, device, options={
+        "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation})
+    kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading
+    dev = resolve_device(device)
+    painter = kind.open(request)
+    data = painter.data
     real_dj = _real_dataset_json(dataset_name, data)
-    provenance = _provenance(syn, syn_folder, smp, labels, seed)
-    if spacing is not None:
-        provenance.generator["spacing_tag"] = [float(v) for v in spacing]
+    provenance = painter.provenance(labels, seed)
     generated = None
     if labels == "generated":
-        generated = _generated_labels(syn, syn_folder, data, dev, guidance, volume, min_component_voxels)
-        provenance.generator["label_generator"] = generated.provenance(syn_folder)
+        generated = open_generated_labels(painter.synthesizer_folder, data, dev, guidance, volume,
+                                          min_component_voxels)
+        provenance.generator["label_generator"] = generated.provenance(painter.synthesizer_folder)
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
     part_lock = rawdata.folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
@@ -244,7 +314,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                                     holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
     with part_lock:
         writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
-        raw_space = RawSpace(data.plans_manager, data.cm, spec.spatial_dims, spec.label_values)
+        raw_space = RawSpace(data.plans_manager, data.cm, data.spatial_dims, data.label_values)
 
         mine = [i for i in range(num_cases) if i % num_parts == part_id]
         todo = [i for i in mine if not writer.has_case(case_id_for(i))]
@@ -253,35 +323,16 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         from tqdm import tqdm
         for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
             rng = _case_rng(seed, i)
-            extra: dict = {}
             t0 = time.perf_counter()
-            edges_wanted = syn.config.diffusion.edge_hint
-            source_image = None
-            if labels == "generated":
-                source, z, aug = None, None, None
-                label_map, extra = generated.make(rng)
-            elif labels == "real-aligned":
-                source, label_map = aligned_source(data, i)
-                z, aug, extra = None, None, {"aligned_with_source": True}
-                source_image = _source_image(data, source, None) if edges_wanted else None
-            else:
-                source, z, label_map = _pick_source(data, i, seed, rng)
-                source_image = _source_image(data, source, z) if edges_wanted else None
-                label_map, source_image, aug = augment_label_map(label_map, rng, syn.config.sampling, source_image)
-            gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-            hint_kwargs, hint_record = _hints(syn, data, source, source_image, rng, spacing)
-            extra.update(hint_record)
-            if labels == "real-aligned":
-                # the whole volume, on the case's own grid
-                image = paint_volume(syn, label_map, smp, gen, **hint_kwargs)
-                channels, label_img, notes = aligned_raw_space(data, source, spec.label_values).convert(image, label_map)
-            else:
-                image = syn.generate(label_map[None], smp, gen, **hint_kwargs)[0]  # (C, *spatial), normalised
-                channels, label_img, notes = raw_space.convert(image, label_map)
+            draw = _draw_labels(labels, data, i, seed, rng, generated, painter)
+            image, painted = painter.paint(draw, rng)  # (C, *spatial), normalised
+            # real-aligned: the whole volume, on the case's own grid
+            space = aligned_raw_space(data, draw.source, data.label_values) if draw.whole_volume else raw_space
+            channels, label_img, notes = space.convert(image, draw.labels)
             seconds = time.perf_counter() - t0
-            record = {"case_id": case_id_for(i), "index": i, "source_case": source, "source_slice": z,
-                      "label_mode": labels, "augmentation": aug, "seed": seed, "sampler": smp.name, "steps": smp.steps,
-                      "seconds": round(seconds, 3), "notes": notes, **extra}
+            record = {"case_id": case_id_for(i), "index": i, "generator": painter.kind, "source_case": draw.source,
+                      "source_slice": draw.source_slice, "label_mode": labels, "augmentation": draw.augmentation,
+                      "seed": seed, "seconds": round(seconds, 3), "notes": notes, **draw.record, **painted}
             writer.write_case(case_id_for(i), channels, label_img, record)
         n = writer.finalize()
         if todo:

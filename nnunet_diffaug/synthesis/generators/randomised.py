@@ -1,0 +1,218 @@
+"""``--generator randomised``: domain-randomised painting of label maps, no training.
+
+After Billot et al., "SynthSeg: Segmentation of brain MRI scans of any contrast and resolution without
+retraining" (Medical Image Analysis, 2023): every case gets a new random appearance, so a segmenter
+trained on it cannot rely on any one contrast. Per case and channel, in nnU-Net's normalised units:
+
+1. Gaussian mixture: each class (background and nnU-Net's 'outside' class included) draws a mean and
+   a standard deviation; every voxel draws from its class's Gaussian.
+2. Bias field: ``x * exp(m) + a`` with ``m``, ``a`` smooth random fields (Gaussian noise on a coarse
+   grid, upsampled linearly).
+3. Resolution loss: Gaussian blur, then (with some probability) down- and up-sampling by a random
+   factor per axis.
+4. Gaussian noise, then a random gamma on the clip range, then clipping to it (default: the fold's
+   training intensity range per channel, the range the diffusion decoder is clamped to).
+
+2D configurations never blur or resample across the first (slice) axis of a whole volume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis.config import SamplingConfig
+from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
+
+INTENSITY_RANGE_SEED = 0  # the clip range reads whole training cases; a fixed order keeps it reproducible
+
+
+@dataclass(frozen=True)
+class RandomisationRanges:
+    """Where each random appearance parameter is drawn from (uniform in [low, high] unless said otherwise).
+
+    Units are nnU-Net's normalised intensities (z-scores for CT and z-score schemes) and voxels.
+    """
+    mean: tuple[float, float] = (-2.0, 2.0)            # class mean
+    sd: tuple[float, float] = (0.0, 0.5)               # class standard deviation
+    bias_log_sd: float = 0.3                           # multiplicative field exp(m): sd of m on the coarse grid
+    bias_additive_sd: float = 0.2                      # additive field a: its sd on the coarse grid
+    bias_grid: int = 4                                 # coarse grid points per axis of both fields
+    blur_sigma: tuple[float, float] = (0.0, 1.0)       # Gaussian blur, voxels, per axis
+    downsample_probability: float = 0.5                # chance of down-up sampling
+    downsample_factor: tuple[float, float] = (1.0, 3.0)  # per axis
+    noise_sd: tuple[float, float] = (0.0, 0.15)        # additive Gaussian noise
+    gamma_log_sd: float = 0.4                          # gamma = exp(N(0, this)) on the clip range
+    clip: tuple[float, float] | None = None            # None: the fold's training range, per channel
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "RandomisationRanges":
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DiffAugError(f"--randomisation {path}: no such file.") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise DiffAugError(f"--randomisation {path}: not a readable JSON file ({e}).") from None
+        return cls.from_json(obj, f"--randomisation {path}")
+
+    @classmethod
+    def from_json(cls, obj, where: str = "randomisation ranges") -> "RandomisationRanges":
+        """Any subset of the fields; missing ones keep their defaults. Unknown keys and bad values are refused."""
+        if not isinstance(obj, dict):
+            raise DiffAugError(f"{where}: must hold a JSON object of ranges, e.g. {{\"mean\": [-2, 2]}}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - set(fields))
+        if unknown:
+            raise DiffAugError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}.")
+        values = {}
+        for name, value in obj.items():
+            pair = isinstance(cls.__dataclass_fields__[name].default, tuple) or name == "clip"
+            if pair and not (name == "clip" and value is None):
+                if (not isinstance(value, list) or len(value) != 2
+                        or not all(_is_number(v) for v in value) or value[0] > value[1]):
+                    raise DiffAugError(f"{where}: {name!r} must be [low, high] with low <= high, not {value!r}.")
+                value = (float(value[0]), float(value[1]))
+            elif not pair and not _is_number(value):
+                raise DiffAugError(f"{where}: {name!r} must be a number, not {value!r}.")
+            values[name] = value
+        ranges = cls(**values)
+        ranges._check(where)
+        return ranges
+
+    def _check(self, where: str) -> None:
+        problems = []
+        for name in ("sd", "blur_sigma", "noise_sd"):
+            if getattr(self, name)[0] < 0:
+                problems.append(f"{name!r} must not be negative")
+        for name in ("bias_log_sd", "bias_additive_sd", "gamma_log_sd"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name!r} must not be negative")
+        if not 0 <= self.downsample_probability <= 1:
+            problems.append("'downsample_probability' must lie in [0, 1]")
+        if self.downsample_factor[0] < 1:
+            problems.append("'downsample_factor' must be >= 1 (1 = no resolution loss)")
+        if self.bias_grid < 2 or int(self.bias_grid) != self.bias_grid:
+            problems.append("'bias_grid' must be an integer >= 2")
+        if self.clip is not None and self.clip[0] >= self.clip[1]:
+            problems.append("'clip' must be [low, high] with low < high")
+        if problems:
+            raise DiffAugError(f"{where}: {'; '.join(problems)}.")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _smooth_field(shape: tuple[int, ...], grid: int, sd: float, rng: np.random.Generator,
+                  frozen_axes: int) -> np.ndarray:
+    """Gaussian noise on a coarse grid, upsampled linearly to ``shape``: a smooth random field."""
+    import torch
+    import torch.nn.functional as F
+    coarse = [1 if a < frozen_axes else min(int(grid), s) for a, s in enumerate(shape)]
+    field = torch.from_numpy(rng.normal(0.0, sd, size=coarse).astype(np.float32))[None, None]
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=True)[0, 0].numpy()
+
+
+def _lose_resolution(image: np.ndarray, factors: list[float]) -> np.ndarray:
+    """Averages down by ``factors`` per axis and interpolates back: a coarser acquisition."""
+    import torch
+    import torch.nn.functional as F
+    low = [max(1, int(round(s / f))) for s, f in zip(image.shape, factors)]
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=tuple(low), mode="area")
+    mode = "bilinear" if image.ndim == 2 else "trilinear"
+    return F.interpolate(t, size=image.shape, mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[float, float]], ranges: RandomisationRanges,
+                     rng: np.random.Generator, frozen_axes: int = 0) -> tuple[np.ndarray, dict]:
+    """Class indices (*spatial) -> (image (C, *spatial) float32, the parameters drawn per channel).
+
+    ``clip``: (low, high) per channel. ``frozen_axes``: leading axes left unblurred and unresampled.
+    """
+    from scipy.ndimage import gaussian_filter
+    r = ranges
+    channels, drawn = [], []
+    for lo, hi in clip:
+        means = rng.uniform(*r.mean, size=num_classes)
+        sds = rng.uniform(*r.sd, size=num_classes)
+        x = means[labels] + sds[labels] * rng.standard_normal(labels.shape)
+        x = x * np.exp(_smooth_field(labels.shape, r.bias_grid, r.bias_log_sd, rng, frozen_axes)) \
+            + _smooth_field(labels.shape, r.bias_grid, r.bias_additive_sd, rng, frozen_axes)
+        sigma = [0.0 if a < frozen_axes else float(rng.uniform(*r.blur_sigma)) for a in range(labels.ndim)]
+        x = gaussian_filter(x, sigma, mode="nearest")
+        factors = None
+        if rng.random() < r.downsample_probability:
+            factors = [1.0 if a < frozen_axes else float(rng.uniform(*r.downsample_factor)) for a in range(labels.ndim)]
+            x = _lose_resolution(x, factors)
+        noise = float(rng.uniform(*r.noise_sd))
+        x = x + noise * rng.standard_normal(labels.shape)
+        gamma = float(np.exp(rng.normal(0.0, r.gamma_log_sd)))
+        unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+        channels.append((lo + (hi - lo) * unit ** gamma).astype(np.float32))
+        drawn.append({"class_means": np.round(means, 4).tolist(), "class_sds": np.round(sds, 4).tolist(),
+                      "blur_sigma": [round(s, 4) for s in sigma],
+                      "downsample_factors": None if factors is None else [round(f, 4) for f in factors],
+                      "noise_sd": round(noise, 4), "gamma": round(gamma, 4)})
+    return np.stack(channels), {"channels": drawn}
+
+
+class RandomisedGenerator(Generator):
+    kind = "randomised"
+    label_modes = ("real", "real-aligned", "generated")
+    options = ("--randomisation",)
+
+    def __init__(self, data: FoldData, ranges: RandomisationRanges, synthesizer_folder):
+        self.data, self.ranges, self._syn_folder = data, ranges, synthesizer_folder
+        self.sampling_config = SamplingConfig()  # label deformation as for the diffusion presets
+        self.num_classes = len(data.label_values) + 1  # + nnU-Net's 'outside'
+        if ranges.clip is not None:
+            self.clip = [tuple(ranges.clip)] * data.in_channels
+        else:
+            lo, hi = data.intensity_range(np.random.default_rng(INTENSITY_RANGE_SEED))
+            self.clip = [(round(float(a), 4), round(float(b), 4)) for a, b in zip(lo, hi)]
+
+    @classmethod
+    def load_ranges(cls, request: SynthesisRequest) -> RandomisationRanges:
+        path = request.options.get("--randomisation")
+        return RandomisationRanges() if path is None else RandomisationRanges.from_json_file(path)
+
+    @classmethod
+    def check_request(cls, request: SynthesisRequest) -> None:
+        super().check_request(request)
+        cls.load_ranges(request)  # a bad file is refused before any data is read
+
+    @classmethod
+    def open(cls, request: SynthesisRequest) -> "RandomisedGenerator":
+        from nnunet_diffaug import paths
+        ranges = cls.load_ranges(request)
+        data = FoldData(request.dataset_name, request.configuration, request.fold,
+                        request.plans_identifier or "nnUNetPlans")
+        return cls(data, ranges, paths.synthesizer_folder(request.dataset_name, request.configuration, request.fold))
+
+    @property
+    def synthesizer_folder(self):
+        return self._syn_folder  # only its label generator is used (--labels generated)
+
+    def generator_entry(self, labels: str) -> dict:
+        return {"kind": "domain_randomised", "label_mode": labels, "plans_identifier": self.data.plans_identifier,
+                "randomisation": self.ranges.to_json(), "intensity_clip": [list(c) for c in self.clip],
+                "augmentation": {k: getattr(self.sampling_config, k)
+                                 for k in ("rotate_degrees", "scale_range", "translate_fraction")}}
+
+    def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        # a whole volume of a 2D configuration: its slices are nnU-Net's samples, keep them apart
+        frozen = 1 if draw.labels.ndim == 3 and self.data.spatial_dims == 2 else 0
+        image, drawn = paint_randomised(draw.labels, self.num_classes, self.clip, self.ranges, rng, frozen)
+        return image, {"randomisation": drawn}
