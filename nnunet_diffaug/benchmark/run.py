@@ -74,8 +74,8 @@ def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: Synthet
            "-o", str(int(dataset_name[7:10]))]
     if spec.generator == "diffusion":  # the default generator: no flag, as the first benchmark version ran it
         cmd += ["--sampler", s.sampler, "--steps", str(s.steps)]
-    else:
-        cmd += ["--generator", spec.generator]
+    else:  # no synthesizer: the generator reads the preprocessed data of the benchmark's plans
+        cmd += ["--generator", spec.generator, "-plans", s.plans]
     return cmd
 
 
