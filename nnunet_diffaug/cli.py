@@ -369,11 +369,40 @@ def synthesize_entry(argv=None):
                         "free id from 900")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output dataset that holds other synthetic cases (different provenance)")
+    judge = p.add_argument_group(
+        "judge filtering", "draw --candidates cases, let an nnU-Net model trained on this fold's REAL cases segment "
+                           "each, and keep the -n whose segmentation agrees best with their own labels (mean Dice "
+                           "over the classes each holds). Every score is recorded; reruns continue.")
+    judge.add_argument("--judge", default=None, metavar="MODEL",
+                       help="the judge: an nnU-Net model folder, or its name in $nnUNet_results/<dataset>/ "
+                            "(e.g. nnUNetTrainer__nnUNetPlans__3d_fullres); its fold -f must be finished")
+    judge.add_argument("--candidates", type=POSITIVE_INT, default=None,
+                       help="--judge: candidates drawn (default 2 x -n)")
+    judge.add_argument("--min-class-dice", type=_float_in(0, 1), default=None,
+                       help="--judge: also drop candidates with any class below this Dice")
+    judge.add_argument("--judge-tta", action="store_true",
+                       help="--judge: the judge uses test-time mirroring (up to 8x slower per candidate)")
     args = p.parse_args(argv)
-    from nnunet_diffaug.synthesis.synthesize import synthesize
-    folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
-                        seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
-                        overwrite=args.overwrite, device=args.device, verbose=args.verbose, guidance=args.guidance,
-                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
-                        generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation)
+    common = dict(labels=args.labels, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=args.guidance,
+                  volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
+                  generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
+                  verbose=args.verbose)
+    if args.judge is None:
+        if args.candidates is not None or args.min_class_dice is not None or args.judge_tta:
+            raise DiffAugError("--candidates, --min-class-dice and --judge-tta need --judge MODEL.")
+        from nnunet_diffaug.synthesis.synthesize import synthesize
+        folder = synthesize(args.d, args.c, args.f, args.n, num_parts=args.num_parts, part_id=args.part_id,
+                            output_id=args.o, overwrite=args.overwrite, device=args.device, **common)
+    else:
+        from nnunet_diffaug.judge_filter import Judge, judge_folder, synthesize_filtered
+        from nnunet_diffaug.paths import resolve_dataset_name
+        model = args.judge if os.sep in args.judge or os.path.isdir(args.judge) else None
+        name = None if model else args.judge.split("__")
+        if name is not None and len(name) != 3:
+            raise DiffAugError(f"--judge {args.judge!r} is neither a folder nor a model name TRAINER__PLANS__CONFIG.")
+        folder = judge_folder(resolve_dataset_name(args.d), model, *(name or ("", "", "")))
+        folder = synthesize_filtered(args.d, args.c, args.f, args.n, args.candidates or 2 * args.n,
+                                     Judge(folder, use_mirroring=args.judge_tta), args.min_class_dice,
+                                     output_id=args.o, overwrite=args.overwrite, device=args.device,
+                                     num_parts=args.num_parts, **common)
     print(folder)

@@ -25,7 +25,7 @@ from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, SyntheticProvenance, atomic_write_json,
                                     check_synthetic_matches_real, list_cases, load_dataset_json, read_fold,
-                                    read_json, read_provenance)
+                                    read_json, read_provenance, remove_stale_temporaries)
 
 SUMMARY_FILE = "diffaug_judge_summary.json"
 SCORES_DIR = "diffaug_judge_scores"      # inside the candidate set: one record per judged candidate
@@ -86,6 +86,8 @@ def score_candidates(candidates: Path, judge: Judge, fold: int, progress: bool =
     from nnunet_diffaug.evaluation.run import segment_once
     cases = list_cases(candidates)
     store = candidates / SCORES_DIR
+    if store.is_dir():
+        remove_stale_temporaries(store)  # a killed run's half-written score
     checkpoint = judge.model_folder / f"fold_{fold}" / judge.checkpoint
     fingerprint = {"judge": str(checkpoint), "judge_mtime_ns": checkpoint.stat().st_mtime_ns,
                    "test_time_mirroring": judge.use_mirroring}
@@ -195,3 +197,55 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
                            f"{output} holds those {len(kept)}. Ask for more candidates (the rerun keeps what exists) "
                            f"or lower the floor.")
     return summary
+
+
+def _filtered_output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
+                            output_id: int | None) -> Path:
+    """``-o`` if given; else the filtered set of an identical earlier request (a rerun continues it); else a new id."""
+    from nnunet_diffaug.rawdata import find_synthetic_datasets, next_free_dataset_id, synthetic_dataset_name
+    raw = paths.nnunet_raw()
+    if output_id is not None:
+        return raw / synthetic_dataset_name(output_id, dataset_name, fold)
+    for folder in find_synthetic_datasets(raw, dataset_name, fold):
+        try:
+            if read_provenance(folder).to_json() == provenance.to_json():
+                return folder
+        except DiffAugError:
+            continue
+    return raw / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
+
+
+def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep: int, candidates: int,
+                        judge: Judge, min_class_dice: float | None = None, output_id: int | None = None,
+                        overwrite: bool = False, device: str = "auto", progress: bool = True, **synthesize_kwargs) -> Path:
+    """Draws ``candidates`` cases with any generator and label mode (``synthesize_kwargs`` as for
+    :func:`~nnunet_diffaug.synthesis.synthesize.synthesize`), then keeps the ``keep`` the judge reads best.
+
+    The candidates form a synthetic set of their own, marked so that trainers never pick it up; both steps
+    resume. Returns the filtered dataset's folder.
+    """
+    from nnunet_diffaug.rawdata import CANDIDATES_ROLE
+    from nnunet_diffaug.synthesis.synthesize import synthesize
+    if candidates < keep:
+        raise DiffAugError(f"--candidates {candidates} must be at least -n {keep} (the cases to keep).")
+    if min_class_dice is not None and not 0 <= min_class_dice <= 1:
+        raise DiffAugError(f"--min-class-dice {min_class_dice} must lie in [0, 1].")
+    if synthesize_kwargs.get("num_parts", 1) != 1:
+        raise DiffAugError("--judge runs in one process: the judge ranks all candidates at once (drop -num_parts).")
+    dataset_name = paths.resolve_dataset_name(dataset)
+    real_json = load_dataset_json(paths.nnunet_raw() / dataset_name)
+    check_judge(judge, dataset_name, fold, real_json)  # before any candidate is drawn
+    candidate_folder = synthesize(dataset_name, configuration, fold, candidates, device=device, progress=progress,
+                                  role=CANDIDATES_ROLE, **synthesize_kwargs)
+    candidate_prov = read_provenance(candidate_folder)
+    n_candidates = len(list_cases(candidate_folder))
+    out = _filtered_output_folder(dataset_name, fold, filtered_provenance(
+        candidate_prov, judge, candidate_folder, n_candidates, keep, min_class_dice), output_id)
+    judge_device = "cuda" if device in ("auto", "cuda") and _cuda() else "cpu"
+    filter_synthetic_set(candidate_folder, out, judge, keep, min_class_dice, judge_device, progress, overwrite)
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()

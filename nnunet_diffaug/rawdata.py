@@ -422,8 +422,15 @@ def next_free_dataset_id(start: int = 900) -> int:
     raise DiffAugError(f"No free nnU-Net dataset id between {start} and 999; pass one explicitly.")
 
 
-def find_synthetic_datasets(raw_root: str | os.PathLike, source_dataset_name: str, fold: int) -> list[Path]:
-    """Synthetic raw datasets in ``raw_root`` made from ``source_dataset_name``'s fold ``fold``."""
+# Provenance ``generator.role`` of a set that is not meant for training: the candidates a judge filters
+# (``diffaug_synthesize --judge``). Finding "the synthetic set of a fold" skips them; naming one still works.
+CANDIDATES_ROLE = "judge-candidates"
+
+
+def find_synthetic_datasets(raw_root: str | os.PathLike, source_dataset_name: str, fold: int,
+                            include_candidates: bool = False) -> list[Path]:
+    """Synthetic raw datasets in ``raw_root`` made from ``source_dataset_name``'s fold ``fold``
+    (without judge candidates unless ``include_candidates``)."""
     found = []
     raw_root = Path(raw_root)
     if not raw_root.is_dir():
@@ -436,8 +443,12 @@ def find_synthetic_datasets(raw_root: str | os.PathLike, source_dataset_name: st
             prov = json.loads(prov_file.read_text())
         except json.JSONDecodeError:
             continue  # reported when the user selects it explicitly
-        if prov.get("source_dataset") == source_dataset_name and prov.get("fold") == fold:
-            found.append(raw_root / name)
+        if prov.get("source_dataset") != source_dataset_name or prov.get("fold") != fold:
+            continue
+        if not include_candidates and isinstance(prov.get("generator"), dict) and \
+                prov["generator"].get("role") == CANDIDATES_ROLE:
+            continue
+        found.append(raw_root / name)
     return found
 
 

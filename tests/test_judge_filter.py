@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,18 +144,45 @@ def test_kill_9_during_filtering_loses_no_finished_work(judged, tmp_path):
     scores = fresh / SCORES_DIR
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if scores.is_dir() and len(list(scores.glob("*.json"))) >= 2:
+        if scores.is_dir() and len(list(scores.glob("[!.]*.json"))) >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the filter finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    judged_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("*.json")}
+    judged_before = {p.name: p.stat().st_mtime_ns for p in scores.glob("[!.]*.json")}
     assert len(judged_before) >= 2
-    for p in scores.glob("*.json"):
+    for p in scores.glob("[!.]*.json"):
         json.loads(p.read_text())  # every stored score is complete JSON
     # the rerun keeps every score stored before the kill and finishes the set
     summary = filter_synthetic_set(fresh, out, judge, keep=N_GOOD, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("*.json") if p.name in judged_before} == judged_before
+    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("[!.]*.json") if p.name in judged_before} == judged_before
     assert len(summary["scores"]) == 2 * N_GOOD and sorted(list_cases(out)) == summary["kept"]
     assert read_provenance(out).generator["judge_filter"]["candidates_dataset"] == fresh.name
+
+
+def test_console_script_filters_any_generator_and_hides_the_candidates_from_trainers(judged, capsys):
+    from nnunet_diffaug import cli
+    from nnunet_diffaug.rawdata import find_synthetic_datasets
+    root, _, _, judge = judged
+    argv = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-n", "2", "--generator", "randomised", "-plans", PLANS,
+            "--judge", judge.model_folder.name, "--candidates", "4", "-o", "976"]
+    with nnunet_folders(root):
+        cli.synthesize_entry(argv)
+        out = root / "raw" / "Dataset976_ChestCTSlabsSynthF0"
+        assert capsys.readouterr().out.strip().endswith(out.name)
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        assert len(summary["scores"]) == 4 and sorted(list_cases(out)) == summary["kept"] and len(summary["kept"]) == 2
+        candidates = Path(summary["candidates_dataset"])
+        assert read_provenance(out).generator["kind"] == "domain_randomised"
+        # trainers and evaluation find the filtered set, never its candidates
+        visible = find_synthetic_datasets(root / "raw", EXAMPLE_NAME, 0)
+        assert out in visible and candidates not in visible
+        assert candidates in find_synthetic_datasets(root / "raw", EXAMPLE_NAME, 0, include_candidates=True)
+        # refusals before any work
+        for bad, message in ((argv[:-4] + ["--candidates", "1"], "--candidates 1 must be at least -n 2"),
+                             (argv[:12] + ["--candidates", "4"], "need --judge MODEL"),
+                             (argv[:12] + ["--judge", "nnUNetTrainer__nnUNetPlans"], "neither a folder nor a model name")):
+            with pytest.raises(SystemExit):
+                cli.synthesize_entry(bad)
+            assert message in capsys.readouterr().err

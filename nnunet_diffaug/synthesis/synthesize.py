@@ -128,7 +128,7 @@ def _output_folder(dataset_name: str, fold: int, provenance: rawdata.SyntheticPr
         if clash:
             raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
         return raw_root / name
-    for folder in rawdata.find_synthetic_datasets(raw_root, dataset_name, fold):
+    for folder in rawdata.find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
         try:
             if rawdata.read_provenance(folder).to_json() == provenance.to_json():
                 return folder  # the same request as before: continue that dataset
@@ -266,12 +266,13 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                volume: list[str] | None = None,
                min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
                generator: str = "diffusion", plans_identifier: str | None = None,
-               randomisation: str | None = None) -> Path:
+               randomisation: str | None = None, role: str | None = None) -> Path:
     """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
     ``plans_identifier``: the preprocessed data of generators without a synthesizer (default nnUNetPlans).
     ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``).
+    ``role``: recorded in the provenance; ``rawdata.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
     """
     if generator not in GENERATORS:
         raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
@@ -302,6 +303,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     data = painter.data
     real_dj = _real_dataset_json(dataset_name, data)
     provenance = painter.provenance(labels, seed)
+    if role is not None:
+        provenance.generator["role"] = role
     generated = None
     if labels == "generated":
         generated = open_generated_labels(painter.synthesizer_folder, data, dev, guidance, volume,
