@@ -31,6 +31,20 @@ def env_float(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise DiffAugError(f"Environment variable {name}={raw!r} must be 1 or 0 (also true/false, yes/no, on/off).")
+
+
 def apply_budget_from_env(trainer) -> None:
     for env_name, attribute in BUDGET_ENV.items():
         if os.environ.get(env_name):

@@ -1,13 +1,17 @@
-"""Mixing synthetic cases into nnU-Net training batches at a fixed ratio.
+"""Mixing synthetic cases into nnU-Net training batches at a given ratio.
 
 nnU-Net's data loader draws ``batch_size`` case keys uniformly from one dataset and forces foreground
 in the LAST third of the batch (positional oversampling). We keep its loader and change only which
 keys it draws: ``round(r * batch_size)`` synthetic keys (stochastic rounding), the rest real, in a
 shuffled order so oversampling hits both kinds.
+
+The ratio lives in shared memory: nnU-Net's training loader runs in forked worker processes, so a
+plain attribute set in the trainer (a schedule changing r per epoch) would never reach them.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
 
 import numpy as np
 
@@ -53,17 +57,29 @@ class MixedDataset:
 
 
 class RatioDataLoader(nnUNetDataLoader):
-    """nnU-Net's training data loader, drawing a fixed synthetic share per batch."""
+    """nnU-Net's training data loader, drawing a synthetic share per batch that may change during training."""
 
     def __init__(self, data: MixedDataset, *args, synthetic_ratio: float, **kwargs):
         super().__init__(data, *args, **kwargs)
         if not data.real_identifiers:
             raise ValueError("RatioDataLoader needs at least one real training case")
-        if synthetic_ratio > 0 and not data.synthetic_identifiers:
-            raise ValueError("RatioDataLoader got a positive synthetic ratio but no synthetic cases")
-        self.synthetic_ratio = float(synthetic_ratio)
         self.real_keys = np.array(data.real_identifiers)
         self.synthetic_keys = np.array(data.synthetic_identifiers)
+        # created here, before any augmenter forks its workers, so they all share this one value
+        self._shared_ratio = multiprocessing.Value("d", 0.0)
+        self.synthetic_ratio = synthetic_ratio
+
+    @property
+    def synthetic_ratio(self) -> float:
+        return self._shared_ratio.value
+
+    @synthetic_ratio.setter
+    def synthetic_ratio(self, ratio: float) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"synthetic ratio must lie in [0, 1], got {ratio}")
+        if ratio > 0 and not len(self.synthetic_keys):
+            raise ValueError("RatioDataLoader got a positive synthetic ratio but no synthetic cases")
+        self._shared_ratio.value = float(ratio)
 
     def get_indices(self):
         n_synthetic = synthetic_count(self.synthetic_ratio, self.batch_size)

@@ -10,10 +10,16 @@ What changes against the stock ``nnUNetTrainer``:
 
 The ratio r: class attribute ``synthetic_ratio`` (variants ``_r0`` ... ``_r100``), overridden by the
 environment variable ``DIFFAUG_SYNTHETIC_RATIO``. r = 0 trains exactly like the stock trainer.
+Its schedule over epochs (``schedule.py``): class attribute ``synthetic_schedule`` (variants
+``_linear``, ``_cutoff50``, ``_cutoff75``), overridden by ``DIFFAUG_SYNTHETIC_SCHEDULE``.
+Equal real exposure (``equal_real_exposure``, variant ``_equalreal``, ``DIFFAUG_EQUAL_REAL_EXPOSURE=1``)
+scales each epoch's iterations by 1 / (1 - r_epoch), so the run sees as many real samples as the
+stock trainer with the same budget. What was drawn goes to ``diffaug_training_stats.json``.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,24 +33,29 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_float
+from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_flag, env_float
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
+from nnunet_diffaug.trainers.schedule import equal_exposure_iterations, parse_schedule
 from nnunet_diffaug.trainers.synthetic_source import (locate_synthetic_dataset, real_image_dimension,
                                                       validate_synthetic_dataset)
+from nnunet_diffaug.trainers.training_stats import TrainingStats
 
 __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_r0", "nnUNetTrainerDiffAug_r10",
            "nnUNetTrainerDiffAug_r25", "nnUNetTrainerDiffAug_r50", "nnUNetTrainerDiffAug_r75",
            "nnUNetTrainerDiffAug_r100", "nnUNetTrainerDiffAugPatchMix", "nnUNetTrainerDiffAugPatchMix_alpha80",
-           "nnUNetTrainerDiffAugPatchMix_alpha100", "nnUNetTrainerDiffAug_5epochs"]
+           "nnUNetTrainerDiffAugPatchMix_alpha100", "nnUNetTrainerDiffAug_5epochs", "nnUNetTrainerDiffAug_linear",
+           "nnUNetTrainerDiffAug_cutoff50", "nnUNetTrainerDiffAug_cutoff75", "nnUNetTrainerDiffAug_equalreal"]
 
 RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
+SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"
+EQUAL_EXPOSURE_ENV = "DIFFAUG_EQUAL_REAL_EXPOSURE"
 ALPHA_ENV = "DIFFAUG_PATCHMIX_ALPHA"
 PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
-# Seed (c) of ANCHORS.md, the one method evaluated inside nnU-Net, adds ~0.5 synthetic case per real
-# case: a synthetic share of 1/3 of the training pool.
+# Ruschke et al. (arXiv 2411.01351, 2024), the one method we build on that was evaluated inside
+# nnU-Net, adds ~0.5 synthetic case per real case: a synthetic share of 1/3 of the training pool.
 DEFAULT_SYNTHETIC_RATIO = 1 / 3
 
 
@@ -59,6 +70,8 @@ class nnUNetTrainerBudget(nnUNetTrainer):
 
 class nnUNetTrainerDiffAug(nnUNetTrainer):
     synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
+    synthetic_schedule: str = "constant"
+    equal_real_exposure: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -68,9 +81,24 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
             raise DiffAugError(f"nnUNetTrainerDiffAug does not support cascade configurations ({configuration}): "
                                f"synthetic cases have no previous-stage predictions. Use 2d or 3d_fullres.")
         self.synthetic_ratio = env_float(RATIO_ENV, type(self).synthetic_ratio, 0.0, 1.0)
+        if os.environ.get(SCHEDULE_ENV):
+            self.synthetic_schedule = parse_schedule(os.environ[SCHEDULE_ENV], f"Environment variable {SCHEDULE_ENV}")
+        else:
+            self.synthetic_schedule = parse_schedule(type(self).synthetic_schedule,
+                                                     f"{type(self).__name__}.synthetic_schedule")
+        self.equal_real_exposure = env_flag(EQUAL_EXPOSURE_ENV, type(self).equal_real_exposure)
         apply_budget_from_env(self)
         self.synthetic_dataset_folder = None
+        self.stock_iterations_per_epoch = None  # num_iterations_per_epoch before any equal-exposure scaling
+        self._ratio_loader = None               # the RatioDataLoader whose shared ratio follows the schedule
+        self._epoch_ratio = 0.0
+        self._stats = None
+        self._train_start_time = None
         self._samples_drawn = self._synthetic_drawn = 0
+
+    def target_ratio(self, epoch: int) -> float:
+        """The synthetic share the schedule asks for in ``epoch``."""
+        return self.synthetic_schedule.ratio(self.synthetic_ratio, min(epoch, self.num_epochs - 1), self.num_epochs)
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -101,7 +129,8 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         if self.synthetic_ratio > 0:
             synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
             dataset_tr = MixedDataset(dataset_tr, synthetic)
-            self.print_to_log_file(f"DiffAug: synthetic share per batch r = {self.synthetic_ratio:.3f}")
+            self.print_to_log_file(f"DiffAug: synthetic share per batch r = {self.synthetic_ratio:.3f}, "
+                                   f"schedule {self.synthetic_schedule}")
         return dataset_tr, dataset_val
 
     def get_dataloaders(self):
@@ -128,7 +157,9 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         common = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
                       pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = RatioDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                transforms=tr_transforms, synthetic_ratio=self.synthetic_ratio, **common)
+                                transforms=tr_transforms, synthetic_ratio=self.target_ratio(self.current_epoch),
+                                **common)
+        self._ratio_loader = dl_tr
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   transforms=val_transforms, **common)
         allowed_num_processes = get_allowed_n_proc_DA()
@@ -147,22 +178,71 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
         return mt_gen_train, mt_gen_val
 
     # ------------------------------------------------------------------------------------------
-    # logging what was actually drawn
+    # schedule, equal real exposure, and what was actually drawn
     # ------------------------------------------------------------------------------------------
+    def on_train_start(self):
+        if self.equal_real_exposure:  # refuses r = 1 before any data are prepared
+            equal_exposure_iterations(self.num_iterations_per_epoch, self.synthetic_ratio)
+        self.stock_iterations_per_epoch = self.num_iterations_per_epoch
+        self._train_start_time = time.time()
+        super().on_train_start()
+        self._stats = TrainingStats(type(self).__name__, str(self.synthetic_schedule), self.synthetic_ratio,
+                                    self.equal_real_exposure, self.num_epochs, self.stock_iterations_per_epoch,
+                                    self.configuration_manager.batch_size)
+        self._stats.resume_from(self.output_folder, self.current_epoch)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_ratio = self.target_ratio(self.current_epoch)
+        if self._ratio_loader is not None:
+            # workers read it per batch; batches they prefetched at the old share still arrive first
+            self._ratio_loader.synthetic_ratio = self._epoch_ratio
+        # nnU-Net's run_training reads num_iterations_per_epoch after this hook, every epoch
+        self.num_iterations_per_epoch = (equal_exposure_iterations(self.stock_iterations_per_epoch, self._epoch_ratio)
+                                         if self.equal_real_exposure else self.stock_iterations_per_epoch)
+        exposure = (f" (stock {self.stock_iterations_per_epoch}, equal real exposure)"
+                    if self.equal_real_exposure else "")
+        self.print_to_log_file(f"DiffAug: target synthetic share r = {self._epoch_ratio:.3f} (schedule "
+                               f"{self.synthetic_schedule}, base r = {self.synthetic_ratio:.3f}), "
+                               f"{self.num_iterations_per_epoch} training iterations{exposure}")
+        self._samples_drawn = self._synthetic_drawn = 0
+
     def train_step(self, batch: dict) -> dict:
         keys = batch.get('keys', [])
         self._samples_drawn += len(keys)
         self._synthetic_drawn += sum(is_synthetic_key(k) for k in keys)
         return super().train_step(batch)
 
+    def _drawn_counts(self) -> tuple[int, int]:
+        """(synthetic, all) samples drawn this epoch, over all DDP ranks."""
+        if not self.is_ddp:
+            return self._synthetic_drawn, self._samples_drawn
+        counts = torch.tensor([self._synthetic_drawn, self._samples_drawn], dtype=torch.long, device=self.device)
+        dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        if self._samples_drawn:
-            share = self._synthetic_drawn / self._samples_drawn
-            self.print_to_log_file(f"DiffAug: synthetic share drawn this epoch: {share:.3f} "
-                                   f"({self._synthetic_drawn}/{self._samples_drawn} samples, target r = "
-                                   f"{self.synthetic_ratio:.3f})")
+        synthetic, samples = self._drawn_counts()
+        if samples:
+            self.print_to_log_file(f"DiffAug: synthetic share drawn this epoch: {synthetic / samples:.3f} "
+                                   f"({synthetic}/{samples} samples, target r = {self._epoch_ratio:.3f}, "
+                                   f"schedule {self.synthetic_schedule})")
+        self._stats.record_epoch(round(self._epoch_ratio, 6), self.num_iterations_per_epoch, synthetic,
+                                 samples - synthetic)
+        if self.local_rank == 0:
+            self._stats.write(self.output_folder, time.time() - self._train_start_time, complete=False)
         self._samples_drawn = self._synthetic_drawn = 0
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            summary = self._stats.write(self.output_folder, time.time() - self._train_start_time, complete=True)
+            self.print_to_log_file(
+                f"DiffAug: {summary['total_iterations']} training iterations (stock budget "
+                f"{summary['stock_total_iterations']}, x{summary['iterations_vs_stock']:.3f}); "
+                f"{summary['real_samples']} real samples (stock {summary['stock_real_samples']}), "
+                f"{summary['synthetic_samples']} synthetic samples")
 
 
 # ---- ratio variants (nnU-Net style: pick with -tr) ------------------------------------------------
@@ -188,8 +268,30 @@ class nnUNetTrainerDiffAug_r75(nnUNetTrainerDiffAug):
 
 
 class nnUNetTrainerDiffAug_r100(nnUNetTrainerDiffAug):
-    """Synthetic-only training (seed (c)'s 'synthetic' arm); validation stays real."""
+    """Synthetic-only training (the 'synthetic' arm of Ruschke et al., arXiv 2411.01351, 2024); validation
+    stays real."""
     synthetic_ratio = 1.0
+
+
+# ---- schedules of the synthetic share, equal real exposure -------------------------------------
+
+class nnUNetTrainerDiffAug_linear(nnUNetTrainerDiffAug):
+    """r at the first epoch, decaying linearly to 0 at the last."""
+    synthetic_schedule = "linear"
+
+
+class nnUNetTrainerDiffAug_cutoff50(nnUNetTrainerDiffAug):
+    """Mix for the first half of the epochs, then real data only."""
+    synthetic_schedule = "cutoff:0.5"
+
+
+class nnUNetTrainerDiffAug_cutoff75(nnUNetTrainerDiffAug):
+    synthetic_schedule = "cutoff:0.75"
+
+
+class nnUNetTrainerDiffAug_equalreal(nnUNetTrainerDiffAug):
+    """As many real samples as the stock trainer: each epoch runs stock / (1 - r_epoch) iterations."""
+    equal_real_exposure = True
 
 
 # ---- patch-level merging (DiffBoost) ------------------------------------------------------------
@@ -198,8 +300,8 @@ class nnUNetTrainerDiffAugPatchMix(nnUNetTrainerDiffAug):
     """Every real sample is paired with an aligned synthetic variant of the same case; the network's
     outputs on the two are merged patch by patch (real with probability ``patch_mix_alpha``) and
     trained against the real label. See ``patch_mix.py``. Validation stays real-only."""
-    patch_mix_alpha: float = 0.6          # seed (d): probability of a patch being real
-    patch_mix_patch: int | tuple = 64     # voxels per axis (seed (d): 64 px), at most half the training patch
+    patch_mix_alpha: float = 0.6          # DiffBoost (Zhang et al., IEEE TMI 2024): P(patch real)
+    patch_mix_patch: int | tuple = 64     # voxels per axis (DiffBoost: 64 px), at most half the training patch
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

@@ -1,4 +1,5 @@
-"""Patch-level merging of real and synthetic samples (DiffBoost, seed (d) of ANCHORS.md), inside nnU-Net.
+"""Patch-level merging of real and synthetic samples (DiffBoost, Zhang et al., IEEE TMI 2024),
+inside nnU-Net.
 
 Each real training case is paired with a synthetic variant painted on that case's own label map
 (an *aligned* variant, same voxel grid). The pair is loaded as one sample whose channels are
