@@ -306,18 +306,41 @@ def train_synthesizer_entry(argv=None):
                     "ControlNet). Checkpoints go to $nnUNet_results/<dataset>/diffaug_synthesizer__<config>/"
                     "fold_<f>/. An interrupted run continues when the same command is run again.")
     _add_common_synthesizer_args(p)
-    p.add_argument("-p", "--preset", default="default",
+    p.add_argument("--preset", default=None,
                    help="model/training preset: 'tiny' (CPU, minutes), 'default' (GPU), or a JSON config file "
-                        "(any subset of fields; missing ones come from its 'base' preset)")
-    p.add_argument("-plans", default="nnUNetPlans", help="nnU-Net plans identifier of the preprocessed data")
+                        "(any subset of fields; missing ones come from its 'base' preset); default: default")
+    p.add_argument("-p", default=None,
+                   help="nnU-Net plans identifier of the preprocessed data, as in nnUNetv2_train -p; default: "
+                        "nnUNetPlans")
+    p.add_argument("-plans", default=None, help=argparse.SUPPRESS)  # older spelling of -p
     p.add_argument("--overwrite", action="store_true",
                    help="discard this fold's existing synthesizer (other config or seed) and start over")
     args = p.parse_args(argv)
+    preset, plans = _preset_and_plans(args)
     from nnunet_diffaug.synthesis.config import load_config
     from nnunet_diffaug.synthesis.training import train_synthesizer
-    folder = train_synthesizer(args.d, args.c, args.f, load_config(args.preset), plans_identifier=args.plans,
+    folder = train_synthesizer(args.d, args.c, args.f, load_config(preset), plans_identifier=plans,
                                device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
     print(folder)
+
+
+def _preset_and_plans(args) -> tuple[str, str]:
+    """``-p`` is the plans identifier, as in every nnU-Net command. Earlier versions used ``-p`` for the preset
+    (``-p tiny``, ``-p my.json``) and ``-plans`` for the plans: those spellings still work, with a note."""
+    from nnunet_diffaug.synthesis.config import PRESETS
+    preset, plans = args.preset, args.p
+    if plans is not None and (plans in PRESETS or plans.endswith(".json")):
+        if preset is not None:
+            raise DiffAugError(f"-p {plans} looks like a synthesizer preset, and --preset {preset} is given too: "
+                               f"-p is the nnU-Net plans identifier.")
+        print(f"NOTE: '-p {plans}' as the synthesizer preset is deprecated (-p is the plans identifier, as in "
+              f"nnU-Net); use '--preset {plans}'.", file=sys.stderr)
+        preset, plans = plans, None
+    if args.plans is not None:
+        if plans is not None and plans != args.plans:
+            raise DiffAugError(f"-p {plans} and -plans {args.plans} disagree; give the plans identifier once, as -p.")
+        plans = args.plans
+    return preset or "default", plans or "nnUNetPlans"
 
 
 @_friendly_errors
@@ -337,7 +360,7 @@ def synthesize_entry(argv=None):
                         "'deformed-real' = the source case's real image deformed with its labels (a control)")
     p.add_argument("--randomisation", default=None, metavar="RANGES.json",
                    help="--generator randomised: JSON object overriding the default ranges (see README)")
-    p.add_argument("-plans", default=None,
+    p.add_argument("-p", "-plans", dest="plans", default=None,
                    help="nnU-Net plans identifier for randomised/deformed-real (default nnUNetPlans); diffusion "
                         "uses its synthesizer's")
     p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned"],

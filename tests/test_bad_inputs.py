@@ -324,3 +324,19 @@ def test_out_of_range_numbers_are_refused_before_any_work(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and message in err, err
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_p_is_the_plans_identifier_and_the_old_preset_spelling_still_works(capsys):
+    from argparse import Namespace
+    pick = cli._preset_and_plans
+    assert pick(Namespace(preset=None, p=None, plans=None)) == ("default", "nnUNetPlans")
+    assert pick(Namespace(preset="tiny", p="nnUNetPlansSmall", plans=None)) == ("tiny", "nnUNetPlansSmall")
+    # older spellings: -p PRESET and -plans PLANS
+    assert pick(Namespace(preset=None, p="tiny", plans="nnUNetPlansSmall")) == ("tiny", "nnUNetPlansSmall")
+    capsys.readouterr()
+    assert pick(Namespace(preset=None, p="my.json", plans=None)) == ("my.json", "nnUNetPlans")
+    assert "'-p my.json' as the synthesizer preset is deprecated" in capsys.readouterr().err
+    with pytest.raises(DiffAugError, match="-p nnUNetPlansA and -plans nnUNetPlansB disagree"):
+        pick(Namespace(preset=None, p="nnUNetPlansA", plans="nnUNetPlansB"))
+    with pytest.raises(DiffAugError, match="looks like a synthesizer preset, and --preset default is given too"):
+        pick(Namespace(preset="default", p="tiny", plans=None))

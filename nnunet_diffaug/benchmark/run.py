@@ -65,7 +65,7 @@ def step_env(workdir: Path, results: str, extra: dict) -> dict:
 
 def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int) -> list[str]:
     return [_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
-            "-device", s.device, "--seed", str(seed), "-p", s.synthesizer_preset, "-plans", s.plans]
+            "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
 
 
 def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str) -> list[str]:

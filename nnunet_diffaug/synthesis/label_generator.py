@@ -124,7 +124,7 @@ class LabelGenerator:
             raise DiffAugError(f"{folder / 'config.json'}: this synthesizer was trained without a label generator "
                                f"(label_generator.enabled is false), so --labels generated is unavailable. Train "
                                f"one: write a config JSON with {{\"base\": ..., \"label_generator\": {{\"enabled\": "
-                               f"true}}}} and run diffaug_train_synthesizer -p that.json --overwrite {synthesize_hint}"
+                               f"true}}}} and run diffaug_train_synthesizer --preset that.json --overwrite {synthesize_hint}"
                                f"(or use the 'default' preset, which has it). --labels real and real-aligned work.")
         for stage in LABEL_STAGES:
             if not label_final_file(folder, stage).is_file():

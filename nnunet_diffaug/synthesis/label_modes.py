@@ -78,7 +78,7 @@ def open_generated_labels(syn_folder, data: FoldData, device, guidance: float | 
     if spec.training_cases != data.training_cases or spec.plans_identifier != data.plans_identifier:
         raise DiffAugError(f"{syn_folder}: its label generator was trained on other training cases or plans "
                            f"({spec.plans_identifier}) than fold {data.fold} of {data.folder / data.plans_identifier}"
-                           f".json has now; retrain it (diffaug_train_synthesizer --overwrite) or pass its -plans.")
+                           f".json has now; retrain it (diffaug_train_synthesizer --overwrite) or pass its plans with -plans.")
     generator = LabelGenerator.load(syn_folder, cfg.label_generator, spec.spatial_dims, spec.num_classes, device,
                                     synthesize_hint=f"-d {spec.dataset_name} -c {spec.configuration} -f {spec.fold} ")
     names = {k: int(v) for k, v in data.dataset_json["labels"].items() if k != "ignore"}

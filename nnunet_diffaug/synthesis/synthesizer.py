@@ -2,7 +2,7 @@
 
 Folder layout (``paths.synthesizer_folder(dataset, configuration, fold)``)::
 
-    config.json                         the SynthesizerConfig (reusable as ``-p path/to/config.json``)
+    config.json                         the SynthesizerConfig (reusable as ``--preset path/to/config.json``)
     synthesizer.json                    DataSpec + seed: what it was trained on
     autoencoder.safetensors             final weights of stage 1 (+ JSON state in the metadata)
     diffusion.safetensors               final weights of stage 2, incl. the latent scale factor

@@ -148,7 +148,7 @@ def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int
         parts = step_fn(step)
         if not all(math.isfinite(v) for v in parts.values()):
             raise DiffAugError(f"{stage} loss became {parts} at step {step} ({folder}): training diverged. Lower the "
-                               f"learning rate in a config file (-p your.json, see {folder / CONFIG_FILE}) and "
+                               f"learning rate in a config file (--preset your.json, see {folder / CONFIG_FILE}) and "
                                f"pass --overwrite to start over.")
         for k, v in parts.items():
             losses.setdefault(k, []).append(v)
