@@ -59,7 +59,7 @@ def main() -> None:
     stats = {s: (np.mean([volume_fractions(m, k) for m in ms], 0), np.mean([component_counts(m, k) for m in ms], 0))
              for s, ms in sets.items()}
     print(f"{name} {args.c} fold {args.f}: {len(sets['real'])} real maps, {args.n} samples each, canvas {gen.canvas}")
-    print(f"| class | fraction real | generated | untrained | components real | generated | untrained |")
+    print("| class | fraction real | generated | untrained | components real | generated | untrained |")
     print("|---|---|---|---|---|---|---|")
     for i, c in enumerate(classes):
         print(f"| {c} | " + " | ".join(f"{stats[s][0][i]:.3f}" for s in sets) + " | "

@@ -146,7 +146,7 @@ def folder_lock(folder: str | os.PathLike, timeout_s: float = 600.0, name: str =
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise DiffAugError(f"{folder} is locked by {holder} (lock file {lock_path}); waited "
-                                       f"{timeout_s:.0f} s. Wait for it to finish, then run again.")
+                                       f"{timeout_s:.0f} s. Wait for it to finish, then run again.") from None
                 time.sleep(0.2)
         try:
             yield

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, filter_synthetic_set
-from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, SyntheticProvenance, list_cases,
+from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, list_cases,
                                     load_dataset_json, read_provenance)
 from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
                      private_copy_of_example, run)

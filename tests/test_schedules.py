@@ -13,7 +13,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
-from nnunet_diffaug.trainers.schedule import Schedule, equal_exposure_iterations, parse_schedule
+from nnunet_diffaug.trainers.schedule import equal_exposure_iterations, parse_schedule
 from nnunet_diffaug.trainers.training_stats import STATS_FILE
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, private_copy_of_example, set_nnunet_env
 

@@ -29,7 +29,7 @@ class VoxelClassifier:
     @classmethod
     def fit(cls, images: list[np.ndarray], labels: list[np.ndarray]) -> "VoxelClassifier":
         feats = np.concatenate([voxel_features(i) for i in images])
-        labs = np.concatenate([np.asarray(l).ravel() for l in labels])
+        labs = np.concatenate([np.asarray(lab).ravel() for lab in labels])
         classes = np.unique(labs)
         means = np.stack([feats[labs == c].mean(0) for c in classes])
         variances = np.stack([feats[labs == c].var(0) + 1e-4 for c in classes])
@@ -56,5 +56,5 @@ def label_fidelity(classifier: VoxelClassifier, images: list[np.ndarray], labels
                    groups: list[list[int]]) -> float:
     """Grouped Dice of the real-fitted classifier's reading of ``images`` against ``labels`` (pooled voxels)."""
     pred = np.concatenate([classifier.predict(i).ravel() for i in images])
-    target = np.concatenate([np.asarray(l).ravel() for l in labels])
+    target = np.concatenate([np.asarray(lab).ravel() for lab in labels])
     return grouped_dice(pred, target, groups)

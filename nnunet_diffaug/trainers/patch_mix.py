@@ -148,7 +148,9 @@ class PatchMixForward(torch.nn.Module):
             raise RuntimeError(f"PatchMix expects {2 * self.c} stacked channels, got {x.shape[1]}")
         b = x.shape[0]
         out = self.network(torch.cat([x[:, :self.c], x[:, self.c:]], dim=0))
-        split = (lambda o: (o[:b], o[b:]))
+
+        def split(o):
+            return o[:b], o[b:]
         if isinstance(out, (list, tuple)):
             real, synthetic = zip(*[split(o) for o in out])
         else:
