@@ -7,7 +7,7 @@ Each (dims, size) runs in its own process so its peak memory is its own.
     python benchmarks/bench_sampling.py                         # tiny preset, CPU, 2 threads
     python benchmarks/bench_sampling.py --device cuda --preset default --sizes3d 64 128 --sizes2d 256 512
 
-Goals (issue 3): <= 2 s per 32^3 case with the tiny preset on 2 CPU cores; >= 1 case/s at 128^3 on one H100.
+Goals: <= 2 s per 32^3 case with the tiny preset on 2 CPU cores; >= 1 case/s at 128^3 on one H100.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Label generator (issue 4): trained on the real chest CT's fold-0 label maps (tiny, CPU), then asked for maps.
+"""Label generator: trained on the real chest CT's fold-0 label maps (tiny, CPU), then asked for maps.
 
 One 2D synthesizer with a label generator is trained once for the module (image stages kept short:
 only the label side is judged here); a short 3D run checks the same code path in 3D.

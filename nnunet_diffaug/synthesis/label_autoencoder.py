@@ -1,4 +1,6 @@
-"""The label autoencoder: one-hot label maps <-> a few latent channels (MONAI AutoencoderKL), as seed (c).
+"""The label autoencoder: one-hot label maps <-> a few latent channels (MONAI AutoencoderKL), as in Ruschke et al.,
+"Guided Synthesis of Labeled Brain MRI Data Using Latent Diffusion Models for Segmentation of Enlarged
+Ventricles" (arXiv 2411.01351, 2024).
 
 Its decoder outputs class logits; the loss is cross-entropy + soft Dice (+ a small KL term), so
 small classes are reconstructed, not averaged away. Decoding takes the argmax, so generated maps
