@@ -307,6 +307,13 @@ def synthesize_entry(argv=None):
                    help="synthesizers trained with tag conditioning: paint every case as if acquired at this "
                         "spacing (mm, the axis order of dataset_fingerprint.json); default: each case's source "
                         "case's spacing (generated maps: a random training case's)")
+    p.add_argument("--intensity-jitter", type=float, default=0.0, metavar="S",
+                   help="synthesizers trained with class intensity: move each class's mean intensity by S x a "
+                        "standard normal x the fold's between-case sd of that class (0 = the real case's)")
+    p.add_argument("--class-intensity", nargs="+", default=None, metavar="CLASS=MEAN",
+                   help="synthesizers trained with class intensity: paint CLASS (label name or value) at this mean, "
+                        "in the units of the synthetic raw images (HU for CT; normalised values for z-scored "
+                        "channels); MEAN may be M0,M1,.. one per channel")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
                         "training timesteps")
@@ -323,5 +330,6 @@ def synthesize_entry(argv=None):
     folder = synthesize(args.d, args.c, args.f, args.n, labels=args.labels, sampler=args.sampler, steps=args.steps,
                         seed=args.seed, num_parts=args.num_parts, part_id=args.part_id, output_id=args.o,
                         overwrite=args.overwrite, device=args.device, verbose=args.verbose, guidance=args.guidance,
-                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing)
+                        volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
+                        intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity)
     print(folder)

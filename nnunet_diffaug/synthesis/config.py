@@ -77,6 +77,8 @@ class DiffusionConfig:
     tag_conditioning: bool = False                  # channel-name + acquisition-spacing embeddings (FiLM via SPADE)
     tag_dim: int = 8                                # constant condition channels the tag vector fills
     tag_dropout: float = 0.1                        # share of training samples without the spacing tag
+    class_intensity: bool = False                   # per-class mean/sd maps of the image beside the labels (class_stats.py)
+    class_intensity_dropout: float = 0.15           # share of training samples without them (sampling works without)
 
 
 @dataclass
@@ -176,7 +178,7 @@ class SynthesizerConfig:
                             ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
             if value < 1:
                 problems.append(f"{name} must be >= 1, not {value}")
-        for name in ("edge_image_dropout", "tag_dropout"):
+        for name in ("edge_image_dropout", "tag_dropout", "class_intensity_dropout"):
             if not 0.0 <= getattr(dm, name) <= 1.0:
                 problems.append(f"diffusion.{name} must be in [0, 1], not {getattr(dm, name)}")
         for name, stage in (("autoencoder", ae), ("diffusion", dm)):

@@ -19,6 +19,7 @@ import torch
 
 from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.label_attributes import parse_volume_requests
@@ -72,25 +73,54 @@ def _source_image(data: FoldData, case_id: str, z: int | None) -> np.ndarray:
 
 
 def _hints(syn: Synthesizer, data: FoldData, source: str | None, source_image: np.ndarray | None,
-           rng: np.random.Generator, spacing: list[float] | None) -> tuple[dict, dict]:
+           rng: np.random.Generator, spacing: list[float] | None,
+           intensity: ClassIntensityPlan | None = None) -> tuple[dict, dict]:
     """The optional extra conditioning of one case: keyword arguments for painting, and its record.
 
     Edge hint: the source's real image edges when there is a source, else label boundaries only.
     Spacing tag: ``spacing`` if given, else the source case's acquisition spacing, else (generated maps)
     the spacing of a random training case, so the synthetic set follows the training distribution.
+    Class intensity: the statistics ``intensity`` gives for the source case, else (generated maps) for
+    that same random training case, so spacing and appearance come from one real case.
     """
     dcfg = syn.config.diffusion
     kwargs, record = {}, {}
     if dcfg.edge_hint:
         kwargs["edge_images"] = None if source_image is None else source_image[None]
         record["edge_hint"] = "labels" if source_image is None else "labels+image"
+    real_case = source
+    if real_case is None and ((dcfg.tag_conditioning and spacing is None) or intensity is not None):
+        real_case = data.training_cases[int(rng.integers(len(data.training_cases)))]
     if dcfg.tag_conditioning:
         if spacing is None:
-            tag_source = source or data.training_cases[int(rng.integers(len(data.training_cases)))]
-            spacing = data.acquisition_spacing(tag_source)
+            spacing = data.acquisition_spacing(real_case)
         kwargs["spacing"] = [float(v) for v in spacing]
         record["spacing_tag"] = kwargs["spacing"]
+    if intensity is not None:
+        kwargs["class_stats"], record["class_intensity"] = intensity.for_case(real_case, rng)
     return kwargs, record
+
+
+def _class_intensity_plan(syn: Synthesizer, data: FoldData, syn_folder: Path, jitter: float,
+                          requests: list[str] | None) -> ClassIntensityPlan | None:
+    """The per-class statistics plan of a synthesizer trained with ``class_intensity`` (None otherwise);
+    refuses the flags for one trained without. Requested means are in the synthetic raw images' units."""
+    if not syn.config.diffusion.class_intensity:
+        for flag, given in (("--intensity-jitter", jitter), ("--class-intensity", requests)):
+            if given:
+                raise DiffAugError(f"{flag}: the synthesizer in {syn_folder} was trained without class intensity "
+                                   f"conditioning (diffusion.class_intensity in its config.json), so it cannot take "
+                                   f"per-class intensities.")
+        return None
+    names = {k: int(v) for k, v in data.dataset_json["labels"].items()}
+    raw_means = parse_intensity_requests(requests, names, syn.spec.label_values, syn.spec.in_channels)
+    props = data.plans_manager.foreground_intensity_properties_per_channel
+    means = {k: [normalised_value(v, scheme, props.get(str(c), props.get(c)))
+                 for c, (v, scheme) in enumerate(zip(m, data.cm.normalization_schemes))] for k, m in raw_means.items()}
+    name_of_value = {v: k for k, v in names.items()}
+    class_names = [name_of_value[v] for v in syn.spec.label_values] + ["outside"]
+    return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
+                              jitter, means)
 
 
 def _pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator) -> tuple[str, int | None, np.ndarray]:
@@ -173,7 +203,7 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
 def _extra_conditioning(syn: Synthesizer) -> dict:
     """Recorded only when on, so sets from synthesizers without them keep their provenance."""
     dcfg = syn.config.diffusion
-    return {k: True for k in ("edge_hint", "tag_conditioning") if getattr(dcfg, k)}
+    return {k: True for k in ("edge_hint", "tag_conditioning", "class_intensity") if getattr(dcfg, k)}
 
 
 def _generated_labels(syn: Synthesizer, syn_folder: Path, data: FoldData, device, guidance: float | None,
@@ -194,10 +224,13 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
                progress: bool = True, verbose: bool = False, guidance: float | None = None,
                volume: list[str] | None = None,
-               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None) -> Path:
+               min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
+               intensity_jitter: float = 0.0, class_intensity: list[str] | None = None) -> Path:
     """Writes (or continues) a synthetic raw dataset from the fold's synthesizer. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
+    ``intensity_jitter``, ``class_intensity``: per-class appearance (synthesizers trained with class
+    intensity): random shifts in units of the fold's between-case sd, and ``CLASS=MEAN`` requests.
     """
     if labels not in LABEL_MODES:
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
@@ -210,6 +243,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     if spacing is not None and (len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing)):
         raise DiffAugError(f"--spacing {spacing}: give three positive spacings in mm (nnU-Net's axis order, as in "
                            f"dataset_fingerprint.json).")
+    if not (math.isfinite(intensity_jitter) and intensity_jitter >= 0):
+        raise DiffAugError(f"--intensity-jitter {intensity_jitter}: give a scale >= 0 (0 = the real cases' "
+                           f"intensities).")
     if num_cases < 1:
         raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
     if num_parts < 1 or not 0 <= part_id < num_parts:
@@ -226,11 +262,15 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     if spacing is not None and not syn.config.diffusion.tag_conditioning:
         raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
                            f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
+    intensity = _class_intensity_plan(syn, data, syn_folder, intensity_jitter, class_intensity)
     smp = syn.sampler(sampler, steps)
     real_dj = _real_dataset_json(dataset_name, data)
     provenance = _provenance(syn, syn_folder, smp, labels, seed)
     if spacing is not None:
         provenance.generator["spacing_tag"] = [float(v) for v in spacing]
+    if intensity_jitter or class_intensity:  # another request is another dataset, never a continuation
+        provenance.generator["class_intensity_request"] = {"jitter": float(intensity_jitter),
+                                                           "means": sorted(class_intensity or [])}
     generated = None
     if labels == "generated":
         generated = _generated_labels(syn, syn_folder, data, dev, guidance, volume, min_component_voxels)
@@ -267,7 +307,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                 source_image = _source_image(data, source, z) if edges_wanted else None
                 label_map, source_image, aug = augment_label_map(label_map, rng, syn.config.sampling, source_image)
             gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-            hint_kwargs, hint_record = _hints(syn, data, source, source_image, rng, spacing)
+            hint_kwargs, hint_record = _hints(syn, data, source, source_image, rng, spacing, intensity)
             extra.update(hint_record)
             if labels == "real-aligned":
                 # the whole volume, on the case's own grid
