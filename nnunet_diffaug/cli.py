@@ -381,6 +381,13 @@ def synthesize_entry(argv=None):
                    help="synthesizers trained with tag conditioning: paint every case as if acquired at this "
                         "spacing (mm, the axis order of dataset_fingerprint.json); default: each case's source "
                         "case's spacing (generated maps: a random training case's)")
+    p.add_argument("--intensity-jitter", type=_float_in(0), default=0.0, metavar="S",
+                   help="synthesizers trained with class intensity: move each class's mean intensity by S x a "
+                        "standard normal x the fold's between-case sd of that class (0 = the real case's)")
+    p.add_argument("--class-intensity", nargs="+", default=None, metavar="CLASS=MEAN",
+                   help="synthesizers trained with class intensity: paint CLASS (label name or value) at this mean, "
+                        "in the units of the synthetic raw images (HU for CT; normalised values for z-scored "
+                        "channels); MEAN may be M0,M1,.. one per channel")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
                         "training timesteps")
@@ -409,7 +416,7 @@ def synthesize_entry(argv=None):
     common = dict(labels=args.labels, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=args.guidance,
                   volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
                   generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
-                  verbose=args.verbose)
+                  intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose)
     if args.judge is None:
         if args.candidates is not None or args.min_class_dice is not None or args.judge_tta:
             raise DiffAugError("--candidates, --min-class-dice and --judge-tta need --judge MODEL.")

@@ -1,7 +1,7 @@
 """What the image model is conditioned on: the label map, and optionally an edge hint and tags.
 
 - Label map: one-hot class channels at full resolution (always).
-- Edge hint (seed (d), ``diffusion.edge_hint``): one more spatial channel. It always holds the label
+- Edge hint (DiffBoost, Zhang et al., IEEE TMI 2024; ``diffusion.edge_hint``): one more spatial channel. It always holds the label
   map's boundaries; when a real image belongs to the label map (``--labels real`` / ``real-aligned``)
   it also holds that image's strongest intensity edges, so the painted image keeps the real
   case's inner structure (vessels, texture borders) that the labels do not describe. Seed (d) used
@@ -17,6 +17,10 @@
   conditionings share. (Cross-attention was tried first: MONAI zero-initialises its output
   projection and tiny models never learned to use it.) Channel-name embeddings are constant
   within one dataset: they name what the model paints.
+- Class intensity (``diffusion.class_intensity``, see :mod:`class_stats`): 2 x C + 1 spatial
+  channels holding, on each class's voxels, that class's mean and sd of the normalised image in a
+  real case, and a flag where they are given. Training zeroes them for a share of samples, so the
+  model also paints without them.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nnunet_diffaug.synthesis.class_stats import stats_channels_count, stats_maps
 
 EDGE_QUANTILE = 0.9           # the strongest 10% of gradient magnitudes count as image edges
 _QUANTILE_MAX_ELEMENTS = 2**20  # torch.quantile refuses > 2**24 elements; a strided subsample is plenty
@@ -83,22 +89,30 @@ def edge_hint(labels: torch.Tensor, images: torch.Tensor | None = None,
 
 
 def spatial_condition(labels: torch.Tensor, num_classes: int, with_edge_hint: bool,
-                      images: torch.Tensor | None = None, use_image: torch.Tensor | None = None) -> torch.Tensor:
-    """The spatial input of the image model: one-hot labels, plus the edge hint channel if configured."""
-    onehot = one_hot(labels, num_classes)
-    if not with_edge_hint:
-        return onehot
-    return torch.cat([onehot, edge_hint(labels, images, use_image)], dim=1)
+                      images: torch.Tensor | None = None, use_image: torch.Tensor | None = None,
+                      class_intensity_channels: int = 0, class_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """The spatial input of the image model: one-hot labels, plus the edge hint channel if configured,
+    plus the class-intensity maps if ``class_intensity_channels`` (the image's channel count) > 0.
+
+    ``class_stats``: (B, K, C, 2) per-class mean and sd (NaN rows: unknown); None = none known."""
+    parts = [one_hot(labels, num_classes)]
+    if with_edge_hint:
+        parts.append(edge_hint(labels, images, use_image))
+    if class_intensity_channels:
+        parts.append(stats_maps(labels, class_stats, class_intensity_channels))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def condition_channels(num_classes: int, with_edge_hint: bool, tag_dim: int = 0) -> int:
-    return num_classes + (1 if with_edge_hint else 0) + tag_dim
+def condition_channels(num_classes: int, with_edge_hint: bool, tag_dim: int = 0,
+                       class_intensity_channels: int = 0) -> int:
+    stats = stats_channels_count(class_intensity_channels) if class_intensity_channels else 0
+    return num_classes + (1 if with_edge_hint else 0) + tag_dim + stats
 
 
 @dataclass
 class Condition:
     """Everything one forward pass of the image model is conditioned on."""
-    spatial: torch.Tensor                 # (B, classes [+ edge hint], *spatial), full resolution
+    spatial: torch.Tensor                 # (B, classes [+ edge hint] [+ class intensity], *spatial)
     spacing: torch.Tensor | None = None   # (B, 3) acquisition spacing in mm; a NaN row = no tag
 
     def to(self, device) -> "Condition":

@@ -72,11 +72,13 @@ class DiffusionConfig:
     steps: int = 400
     scale_factor_batches: int = 20                  # batches used to estimate 1/std of the latents
     class_balance_max_weight: float = 1.0           # > 1: loss weight of rare classes, up to this (loss_weights.py)
-    edge_hint: bool = False                         # seed (d): an edge-map channel beside the labels
+    edge_hint: bool = False                         # DiffBoost (Zhang et al., IEEE TMI 2024): an edge-map channel beside the labels
     edge_image_dropout: float = 0.5                 # share of training samples with label boundaries only
     tag_conditioning: bool = False                  # channel-name + acquisition-spacing embeddings (FiLM via SPADE)
     tag_dim: int = 8                                # constant condition channels the tag vector fills
     tag_dropout: float = 0.1                        # share of training samples without the spacing tag
+    class_intensity: bool = False                   # per-class mean/sd maps of the image beside the labels (class_stats.py)
+    class_intensity_dropout: float = 0.15           # share of training samples without them (sampling works without)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class SamplingConfig:
 
 @dataclass
 class LabelGeneratorConfig:
-    """Latent diffusion over label maps (seed (c)): a KL autoencoder on one-hot labels, then a UNet over its
+    """Latent diffusion over label maps (Ruschke et al., arXiv 2411.01351, 2024): a KL autoencoder on one-hot labels, then a UNet over its
     latents conditioned on foreground volume fractions, with classifier-free guidance."""
     enabled: bool = False                           # off in tiny so the image-only CPU runs stay fast
     max_shape_3d: tuple[int, ...] = (96, 112, 96)   # generated maps: the median training shape, capped at this
@@ -176,7 +178,7 @@ class SynthesizerConfig:
                             ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
             if value < 1:
                 problems.append(f"{name} must be >= 1, not {value}")
-        for name in ("edge_image_dropout", "tag_dropout"):
+        for name in ("edge_image_dropout", "tag_dropout", "class_intensity_dropout"):
             if not 0.0 <= getattr(dm, name) <= 1.0:
                 problems.append(f"diffusion.{name} must be in [0, 1], not {getattr(dm, name)}")
         for name, stage in (("autoencoder", ae), ("diffusion", dm)):

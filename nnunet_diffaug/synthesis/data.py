@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -90,6 +89,7 @@ class FoldData:
         self.training_cases = self._training_cases()
         self._lut = self._label_lookup()
         self._cases: dict[str, tuple] = {}
+        self._class_stats: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ fold and cases
     def _training_cases(self) -> list[str]:
@@ -143,6 +143,16 @@ class FoldData:
     def label_volume(self, case_id: str) -> np.ndarray:
         """The class-index label volume of a case (3D, transposed axes)."""
         return self.encode_labels(self.case(case_id)[1][0][...], case_id)
+
+    def class_intensity_stats(self, case_id: str) -> np.ndarray:
+        """(classes incl. 'outside', C, 2): mean and sd of the normalised image over each class's voxels of the
+        whole case (NaN rows: absent classes). Cached: training asks for the same cases again and again."""
+        if case_id not in self._class_stats:
+            from nnunet_diffaug.synthesis.class_stats import case_class_stats
+            image = np.asarray(self.case(case_id)[0][...], dtype=np.float32)
+            self._class_stats[case_id] = case_class_stats(image, self.label_volume(case_id),
+                                                          len(self.label_values) + 1)
+        return self._class_stats[case_id]
 
     # ------------------------------------------------------------------ intensity range
     def intensity_range(self, rng: np.random.Generator, n_samples: int = 32) -> tuple[list[float], list[float]]:

@@ -7,7 +7,8 @@
   still leave a trace) and adds residuals to a ``DiffusionModelUNet``. Both are trained jointly.
 
 Optional extra conditioning (see :mod:`conditioning`): an edge-hint channel beside the one-hot
-labels, and a tag vector (channel names, acquisition spacing) broadcast as constant channels.
+labels, per-class intensity maps, and a tag vector (channel names, acquisition spacing) broadcast
+as constant channels.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class LabelConditionedUNet(nn.Module):
         super().__init__()
         from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
         self.conditioning = cfg.conditioning
-        cond_channels = condition_channels(num_classes, cfg.edge_hint, cfg.tag_dim if cfg.tag_conditioning else 0)
+        cond_channels = condition_channels(num_classes, cfg.edge_hint, cfg.tag_dim if cfg.tag_conditioning else 0,
+                                           image_channels if cfg.class_intensity else 0)
         common = dict(spatial_dims=spatial_dims, in_channels=latent_channels, channels=tuple(cfg.channels),
                       attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
                       norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels,

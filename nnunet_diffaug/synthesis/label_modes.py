@@ -97,18 +97,20 @@ def aligned_source(data: FoldData, index: int) -> tuple[str, np.ndarray]:
 
 
 def paint_volume(syn, volume_labels: np.ndarray, sampler, generator: torch.Generator,
-                 edge_images: np.ndarray | None = None, spacing=None) -> np.ndarray:
+                 edge_images: np.ndarray | None = None, spacing=None, class_stats=None) -> np.ndarray:
     """(*spatial 3D) class indices -> (C, *spatial) normalised image; 2D synthesizers paint slice batches.
 
-    ``edge_images``: (1, C, *spatial) real image of the volume for the edge hint; ``spacing``: its tag.
+    ``edge_images``: (1, C, *spatial) real image of the volume for the edge hint; ``spacing``: its tag;
+    ``class_stats``: the volume's per-class intensity statistics (the same for every slice).
     """
     if syn.spec.spatial_dims == 3:
-        return syn.generate(volume_labels[None], sampler, generator, edge_images=edge_images, spacing=spacing)[0]
+        return syn.generate(volume_labels[None], sampler, generator, edge_images=edge_images, spacing=spacing,
+                            class_stats=class_stats)[0]
     parts = []
     for z in range(0, volume_labels.shape[0], ALIGNED_SLICE_BATCH):
         slices = None if edge_images is None else edge_images[0][:, z:z + ALIGNED_SLICE_BATCH].transpose(1, 0, 2, 3)
         parts.append(syn.generate(volume_labels[z:z + ALIGNED_SLICE_BATCH], sampler, generator,
-                                  edge_images=slices, spacing=spacing))
+                                  edge_images=slices, spacing=spacing, class_stats=class_stats))
     return np.concatenate(parts, axis=0).transpose(1, 0, 2, 3)  # (Z, C, H, W) -> (C, Z, H, W)
 
 

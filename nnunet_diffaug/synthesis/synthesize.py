@@ -20,6 +20,7 @@ import torch
 
 from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
@@ -75,25 +76,54 @@ def _source_image(data: FoldData, case_id: str, z: int | None) -> np.ndarray:
 
 
 def _hints(syn: Synthesizer, data: FoldData, source: str | None, source_image: np.ndarray | None,
-           rng: np.random.Generator, spacing: list[float] | None) -> tuple[dict, dict]:
+           rng: np.random.Generator, spacing: list[float] | None,
+           intensity: ClassIntensityPlan | None = None) -> tuple[dict, dict]:
     """The optional extra conditioning of one case: keyword arguments for painting, and its record.
 
     Edge hint: the source's real image edges when there is a source, else label boundaries only.
     Spacing tag: ``spacing`` if given, else the source case's acquisition spacing, else (generated maps)
     the spacing of a random training case, so the synthetic set follows the training distribution.
+    Class intensity: the statistics ``intensity`` gives for the source case, else (generated maps) for
+    that same random training case, so spacing and appearance come from one real case.
     """
     dcfg = syn.config.diffusion
     kwargs, record = {}, {}
     if dcfg.edge_hint:
         kwargs["edge_images"] = None if source_image is None else source_image[None]
         record["edge_hint"] = "labels" if source_image is None else "labels+image"
+    real_case = source
+    if real_case is None and ((dcfg.tag_conditioning and spacing is None) or intensity is not None):
+        real_case = data.training_cases[int(rng.integers(len(data.training_cases)))]
     if dcfg.tag_conditioning:
         if spacing is None:
-            tag_source = source or data.training_cases[int(rng.integers(len(data.training_cases)))]
-            spacing = data.acquisition_spacing(tag_source)
+            spacing = data.acquisition_spacing(real_case)
         kwargs["spacing"] = [float(v) for v in spacing]
         record["spacing_tag"] = kwargs["spacing"]
+    if intensity is not None:
+        kwargs["class_stats"], record["class_intensity"] = intensity.for_case(real_case, rng)
     return kwargs, record
+
+
+def _class_intensity_plan(syn: Synthesizer, data: FoldData, syn_folder: Path, jitter: float,
+                          requests: list[str] | None) -> ClassIntensityPlan | None:
+    """The per-class statistics plan of a synthesizer trained with ``class_intensity`` (None otherwise);
+    refuses the flags for one trained without. Requested means are in the synthetic raw images' units."""
+    if not syn.config.diffusion.class_intensity:
+        for flag, given in (("--intensity-jitter", jitter), ("--class-intensity", requests)):
+            if given:
+                raise DiffAugError(f"{flag}: the synthesizer in {syn_folder} was trained without class intensity "
+                                   f"conditioning (diffusion.class_intensity in its config.json), so it cannot take "
+                                   f"per-class intensities.")
+        return None
+    names = {k: int(v) for k, v in data.dataset_json["labels"].items()}
+    raw_means = parse_intensity_requests(requests, names, syn.spec.label_values, syn.spec.in_channels)
+    props = data.plans_manager.foreground_intensity_properties_per_channel
+    means = {k: [normalised_value(v, scheme, props.get(str(c), props.get(c)))
+                 for c, (v, scheme) in enumerate(zip(m, data.cm.normalization_schemes))] for k, m in raw_means.items()}
+    name_of_value = {v: k for k, v in names.items()}
+    class_names = [name_of_value[v] for v in syn.spec.label_values] + ["outside"]
+    return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
+                              jitter, means)
 
 
 def _pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator) -> tuple[str, int | None, np.ndarray]:
@@ -176,17 +206,19 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
 def _extra_conditioning(syn: Synthesizer) -> dict:
     """Recorded only when on, so sets from synthesizers without them keep their provenance."""
     dcfg = syn.config.diffusion
-    return {k: True for k in ("edge_hint", "tag_conditioning") if getattr(dcfg, k)}
+    return {k: True for k in ("edge_hint", "tag_conditioning", "class_intensity") if getattr(dcfg, k)}
 
 
 class DiffusionGenerator(Generator):
     """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
     kind = "diffusion"
     label_modes = LABEL_MODES
-    options = ("--sampler", "--steps", "--spacing")
+    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity")
 
-    def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None):
+    def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None,
+                 intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None):
         self.syn, self._syn_folder, self.data, self.smp, self.spacing = syn, syn_folder, data, smp, spacing
+        self.intensity, self.intensity_request = intensity, intensity_request
         self.sampling_config = syn.config.sampling
         self.needs_source_image = syn.config.diffusion.edge_hint  # the edge hint reads the real image
 
@@ -207,8 +239,13 @@ class DiffusionGenerator(Generator):
         if spacing is not None and not syn.config.diffusion.tag_conditioning:
             raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
                                f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
+        jitter = request.options.get("--intensity-jitter") or 0.0
+        means = request.options.get("--class-intensity")
+        intensity = _class_intensity_plan(syn, data, syn_folder, jitter, means)
+        # another appearance request is another dataset, never a continuation
+        intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
         smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
-        return cls(syn, syn_folder, data, smp, spacing)
+        return cls(syn, syn_folder, data, smp, spacing, intensity, intensity_request)
 
     @property
     def training_cases(self) -> list[str]:
@@ -222,11 +259,14 @@ class DiffusionGenerator(Generator):
         provenance = _provenance(self.syn, self._syn_folder, self.smp, labels, seed)
         if self.spacing is not None:
             provenance.generator["spacing_tag"] = [float(v) for v in self.spacing]
+        if self.intensity_request is not None:
+            provenance.generator["class_intensity_request"] = self.intensity_request
         return provenance
 
     def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing)
+        hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing,
+                                          self.intensity)
         if draw.whole_volume:  # the whole volume on the case's grid; 2D synthesizers paint it slice by slice
             image = paint_volume(self.syn, draw.labels, self.smp, gen, **hint_kwargs)
         else:
@@ -266,12 +306,15 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                volume: list[str] | None = None,
                min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
                generator: str = "diffusion", plans_identifier: str | None = None,
-               randomisation: str | None = None, role: str | None = None) -> Path:
+               randomisation: str | None = None, role: str | None = None,
+               intensity_jitter: float = 0.0, class_intensity: list[str] | None = None) -> Path:
     """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
     ``plans_identifier``: the preprocessed data of generators without a synthesizer (default nnUNetPlans).
     ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``).
+    ``intensity_jitter``, ``class_intensity``: per-class appearance (synthesizers trained with class
+    intensity): random shifts in units of the fold's between-case sd, and ``CLASS=MEAN`` requests.
     ``role``: recorded in the provenance; ``rawdata.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
     """
     if generator not in GENERATORS:
@@ -287,6 +330,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     if spacing is not None and (len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing)):
         raise DiffAugError(f"--spacing {spacing}: give three positive spacings in mm (nnU-Net's axis order, as in "
                            f"dataset_fingerprint.json).")
+    if not (math.isfinite(intensity_jitter) and intensity_jitter >= 0):
+        raise DiffAugError(f"--intensity-jitter {intensity_jitter}: give a scale >= 0 (0 = the real cases' "
+                           f"intensities).")
     if num_cases < 1:
         raise DiffAugError(f"-n {num_cases}: ask for at least one case.")
     if steps is not None and steps < 1:
@@ -296,7 +342,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     kind = GENERATORS[generator]
     dataset_name = paths.resolve_dataset_name(dataset)
     request = SynthesisRequest(dataset_name, configuration, fold, labels, plans_identifier, device, options={
-        "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation})
+        "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation,
+        "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None})
     kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading
     dev = resolve_device(device)
     painter = kind.open(request)

@@ -110,21 +110,26 @@ class Synthesizer:
         return [max(1, p // f) for p in self.spec.patch_size]
 
     def condition(self, labels: torch.Tensor, images: torch.Tensor | None = None,
-                  spacing: torch.Tensor | None = None) -> Condition:
-        """The model's condition for class-index maps (B, 1, *spatial); ``images`` feed the edge hint, if any."""
+                  spacing: torch.Tensor | None = None, class_stats: torch.Tensor | None = None,
+                  use_image: torch.Tensor | None = None) -> Condition:
+        """The model's condition for class-index maps (B, 1, *spatial); ``images`` feed the edge hint, if any;
+        ``class_stats`` (B, K, C, 2) the class-intensity maps, if configured (None: no statistics)."""
         dcfg = self.config.diffusion
         spatial = spatial_condition(labels, self.spec.num_classes, dcfg.edge_hint,
-                                    images if dcfg.edge_hint else None)
+                                    images if dcfg.edge_hint else None, use_image,
+                                    self.spec.in_channels if dcfg.class_intensity else 0, class_stats)
         return Condition(spatial, spacing if dcfg.tag_conditioning else None)
 
     @torch.no_grad()
     def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator, progress: bool = False,
-                 edge_images: np.ndarray | None = None, spacing=None) -> np.ndarray:
+                 edge_images: np.ndarray | None = None, spacing=None, class_stats=None) -> np.ndarray:
         """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial).
 
         ``edge_images`` (B, C, *spatial), normalised: real images whose edges join the edge hint (used only
         by synthesizers trained with ``edge_hint``). ``spacing``: the acquisition-spacing tag (mm, nnU-Net
         axis order), one (3,) for all maps or (B, 3); used only with ``tag_conditioning``; None = no tag.
+        ``class_stats``: per-class mean and sd of the normalised image (:mod:`class_stats`), one (K, C, 2) for
+        all maps or (B, K, C, 2); used only with ``class_intensity``; None = paint without them.
         """
         if self.device.type == "cpu":
             enable_fast_cpu_convolutions(self.model)
@@ -141,7 +146,11 @@ class Synthesizer:
         if spacing is not None:
             spacing_t = torch.from_numpy(np.broadcast_to(np.asarray(spacing, dtype=np.float32), (len(labels), 3)).copy())
             spacing_t = spacing_t.to(self.device)
-        condition = self.condition(lab_t, img_t, spacing_t)
+        stats_t = None
+        if class_stats is not None:
+            stats = np.asarray(class_stats, dtype=np.float32)
+            stats_t = torch.from_numpy(np.broadcast_to(stats, (len(labels), *stats.shape[-3:])).copy()).to(self.device)
+        condition = self.condition(lab_t, img_t, spacing_t, stats_t)
         with autocast(self.device, self.config.mixed_precision):
             images = generate_images(self.autoencoder, self.model, self.scale_factor, condition,
                                      self.config.autoencoder.latent_channels, self.config.latent_factor(),

@@ -25,7 +25,7 @@ from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoenc
                                                   encode_mean)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
-from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
+from nnunet_diffaug.synthesis.conditioning import Condition
 from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
 from nnunet_diffaug.synthesis.label_training import INIT_STEP, train_label_generator
@@ -285,6 +285,10 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 
     weights = _class_balance("diffusion", dcfg.class_balance_max_weight, spec, patches, extra, log)
+    if dcfg.class_intensity:  # computed once per case (whole volumes), cached by FoldData
+        for c in patches.cases:
+            patches.data.class_intensity_stats(c)
+        log(f"diffusion: class intensity statistics of {len(patches.cases)} training cases")
     if model.tags is not None:  # spacing tags are read relative to the training cases' median
         model.tags.set_reference_spacing(np.median([patches.data.acquisition_spacing(c)
                                                     for c in patches.cases], axis=0).tolist())
@@ -328,11 +332,15 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
 
 def _training_condition(syn: Synthesizer, patches: PatchSampler, images: torch.Tensor, labels: torch.Tensor,
                         case_ids: list[str], rng: np.random.Generator) -> Condition:
-    """The condition of a training batch, with the configured dropouts: image edges and spacing tags are
-    left out for a random share of samples, so sampling works without them (generated label maps)."""
+    """The condition of a training batch, with the configured dropouts: image edges, spacing tags and class
+    intensities are left out for a random share of samples, so sampling works without them."""
     dcfg = syn.config.diffusion
     use_image = torch.from_numpy(rng.random(len(case_ids)) >= dcfg.edge_image_dropout)
-    spatial = spatial_condition(labels, syn.spec.num_classes, dcfg.edge_hint, images, use_image)
+    stats = None
+    if dcfg.class_intensity:  # the whole case's statistics, as at synthesis (a crop's own would leak its pixels)
+        stats = torch.from_numpy(np.stack([patches.data.class_intensity_stats(c) for c in case_ids]))
+        stats[torch.from_numpy(rng.random(len(case_ids)) < dcfg.class_intensity_dropout)] = float("nan")
+    spatial = syn.condition(labels, images, None, stats, use_image).spatial
     spacing = None
     if dcfg.tag_conditioning:
         spacing = torch.tensor([patches.data.acquisition_spacing(c) for c in case_ids], dtype=torch.float32)
@@ -355,7 +363,9 @@ def _montages(stage: str, syn: Synthesizer, patches: PatchSampler, folder: Path,
     else:
         gen = torch.Generator().manual_seed(seed)
         spacing = [patches.data.acquisition_spacing(c) for c in case_ids]
-        fake = syn.generate(lab, syn.sampler(), gen, edge_images=images.numpy(), spacing=spacing)
+        stats = ([patches.data.class_intensity_stats(c) for c in case_ids]
+                 if syn.config.diffusion.class_intensity else None)
+        fake = syn.generate(lab, syn.sampler(), gen, edge_images=images.numpy(), spacing=spacing, class_stats=stats)
         rows = [("real", list(real)), ("generated", list(fake[:, 0]))]
     save_montage(folder / f"{stage}_montage.png", rows, list(lab), syn.spec.num_classes,
                  f"{stage}: {syn.spec.dataset_name} {syn.spec.configuration} fold {syn.spec.fold}", vmin, vmax)
