@@ -68,7 +68,9 @@ def toy_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(toy_root):
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-p", "tiny", "-device", "cpu",
+    config = toy_root / "short.json"  # the tiny preset, shortened: the toy's classes differ by 120 HU
+    config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 200}, "diffusion": {"steps": 300}}))
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-p", str(config), "-device", "cpu",
                                  "--seed", "0"])
     return toy_root
 
@@ -145,21 +147,28 @@ def test_keep_edit_repaints_in_place_with_every_sampler_kept_exact(trained):
             assert record["sampler"] == sampler and record["resample_jumps"] == 2
 
 
-def test_bad_inpaint_flags_are_refused_before_anything_is_written(trained):
+def test_bad_inpaint_flags_are_refused_before_anything_is_written(trained, capsys):
     raw = trained / "raw"
     before = sorted(p.name for p in raw.iterdir())
-    for extra, flag in ((["--classes", "tumour"], "--classes"), (["--host", "liver"], "--host"),
-                        (["--classes", "lesion", "--host", "lesion"], "--host"), (["--edit", "teleport"], "--edit"),
-                        (["--classes", "background"], "--classes"), (["--scale-range", "2"], "--scale-range")):
-        with pytest.raises(DiffAugError, match=flag):
-            _synthesize(963, *extra)
-    with pytest.raises(DiffAugError, match="--margin"):
-        cli.synthesize_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-n", "1", "--labels", "real", "--margin", "3",
-                              "-device", "cpu"])
-    with pytest.raises(DiffAugError, match="cannot paint --labels inpaint"):
-        cli.synthesize_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-n", "1", "--labels", "inpaint",
-                              "--generator", "randomised", "-device", "cpu"])
+
+    def refused(*extra: str, labels: str = "inpaint") -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            cli.synthesize_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-n", "1", "--labels", labels,
+                                  "-device", "cpu", "-o", "963", *extra])
+        return capsys.readouterr().err
+    assert "--classes 'tumour': no such label" in refused("--classes", "tumour")
+    assert "--host 'liver': no such label" in refused("--host", "liver")
+    assert "--host 'lesion' is also a target" in refused("--classes", "lesion", "--host", "lesion")
+    assert "--edit 'teleport'" in refused("--edit", "teleport")
+    assert "background" in refused("--classes", "background")
+    assert "--scale-range '2'" in refused("--scale-range", "2")
+    assert "--margin apply to --labels inpaint only" in refused("--margin", "3", labels="real")
+    assert "cannot paint --labels inpaint" in refused("--generator", "randomised")
     assert sorted(p.name for p in raw.iterdir()) == before
+    from nnunet_diffaug.synthesis.synthesize import synthesize
+    with pytest.raises(DiffAugError, match="--resample-jumps"):
+        synthesize(TOY_ID, "2d", 0, 1, labels="inpaint", resample_jumps=-1, device="cpu")
 
 
 # ---- units: no trained model ----
@@ -234,3 +243,31 @@ def test_repaint_sampling_returns_the_known_latents_outside_the_mask_with_every_
     keep = repaint.expand_as(known) == 0
     assert torch.equal(z[keep], known[keep])
     assert torch.isfinite(z).all() and not torch.allclose(z[~keep], known[~keep])
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_repainting_an_untrained_synthesizer_keeps_every_voxel_outside_the_region_in_2d_and_3d_multichannel(
+        spatial_dims):
+    from nnunet_diffaug.synthesis.config import SynthesizerConfig
+    from nnunet_diffaug.synthesis.data import DataSpec
+    from nnunet_diffaug.synthesis.repaint import repaint_volume
+    from nnunet_diffaug.synthesis.synthesizer import Synthesizer
+    torch.manual_seed(0)
+    patch = [16, 16, 16] if spatial_dims == 3 else [32, 32]
+    spec = DataSpec("x", "3d_fullres", "p", 0, ["a"], spatial_dims, 2, [0, 1, 2], ["CTNormalization"] * 2,
+                    [-3.0, -3.0], [3.0, 3.0], patch)
+    syn = Synthesizer(SynthesizerConfig.from_json({"base": "tiny"}), spec, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 16) if spatial_dims == 3 else (3, 36, 28)   # larger than the patch: encoding slides
+    source = rng.normal(size=(2, *shape)).astype(np.float32)
+    labels = np.zeros(shape, np.int64)
+    labels[1:3, 10:16, 8:12] = 2
+    region = np.zeros(shape, bool)
+    region[:, 6:18, 4:16] = True
+    image, record = repaint_volume(syn, labels, source, region, 3, syn.sampler("ddim", 2),
+                                   torch.Generator().manual_seed(0), resample_jumps=1)
+    assert image.shape == source.shape and image.dtype == np.float32
+    assert np.array_equal(image[:, ~region], source[:, ~region])
+    assert not np.allclose(image[:, 1, 10:14, 8:12], source[:, 1, 10:14, 8:12])
+    key = "sampled_box" if spatial_dims == 3 else "sampled_slices"
+    assert key in record
