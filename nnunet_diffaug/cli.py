@@ -363,10 +363,12 @@ def synthesize_entry(argv=None):
     p.add_argument("-p", "-plans", dest="plans", default=None,
                    help="nnU-Net plans identifier for randomised/deformed-real (default nnUNetPlans); diffusion "
                         "uses its synthesizer's")
-    p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned"],
+    p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned", "inpaint"],
                    help="where label maps come from: 'real' = deformed training label maps of the fold; "
                         "'generated' = new maps from the fold's label generator; 'real-aligned' = case i paints "
-                        "training case i mod n unchanged, as a full volume on its grid (for PatchMix)")
+                        "training case i mod n unchanged, as a full volume on its grid (for PatchMix); 'inpaint' "
+                        "= training case i mod n kept, one structure edited (--edit) and only the region around it "
+                        "repainted (--generator diffusion)")
     p.add_argument("--guidance", type=_float_in(0), default=None,
                    help="--labels generated: classifier-free guidance weight w (1 = plain conditional, > 1 "
                         "follows --volume more strongly; default: the synthesizer config's)")
@@ -388,6 +390,25 @@ def synthesize_entry(argv=None):
                    help="synthesizers trained with class intensity: paint CLASS (label name or value) at this mean, "
                         "in the units of the synthetic raw images (HU for CT; normalised values for z-scored "
                         "channels); MEAN may be M0,M1,.. one per channel")
+    inpaint = p.add_argument_group(
+        "inpainting (--labels inpaint)", "edit one structure of a real case and repaint only the region around it; "
+                                         "outside it every voxel is the real case's")
+    inpaint.add_argument("--classes", default=None, metavar="A,B",
+                         help="target classes (label names or values, comma-separated); default: every foreground class")
+    inpaint.add_argument("--edit", default=None, metavar="EDIT[,EDIT]",
+                         help="keep (repaint in place), move (to another place in the host), scale (resize about its "
+                              "centre), paste (a structure of another training case); a list draws one per case "
+                              "(default keep)")
+    inpaint.add_argument("--host", default=None, metavar="CLASS",
+                         help="move/scale/paste: the class the structure must lie in; voxels landing outside it are "
+                              "clipped away (default: any non-target class inside the nonzero mask)")
+    inpaint.add_argument("--margin", type=POSITIVE_INT, default=None,
+                         help="voxels around the old and new structure that are repainted (default 4)")
+    inpaint.add_argument("--scale-range", default=None, metavar="LOW:HIGH",
+                         help="--edit scale: the factor is drawn uniformly in [LOW, HIGH] (default 0.6:1.5)")
+    inpaint.add_argument("--resample-jumps", type=NON_NEGATIVE_INT, default=None,
+                         help="RePaint resampling: each sampler step is redone this many times (default 1; each "
+                              "adds one model call per step)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="reverse-diffusion sampler (default: the synthesizer config's, dpmpp); ddpm runs all "
                         "training timesteps")
@@ -416,7 +437,9 @@ def synthesize_entry(argv=None):
     common = dict(labels=args.labels, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=args.guidance,
                   volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
                   generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
-                  intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose)
+                  intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose,
+                  classes=args.classes, host=args.host, edit=args.edit, margin=args.margin,
+                  scale_range=args.scale_range, resample_jumps=args.resample_jumps)
     if args.judge is None:
         if args.candidates is not None or args.min_class_dice is not None or args.judge_tta:
             raise DiffAugError("--candidates, --min-class-dice and --judge-tta need --judge MODEL.")

@@ -145,3 +145,55 @@ def generate_images(autoencoder: nn.Module, model: nn.Module, scale_factor: floa
     latent_shape = (spatial.shape[0], latent_channels, *[s // latent_factor for s in spatial.shape[2:]])
     z = sample_latents(model, condition, latent_shape, sampler, generator, progress)
     return decode_latents(autoencoder, z / scale_factor, decode_window, decode_overlap)
+
+
+def _noised(scheduler, known: torch.Tensor, t: int, generator: torch.Generator) -> torch.Tensor:
+    """``known`` latents diffused to timestep ``t`` with the training schedule (t < 0: clean)."""
+    if t < 0:
+        return known
+    tt = torch.full((known.shape[0],), t, dtype=torch.long, device=known.device)
+    return scheduler.add_noise(known, _randn(known.shape, generator, known.device), tt)
+
+
+@torch.no_grad()
+def sample_latents_inpaint(model: nn.Module, condition: Condition, known: torch.Tensor, repaint: torch.Tensor,
+                           sampler: Sampler, generator: torch.Generator, resample_jumps: int = 0,
+                           progress: bool = False) -> torch.Tensor:
+    """RePaint in latent space (Lugmayr et al., CVPR 2022): only latents where ``repaint`` is 1 are sampled.
+
+    ``known`` (B, c, *latent): the real case's (scaled) latents. After every step the kept region is
+    replaced by ``known`` diffused to the step's timestep, so the sample is pulled towards agreeing with
+    the real context. ``resample_jumps`` > 0: each step is redone that many times from its own output
+    re-noised by one step (jump length 1), which harmonises the repainted region with its context.
+    Works with every sampler: the kept region is noised with the training scheduler, whose betas every
+    sampler shares; multistep solvers are rewound to their state before the step for each redo.
+    """
+    import copy
+    device = condition.spatial.device
+    scheduler = sampler._train_scheduler
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    repaint = repaint.to(device=device, dtype=torch.float32)
+    sampler.begin()
+    ts = sampler.timesteps
+    z = _randn(known.shape, generator, device)
+    z = repaint * z + (1 - repaint) * _noised(scheduler, known, ts[0], generator)
+    steps = range(len(ts))
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=f"{sampler.name} inpainting", leave=False)
+    for i in steps:
+        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        tt = torch.full((known.shape[0],), t, device=device, dtype=torch.long)
+        jumps = resample_jumps if t_prev >= 0 else 0  # the last step lands on clean latents: nothing to redo
+        for j in range(jumps + 1):
+            state = copy.deepcopy(sampler._s) if j < jumps else None
+            out = model(z, tt, condition).float()
+            z_prev = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)
+            z_prev = repaint * z_prev + (1 - repaint) * _noised(scheduler, known, t_prev, generator)
+            if state is None:
+                break
+            sampler._s = state  # redo this step from z_prev diffused back to t: q(x_t | x_t_prev)
+            ratio = alphas[t] / alphas[t_prev]
+            z = ratio.sqrt() * z_prev + (1 - ratio).sqrt() * _randn(z.shape, generator, device)
+        z = z_prev
+    return z

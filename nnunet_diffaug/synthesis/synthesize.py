@@ -1,7 +1,8 @@
 """Label maps of the fold -> a synthetic nnU-Net raw dataset, painted by one ``--generator``.
 
 Generators (:data:`GENERATORS`): ``diffusion`` (the fold's trained synthesizer, below), ``randomised``
-and ``deformed-real`` (:mod:`generators`, no training). Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`).
+and ``deformed-real`` (:mod:`generators`, no training). Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`),
+``inpaint`` (a real case with one structure edited and repainted, see :mod:`inpainting`).
 
 Case ``i`` takes the label map of a training case of the fold (a seeded round robin), deforms it
 with a small random affine transform (nearest interpolation, so labels stay labels), paints an
@@ -26,13 +27,15 @@ from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
+from nnunet_diffaug.synthesis.inpainting import InpaintLabels, parse_inpaint_settings
 from nnunet_diffaug.synthesis.label_modes import (GeneratedLabels, aligned_raw_space, aligned_source,
                                                   open_generated_labels, paint_volume)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
-LABEL_MODES = ("real", "generated", "real-aligned")
+LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
+DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
 DEFAULT_MIN_COMPONENT_VOXELS = 5
 
 
@@ -213,12 +216,14 @@ class DiffusionGenerator(Generator):
     """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
     kind = "diffusion"
     label_modes = LABEL_MODES
-    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity")
+    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity", "--resample-jumps")
 
     def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None,
-                 intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None):
+                 intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None,
+                 resample_jumps: int = DEFAULT_RESAMPLE_JUMPS):
         self.syn, self._syn_folder, self.data, self.smp, self.spacing = syn, syn_folder, data, smp, spacing
         self.intensity, self.intensity_request = intensity, intensity_request
+        self.resample_jumps = resample_jumps
         self.sampling_config = syn.config.sampling
         self.needs_source_image = syn.config.diffusion.edge_hint  # the edge hint reads the real image
 
@@ -245,7 +250,9 @@ class DiffusionGenerator(Generator):
         # another appearance request is another dataset, never a continuation
         intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
         smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
-        return cls(syn, syn_folder, data, smp, spacing, intensity, intensity_request)
+        jumps = request.options.get("--resample-jumps")
+        return cls(syn, syn_folder, data, smp, spacing, intensity, intensity_request,
+                   DEFAULT_RESAMPLE_JUMPS if jumps is None else int(jumps))
 
     @property
     def training_cases(self) -> list[str]:
@@ -267,6 +274,15 @@ class DiffusionGenerator(Generator):
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing,
                                           self.intensity)
+        if draw.repaint is not None:  # inpaint: only the region is sampled, the rest is the real image
+            from nnunet_diffaug.synthesis.repaint import repaint_volume
+            hint_kwargs.pop("edge_images", None)  # label boundaries only: the real edges show the old structure
+            image, region = repaint_volume(self.syn, draw.labels, draw.source_image, draw.repaint,
+                                           draw.repaint_margin, self.smp, gen, self.resample_jumps, **hint_kwargs)
+            if "edge_hint" in hint_record:
+                hint_record["edge_hint"] = "labels"
+            return image, {"sampler": self.smp.name, "steps": self.smp.steps, "resample_jumps": self.resample_jumps,
+                           **region, **hint_record}
         if draw.whole_volume:  # the whole volume on the case's grid; 2D synthesizers paint it slice by slice
             image = paint_volume(self.syn, draw.labels, self.smp, gen, **hint_kwargs)
         else:
@@ -283,12 +299,18 @@ GENERATORS: dict[str, type[Generator]] = {
 
 
 def _draw_labels(labels: str, data: FoldData, index: int, seed: int, rng: np.random.Generator,
-                 generated: GeneratedLabels | None, generator: Generator) -> CaseDraw:
+                 generated: GeneratedLabels | None, generator: Generator,
+                 inpaint: InpaintLabels | None = None) -> CaseDraw:
     """Case ``index``'s label map by ``--labels`` mode (and the real image moved with it, if the generator wants it)."""
     wants_image = generator.needs_source_image
     if labels == "generated":
         label_map, extra = generated.make(rng)
         return CaseDraw(label_map, record=extra)
+    if labels == "inpaint":  # a real case whole, one structure edited; the real image is always needed
+        source = inpaint.source_for(index)
+        edit = inpaint.edit(data.label_volume(source), rng, source)
+        return CaseDraw(edit.labels, source, None, _source_image(data, source, None), whole_volume=True,
+                        repaint=edit.repaint, repaint_margin=inpaint.settings.margin, record={"inpaint": edit.record})
     if labels == "real-aligned":
         source, label_map = aligned_source(data, index)
         image = _source_image(data, source, None) if wants_image else None
@@ -307,7 +329,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
                generator: str = "diffusion", plans_identifier: str | None = None,
                randomisation: str | None = None, role: str | None = None,
-               intensity_jitter: float = 0.0, class_intensity: list[str] | None = None) -> Path:
+               intensity_jitter: float = 0.0, class_intensity: list[str] | None = None, classes: str | None = None,
+               host: str | None = None, edit: str | None = None, margin: int | None = None,
+               scale_range: str | None = None, resample_jumps: int | None = None) -> Path:
     """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
@@ -316,6 +340,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     ``intensity_jitter``, ``class_intensity``: per-class appearance (synthesizers trained with class
     intensity): random shifts in units of the fold's between-case sd, and ``CLASS=MEAN`` requests.
     ``role``: recorded in the provenance; ``rawdata.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
+    ``classes``, ``host``, ``edit``, ``margin``, ``scale_range``, ``resample_jumps``: ``labels="inpaint"``
+    (see :mod:`inpainting`; comma-separated class names/values and edits, scale as ``LOW:HIGH``).
     """
     if generator not in GENERATORS:
         raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
@@ -323,6 +349,13 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
     if labels != "generated" and (volume or guidance is not None):
         raise DiffAugError(f"--volume and --guidance apply to --labels generated only, not --labels {labels}.")
+    inpaint_flags = {"--classes": classes, "--host": host, "--edit": edit, "--margin": margin,
+                     "--scale-range": scale_range, "--resample-jumps": resample_jumps}
+    if labels != "inpaint" and any(v is not None for v in inpaint_flags.values()):
+        given = ", ".join(k for k, v in inpaint_flags.items() if v is not None)
+        raise DiffAugError(f"{given} apply to --labels inpaint only, not --labels {labels}.")
+    if resample_jumps is not None and (int(resample_jumps) != resample_jumps or resample_jumps < 0):
+        raise DiffAugError(f"--resample-jumps {resample_jumps}: give a whole number >= 0 (0 = plain RePaint blending).")
     if guidance is not None and guidance < 0:
         raise DiffAugError(f"--guidance {guidance}: the guidance weight must be >= 0 (1 = no extra guidance).")
     if min_component_voxels < 0:
@@ -343,7 +376,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     dataset_name = paths.resolve_dataset_name(dataset)
     request = SynthesisRequest(dataset_name, configuration, fold, labels, plans_identifier, device, options={
         "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation,
-        "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None})
+        "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None,
+        "--resample-jumps": resample_jumps})
     kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading
     dev = resolve_device(device)
     painter = kind.open(request)
@@ -357,6 +391,11 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         generated = open_generated_labels(painter.synthesizer_folder, data, dev, guidance, volume,
                                           min_component_voxels)
         provenance.generator["label_generator"] = generated.provenance(painter.synthesizer_folder)
+    inpaint = None
+    if labels == "inpaint":  # flags checked against the dataset's labels before anything is written
+        settings = parse_inpaint_settings(classes, host, edit, margin, scale_range, real_dj, data.label_values)
+        inpaint = InpaintLabels(data, settings, data.spatial_dims)
+        provenance.generator["inpaint"] = {**settings.to_json(), "resample_jumps": painter.resample_jumps}
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
     part_lock = rawdata.folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
@@ -374,7 +413,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
             rng = _case_rng(seed, i)
             t0 = time.perf_counter()
-            draw = _draw_labels(labels, data, i, seed, rng, generated, painter)
+            draw = _draw_labels(labels, data, i, seed, rng, generated, painter, inpaint)
             image, painted = painter.paint(draw, rng)  # (C, *spatial), normalised
             # real-aligned: the whole volume, on the case's own grid
             space = aligned_raw_space(data, draw.source, data.label_values) if draw.whole_volume else raw_space

@@ -37,6 +37,8 @@ class CaseDraw:
     source_image: np.ndarray | None = None  # (C, *spatial) normalised real image, moved like ``labels``
     augmentation: dict | None = None      # the deformation applied (``--labels real``)
     whole_volume: bool = False            # the full case volume on its own grid (``--labels real-aligned``)
+    repaint: np.ndarray | None = None     # boolean region to repaint in ``source_image`` (``--labels inpaint``)
+    repaint_margin: int = 0               # its margin around the edited structure (sets the feathering)
     record: dict = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ class DeformedRealGenerator(Generator):
     label_mode_reasons = {
         "real-aligned": "undeformed, it would only copy the training cases (use them directly)",
         "generated": "a generated label map has no real image to deform",
+        "inpaint": "repainting a region needs the trained diffusion model",
     }
 
     def __init__(self, data: FoldData, sampling_config: SamplingConfig | None = None):

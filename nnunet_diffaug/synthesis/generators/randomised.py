@@ -172,6 +172,8 @@ class RandomisedGenerator(Generator):
     kind = "randomised"
     label_modes = ("real", "real-aligned", "generated")
     options = ("--randomisation",)
+    label_mode_reasons = {"inpaint": "repainting a region of a real case needs the trained diffusion model's "
+                                     "latent sampler (--generator diffusion)"}
 
     def __init__(self, data: FoldData, ranges: RandomisationRanges, synthesizer_folder):
         self.data, self.ranges, self._syn_folder = data, ranges, synthesizer_folder
