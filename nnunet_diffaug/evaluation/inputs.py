@@ -12,9 +12,10 @@ import numpy as np
 
 from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, check_no_validation_leak, read_json,
-                                    check_synthetic_matches_real, find_synthetic_datasets, list_cases,
-                                    load_dataset_json, read_provenance)
+from nnunet_diffaug.synthetic_sets import check_synthetic_set, locate_synthetic_set
+from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, read_json,
+                                    check_synthetic_matches_real, list_cases,
+                                    load_dataset_json)
 
 
 @dataclass
@@ -49,26 +50,9 @@ def read_fold(dataset_name: str, fold: int) -> tuple[list[str], list[str]]:
 
 def locate_synthetic(dataset_name: str, fold: int, choice: str | None) -> Path:
     """The synthetic set named by ``choice`` (name, id or folder), else the only one made for this fold."""
-    raw = paths.nnunet_raw()
-    if choice:
-        if Path(choice).is_dir():
-            return Path(choice)
-        try:
-            folder = raw / paths.resolve_dataset_name(choice)
-        except DiffAugError:
-            folder = None
-        if folder is None or not folder.is_dir():
-            raise DiffAugError(f"--synthetic {choice!r} is neither a folder nor a dataset in {raw}.")
-        return folder
-    found = find_synthetic_datasets(raw, dataset_name, fold)
-    if not found:
-        raise DiffAugError(f"No synthetic dataset for {dataset_name} fold {fold} in {raw} (none has a "
-                           f"{PROVENANCE_FILE} naming them). Make one with diffaug_synthesize -d {dataset_name} "
-                           f"-f {fold} -n 50, or name a folder with --synthetic.")
-    if len(found) > 1:
-        raise DiffAugError(f"Several synthetic datasets for {dataset_name} fold {fold} in {raw}: "
-                           f"{', '.join(p.name for p in found)}. Choose one with --synthetic <name, id or folder>.")
-    return found[0]
+    return locate_synthetic_set(dataset_name, fold, choice, "--synthetic ",
+                                f"Make one with diffaug_synthesize -d {dataset_name} -f {fold} -n 50, or name a "
+                                f"folder with --synthetic.")
 
 
 def model_folder_from_names(dataset_name: str, trainer: str, plans: str, configuration: str) -> Path:
@@ -122,19 +106,14 @@ def resolve_inputs(dataset: str | int, fold: int, synthetic: str | None = None, 
     notes = []
 
     synth_folder = locate_synthetic(dataset_name, fold, synthetic)
-    synth_json = check_synthetic_matches_real(real_json, synth_folder)
+    synth_json = check_synthetic_matches_real(real_json, synth_folder)  # also for sets without provenance
     provenance = None
     if (synth_folder / PROVENANCE_FILE).is_file():
-        provenance = read_provenance(synth_folder)
-        if provenance.source_dataset != dataset_name:
-            raise DiffAugError(f"{synth_folder / PROVENANCE_FILE}: made from {provenance.source_dataset}, "
-                               f"not {dataset_name}.")
-        if str(provenance.fold) != str(fold):
-            raise DiffAugError(f"{synth_folder / PROVENANCE_FILE}: made for fold {provenance.fold}, not fold {fold}; "
-                               f"evaluate it with -f {provenance.fold} (its validation cases are the held-out ones).")
         # the validation cases are the held-out reference of every metric: a synthesizer that saw them would
         # make the comparisons flatter the synthetic set
-        check_no_validation_leak(provenance, validation, synth_folder)
+        provenance = check_synthetic_set(synth_folder, real_json, dataset_name, fold, validation,
+                                         "Evaluate a set with -f of the fold it was made for: that fold's validation cases "
+                                         "are the ones it never saw.")
     else:
         notes.append(f"{synth_folder} has no {PROVENANCE_FILE}: which real cases its generator saw is unknown, "
                      f"so the held-out status of the validation cases cannot be checked.")
