@@ -235,6 +235,9 @@ def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep:
     dataset_name = paths.resolve_dataset_name(dataset)
     real_json = load_dataset_json(paths.nnunet_raw() / dataset_name)
     check_judge(judge, dataset_name, fold, real_json)  # before any candidate is drawn
+    if output_id is not None:  # reserve the id, so that the candidate set takes another one
+        from nnunet_diffaug.rawdata import synthetic_dataset_name
+        (paths.nnunet_raw() / synthetic_dataset_name(output_id, dataset_name, fold)).mkdir(parents=True, exist_ok=True)
     candidate_folder = synthesize(dataset_name, configuration, fold, candidates, device=device, progress=progress,
                                   role=CANDIDATES_ROLE, **synthesize_kwargs)
     candidate_prov = read_provenance(candidate_folder)

@@ -325,3 +325,25 @@ def test_demo_explains_that_small_one_seed_differences_are_noise():
     assert "1 seed and 3 test cases, differences below about 0.05 Dice are noise" in text
     assert "diffaug_r33: -0.002 (within the noise)" in text and "patchmix: +0.090 (larger" in text
     assert "--seeds 0 1 2 3 4" in text
+
+
+def test_a_judged_arm_filters_its_set_with_the_folds_stock_model_trained_first(tmp_path, monkeypatch):
+    _user_dataset(tmp_path, monkeypatch)
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5, n_synthetic=6,
+                          arms=("diffaug_r33", "diffaug_r33_judged"))
+    runner = FakeRunner({"stock": 0.6, "diffaug_r33": 0.62, "diffaug_r33_judged": 0.66})
+    run_benchmark(s, tmp_path / "ws", runner=runner)
+    synth = runner.named("diffaug_synthesize")
+    judged = [c for c, _ in synth if "--judge" in c]
+    assert len(synth) == 2 and len(judged) == 1  # the plain and the judged set are two sets
+    judge = Path(_flag(judged[0], "--judge"))
+    assert judge.parent.parent.name == "stock" and judge.name.startswith("nnUNetTrainerBudget__")
+    assert _flag(judged[0], "--candidates") == "12"
+    order = [name for name, *_ in runner.calls]
+    first_stock = next(i for i, (name, cmd, env) in enumerate(runner.calls)
+                       if name == "nnUNetv2_train" and Path(env["nnUNet_results"]).name == "stock")
+    judged_call = next(i for i, (name, cmd, env) in enumerate(runner.calls) if "--judge" in cmd)
+    assert first_stock < judged_call, order
+    sets = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_DATASET") for _, env in
+            runner.named("nnUNetv2_train")}
+    assert sets["diffaug_r33"] != sets["diffaug_r33_judged"]

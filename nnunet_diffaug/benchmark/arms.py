@@ -7,7 +7,8 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   synthetic share NN/100 (r33 and r67 mean 1/3 and 2/3) of diffusion-synthesized cases;
   ``_linear`` / ``_cutoff<FF>`` set the synthetic-share schedule, ``_equalreal`` scales the
   iterations so the arm sees as many real samples as stock, ``_generated`` paints generated label
-  maps instead of deformed real ones.
+  maps instead of deformed real ones, ``_judged`` keeps the n of 2n candidates that the fold's stock
+  model (trained on the same real subset) segments best (``diffaug_synthesize --judge``).
 - ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
   synthesized ones (control: is the gain just from more geometric augmentation?).
 - ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
@@ -40,12 +41,12 @@ DEFAULT_ARMS = ("stock", "diffaug_r33")
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
-                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?P<gen>_generated)?$")
+                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?P<gen>_generated)?(?P<judged>_judged)?$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
 
 GRAMMAR_HELP = ("stock; diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
-                "then optional _linear or _cutoff<FF>, _equalreal, _generated), e.g. diffaug_r33, "
+                "then optional _linear or _cutoff<FF>, _equalreal, _generated, _judged), e.g. diffaug_r33, "
                 "diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
@@ -55,6 +56,7 @@ class SyntheticSpec:
     """Which synthetic set an arm trains on; one set per fold and spec is made and shared by all arms."""
     generator: str = "diffusion"
     labels: str = "real"
+    judge: bool = False                  # keep the half of 2n candidates the fold's stock arm reads best
 
     @property
     def needs_synthesizer(self) -> bool:
@@ -63,7 +65,7 @@ class SyntheticSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.generator}__{self.labels}"
+        return f"{self.generator}__{self.labels}" + ("__judged" if self.judge else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,7 @@ def builtin_arm(name: str) -> Arm | None:
             env["DIFFAUG_SYNTHETIC_SCHEDULE"] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
-        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], "generated" if m["gen"] else "real")
+        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], "generated" if m["gen"] else "real", bool(m["judged"]))
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:

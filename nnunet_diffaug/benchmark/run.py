@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from nnunet_diffaug import paths
-from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec
+from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec, builtin_arm
 from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
                                                settings_arms)
-from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, make_workspace,
+from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, fold_folder, make_workspace,
                                                 record_timing, summary_file, write_splits)
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import atomic_write_json, list_cases, load_dataset_json
@@ -68,7 +68,9 @@ def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int) -> list[str]
             "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
 
 
-def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str) -> list[str]:
+def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str,
+                       judge: Path | None = None) -> list[str]:
+    """``judge``: the model folder that filters a ``_judged`` set (the fold's stock arm)."""
     cmd = [_script("diffaug_synthesize"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
            "-device", s.device, "--seed", str(seed), "-n", str(s.n_synthetic), "--labels", spec.labels,
            "-o", str(int(dataset_name[7:10]))]
@@ -76,6 +78,8 @@ def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: Synthet
         cmd += ["--sampler", s.sampler, "--steps", str(s.steps)]
     else:  # no synthesizer: the generator reads the preprocessed data of the benchmark's plans
         cmd += ["--generator", spec.generator, "-plans", s.plans]
+    if spec.judge:
+        cmd += ["--judge", str(judge), "--candidates", str(2 * s.n_synthetic)]
     return cmd
 
 
@@ -144,7 +148,10 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
                 if arm.synthetic.needs_synthesizer and fold not in made_synthesizer:
                     run(synthesizer_command(s, fold, seed), step_env(workdir, "synthesizer", {}))  # resumes itself
                     made_synthesizer.add(fold)
-                run(synthesize_command(s, fold, seed, arm.synthetic, synthetic), step_env(workdir, "synthesizer", {}))
+                # a judged set's judge is the fold's stock arm: trained first, on the same real subset
+                judge = fold_folder(workdir, builtin_arm("stock"), s.dataset, s.plans, s.configuration, fold).parent
+                run(synthesize_command(s, fold, seed, arm.synthetic, synthetic, judge),
+                    step_env(workdir, "synthesizer", {}))
                 sets.mark_complete(fold, arm.synthetic)
         start = time.monotonic()
         run(train_command(s, arm, fold), step_env(workdir, arm.name, train_env(s, arm, seed, synthetic)))

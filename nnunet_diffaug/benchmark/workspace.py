@@ -138,13 +138,13 @@ class SyntheticSets:
         atomic_write_json(self.file, self.sets)
 
     def _legacy_set(self, fold: int, spec: SyntheticSpec) -> str | None:
-        if spec.generator != "diffusion":
+        if spec.generator != "diffusion" or spec.judge:  # earlier versions made plain diffusion sets only
             return None
         taken = {v["dataset"] for v in self.sets.values()}
         for folder in find_synthetic_datasets(self.workdir / "raw", self.dataset, fold):
             generator = read_json_or(folder / "diffaug_provenance.json", {}).get("generator", {})
             if (folder.name not in taken and "diffusion" in str(generator.get("kind", ""))
-                    and generator.get("label_mode") == spec.labels):
+                    and generator.get("label_mode") == spec.labels and "judge_filter" not in generator):
                 return folder.name
         return None
 
