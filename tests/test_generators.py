@@ -20,7 +20,8 @@ from nnunet_diffaug.rawdata import load_dataset_json, read_provenance
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisationRanges, paint_randomised
-from nnunet_diffaug.synthesis.synthesize import _draw_labels, _source_image, synthesize
+from nnunet_diffaug.synthesis.label_sources import DeformedRealLabels, source_image
+from nnunet_diffaug.synthesis.synthesize import synthesize
 
 CLIP = [(-4.0, 4.0)]
 
@@ -181,14 +182,14 @@ def test_deformed_real_moves_image_and_labels_together(root):
     identity = DeformedRealGenerator(data, SamplingConfig(rotate_degrees=0, scale_range=0, translate_fraction=0))
     moving = DeformedRealGenerator(data)
     for index in range(3):
-        draw = _draw_labels("real", data, index, 0, np.random.default_rng([0, index]), None, identity)
-        real_image = _source_image(data, draw.source, draw.source_slice)
+        draw = DeformedRealLabels(data).draw(index, 0, np.random.default_rng([0, index]), identity)
+        real_image = source_image(data, draw.source, draw.source_slice)
         real_labels = data.label_volume(draw.source)[draw.source_slice]
         image, _ = identity.paint(draw, np.random.default_rng(0))
         np.testing.assert_allclose(image, real_image, atol=1e-4)  # no deformation: the real image itself
         assert np.array_equal(draw.labels, real_labels)
 
-        draw = _draw_labels("real", data, index, 0, np.random.default_rng([0, index]), None, moving)
+        draw = DeformedRealLabels(data).draw(index, 0, np.random.default_rng([0, index]), moving)
         image, _ = moving.paint(draw, np.random.default_rng(0))
         assert np.mean(np.abs(image - real_image)) > 0.05 and not np.array_equal(draw.labels, real_labels)
         # the labels still describe the moved image as well as the real labels describe the real image,

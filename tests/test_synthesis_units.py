@@ -20,7 +20,7 @@ from nnunet_diffaug.synthesis.image_generator import build_image_generator, buil
 from nnunet_diffaug.synthesis.metrics import VoxelClassifier, grouped_dice
 from nnunet_diffaug.synthesis.rawspace import raw_spacing, to_raw_intensity, to_sitk
 from nnunet_diffaug.synthesis.sampling import Sampler, decode_latents, sample_latents
-from nnunet_diffaug.synthesis.synthesize import augment_label_map
+from nnunet_diffaug.synthesis.label_sources import augment_label_map
 
 
 # ---------------------------------------------------------------------------------------------- config

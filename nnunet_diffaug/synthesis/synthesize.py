@@ -1,13 +1,13 @@
 """Label maps of the fold -> a synthetic nnU-Net raw dataset, painted by one ``--generator``.
 
 Generators (:data:`GENERATORS`): ``diffusion`` (the fold's trained synthesizer, below), ``randomised``
-and ``deformed-real`` (:mod:`generators`, no training). Label maps: ``--labels real`` (below), ``generated`` and ``real-aligned`` (see :mod:`label_modes`),
-``inpaint`` (a real case with one structure edited and repainted, see :mod:`inpainting`).
+and ``deformed-real`` (:mod:`generators`, no training). Label maps (``--labels``): one
+:class:`~label_sources.LabelSource` per mode (:mod:`label_sources`: ``real``, ``real-aligned``,
+``generated``, ``inpaint``).
 
-Case ``i`` takes the label map of a training case of the fold (a seeded round robin), deforms it
-with a small random affine transform (nearest interpolation, so labels stay labels), paints an
-image for it and writes both in raw units. Everything random about case ``i`` derives from
-``(seed, i)``, so sharding with ``-num_parts/-part_id`` or resuming gives identical cases.
+Case ``i``: the label source draws its label map, the generator paints an image for it, and both are
+written in raw units. Everything random about case ``i`` derives from ``(seed, i)``, so sharding with
+``-num_parts/-part_id`` or resuming gives identical cases.
 """
 from __future__ import annotations
 
@@ -22,21 +22,17 @@ import torch
 from nnunet_diffaug import paths, rawdata
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
-from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
-from nnunet_diffaug.synthesis.inpainting import InpaintLabels, parse_inpaint_settings
-from nnunet_diffaug.synthesis.label_modes import (GeneratedLabels, aligned_raw_space, aligned_source,
-                                                  open_generated_labels, paint_volume)
+from nnunet_diffaug.synthesis.label_modes import aligned_raw_space, paint_volume
+from nnunet_diffaug.synthesis.label_sources import (DEFAULT_MIN_COMPONENT_VOXELS, LABEL_MODES, LABEL_SOURCES)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
 
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
-LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
 DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
-DEFAULT_MIN_COMPONENT_VOXELS = 5
 
 
 def case_id_for(index: int) -> str:
@@ -45,37 +41,6 @@ def case_id_for(index: int) -> str:
 
 def _case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
-
-
-def augment_label_map(labels: np.ndarray, rng: np.random.Generator, cfg: SamplingConfig,
-                      image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """A small random affine deformation of a class-index map (nearest neighbour, border replicated).
-
-    ``image`` (C, *spatial), the label map's real image (for the edge hint), gets the same deformation
-    (linear interpolation). Rotation only within the last two axes: in nnU-Net's transposed order the
-    first axis is the out-of-plane one, often much coarser, and tilting across it would smear structures.
-    """
-    from monai.transforms import Affine
-    dims = labels.ndim
-    angle = math.radians(float(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)))
-    zoom = float(rng.uniform(1 - cfg.scale_range, 1 + cfg.scale_range))
-    shift = [float(rng.uniform(-cfg.translate_fraction, cfg.translate_fraction) * s) for s in labels.shape]
-    if dims == 3:
-        shift[0] = 0.0  # keep the slab where it is along the coarse axis
-    rotate = (angle,) if dims == 2 else (angle, 0.0, 0.0)
-    affine = Affine(rotate_params=rotate, scale_params=[zoom] * dims, translate_params=shift,
-                    mode="nearest", padding_mode="border", image_only=True)
-    out = affine(torch.from_numpy(labels[None].astype(np.float32)))
-    out = np.rint(np.asarray(out)[0]).astype(labels.dtype)
-    if image is not None:
-        image = np.asarray(affine(torch.from_numpy(image.astype(np.float32)), mode="bilinear"))
-    return out, image, {"rotate_degrees": math.degrees(angle), "zoom": zoom, "translate_voxels": shift}
-
-
-def _source_image(data: FoldData, case_id: str, z: int | None) -> np.ndarray:
-    """The preprocessed (normalised) image of a training case, (C, *spatial); one slice in 2D."""
-    volume = data.case(case_id)[0]
-    return np.asarray(volume[...] if z is None else volume[:, z], dtype=np.float32)
 
 
 def _hints(syn: Synthesizer, data: FoldData, source: str | None, source_image: np.ndarray | None,
@@ -127,20 +92,6 @@ def _class_intensity_plan(syn: Synthesizer, data: FoldData, syn_folder: Path, ji
     class_names = [name_of_value[v] for v in syn.spec.label_values] + ["outside"]
     return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
                               jitter, means)
-
-
-def _pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator) -> tuple[str, int | None, np.ndarray]:
-    """Seeded round robin over the training cases; 2D: a random slice that holds foreground."""
-    cases = data.training_cases
-    order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(cases))
-    case_id = cases[int(order[index % len(cases)])]
-    volume = data.label_volume(case_id)
-    if data.spatial_dims == 3:
-        return case_id, None, volume
-    background = {0, len(data.label_values)}  # class indices of background and 'outside'
-    has_fg = [z for z in range(volume.shape[0]) if not set(np.unique(volume[z]).tolist()) <= background]
-    z = int(rng.choice(has_fg)) if has_fg else int(rng.integers(volume.shape[0]))
-    return case_id, z, volume[z]
 
 
 def _real_dataset_json(dataset_name: str, data: FoldData) -> dict:
@@ -298,29 +249,6 @@ GENERATORS: dict[str, type[Generator]] = {
 }
 
 
-def _draw_labels(labels: str, data: FoldData, index: int, seed: int, rng: np.random.Generator,
-                 generated: GeneratedLabels | None, generator: Generator,
-                 inpaint: InpaintLabels | None = None) -> CaseDraw:
-    """Case ``index``'s label map by ``--labels`` mode (and the real image moved with it, if the generator wants it)."""
-    wants_image = generator.needs_source_image
-    if labels == "generated":
-        label_map, extra = generated.make(rng)
-        return CaseDraw(label_map, record=extra)
-    if labels == "inpaint":  # a real case whole, one structure edited; the real image is always needed
-        source = inpaint.source_for(index)
-        edit = inpaint.edit(data.label_volume(source), rng, source)
-        return CaseDraw(edit.labels, source, None, _source_image(data, source, None), whole_volume=True,
-                        repaint=edit.repaint, repaint_margin=inpaint.settings.margin, record={"inpaint": edit.record})
-    if labels == "real-aligned":
-        source, label_map = aligned_source(data, index)
-        image = _source_image(data, source, None) if wants_image else None
-        return CaseDraw(label_map, source, None, image, whole_volume=True, record={"aligned_with_source": True})
-    source, z, label_map = _pick_source(data, index, seed, rng)
-    image = _source_image(data, source, z) if wants_image else None
-    label_map, image, aug = augment_label_map(label_map, rng, generator.sampling_config, image)
-    return CaseDraw(label_map, source, z, image, aug)
-
-
 def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int, labels: str = "real",
                sampler: str | None = None, steps: int | None = None, seed: int = 0, num_parts: int = 1,
                part_id: int = 0, output_id: int | None = None, overwrite: bool = False, device: str = "auto",
@@ -347,13 +275,10 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
     if labels not in LABEL_MODES:
         raise DiffAugError(f"--labels {labels!r} is not available; choose one of {LABEL_MODES}.")
-    if labels != "generated" and (volume or guidance is not None):
-        raise DiffAugError(f"--volume and --guidance apply to --labels generated only, not --labels {labels}.")
-    inpaint_flags = {"--classes": classes, "--host": host, "--edit": edit, "--margin": margin,
-                     "--scale-range": scale_range, "--resample-jumps": resample_jumps}
-    if labels != "inpaint" and any(v is not None for v in inpaint_flags.values()):
-        given = ", ".join(k for k, v in inpaint_flags.items() if v is not None)
-        raise DiffAugError(f"{given} apply to --labels inpaint only, not --labels {labels}.")
+    label_options = {"--volume": volume, "--guidance": guidance, "--classes": classes, "--host": host,
+                     "--edit": edit, "--margin": margin, "--scale-range": scale_range, "--resample-jumps": resample_jumps}
+    source_kind = LABEL_SOURCES[labels]
+    source_kind.check_request(label_options)  # flags of other label modes: refused before any reading
     if resample_jumps is not None and (int(resample_jumps) != resample_jumps or resample_jumps < 0):
         raise DiffAugError(f"--resample-jumps {resample_jumps}: give a whole number >= 0 (0 = plain RePaint blending).")
     if guidance is not None and guidance < 0:
@@ -386,16 +311,9 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     provenance = painter.provenance(labels, seed)
     if role is not None:
         provenance.generator["role"] = role
-    generated = None
-    if labels == "generated":
-        generated = open_generated_labels(painter.synthesizer_folder, data, dev, guidance, volume,
-                                          min_component_voxels)
-        provenance.generator["label_generator"] = generated.provenance(painter.synthesizer_folder)
-    inpaint = None
-    if labels == "inpaint":  # flags checked against the dataset's labels before anything is written
-        settings = parse_inpaint_settings(classes, host, edit, margin, scale_range, real_dj, data.label_values)
-        inpaint = InpaintLabels(data, settings, data.spatial_dims)
-        provenance.generator["inpaint"] = {**settings.to_json(), "resample_jumps": painter.resample_jumps}
+    label_source = source_kind.open({**label_options, "min_component_voxels": min_component_voxels}, painter,
+                                    real_dj, dev)
+    provenance.generator.update(label_source.provenance())
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
     part_lock = rawdata.folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
@@ -413,7 +331,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         for i in tqdm(todo, desc="synthesizing", disable=not progress, dynamic_ncols=True):
             rng = _case_rng(seed, i)
             t0 = time.perf_counter()
-            draw = _draw_labels(labels, data, i, seed, rng, generated, painter, inpaint)
+            draw = label_source.draw(i, seed, rng, painter)
             image, painted = painter.paint(draw, rng)  # (C, *spatial), normalised
             # real-aligned: the whole volume, on the case's own grid
             space = aligned_raw_space(data, draw.source, data.label_values) if draw.whole_volume else raw_space
