@@ -111,6 +111,16 @@ def render_markdown(r: dict) -> str:
     for c, row in r["class_intensity"]["per_class"].items():
         lines.append(f"| {c} | {_f(row['mean']['synthetic'][0])} | {_f(row['real_mean'][0])} ± "
                      f"{_f(row['real_sd'][0])} | {_f(row['standardised_difference'][0], 2)} |")
+    if r.get("inpainting"):
+        inp = r["inpainting"]
+        lines += [
+            "",
+            "## Inpainting (repainted region = where the case differs from its source case)",
+            "",
+            f"{inp['cases']} case(s): mean share of voxels repainted {_f(inp['mean_changed_share'], 4)}; gradient "
+            f"magnitude on the region's border, synthetic / source {_f(inp['mean_border_gradient_ratio'], 2)} "
+            f"(1 = no seam); label fidelity inside the region (mean Dice) {_f(inp['mean_region_dice'])}.",
+        ]
     lines += [
         "",
         "## Which cases each metric uses",

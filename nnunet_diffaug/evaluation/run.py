@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_diffaug.evaluation import (class_intensity, diversity, fidelity, grid, label_stats, memorisation,
-                                       realism)
+from nnunet_diffaug.evaluation import (class_intensity, diversity, fidelity, grid, inpainting, label_stats,
+                                       memorisation, realism)
 from nnunet_diffaug.evaluation.inputs import EvaluationInputs
 from nnunet_diffaug.evaluation.montage import write_montage
 from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
@@ -143,6 +143,10 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
                      for cid, case in tqdm(cases.items(), desc=f"preprocessing {name} cases", disable=not s.progress)}
 
     fidelity_result, fid_per_case, predictions = _label_fidelity(model, inputs, pre, out, s)
+    inpainted = None
+    if inputs.provenance is not None and inputs.provenance.generator.get("label_mode") == "inpaint":
+        inpainted = inpainting.inpainting_report(inputs.synthetic_folder, inputs.synthetic_cases, inputs.real_cases,
+                                                 predictions, model.foreground_labels)
 
     features = {k: np.concatenate([model.encoder_features(c.data, s.max_tiles_per_case)
                                    for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
@@ -174,6 +178,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
         "cases": {k: sorted(v) for k, v in sets.items()},
         "label_fidelity": fidelity_result, "realism": realism_result, "diversity": div, "label_statistics": lab,
         "class_intensity": intensity,
+        **({"inpainting": inpainted} if inpainted is not None else {}),
         "memorisation": {k: v for k, v in memo.items() if k != "per_case"},
         "per_synthetic_case": per_case,
         "notes": list(inputs.notes) + _memorisation_notes(per_case),

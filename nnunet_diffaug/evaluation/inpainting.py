@@ -1,0 +1,75 @@
+"""Metrics for inpainted synthetic sets (``diffaug_synthesize --labels inpaint``): how much was repainted,
+whether a seam shows at the border of the repainted region, and whether the judge reads the edited labels
+inside it.
+
+An inpainted case lies on its source case's grid and equals it outside the repainted region, so the region
+is where the two raw images differ. Per case:
+
+- ``changed_share``: the share of voxels whose intensity differs from the source case;
+- ``border_gradient_ratio``: mean gradient magnitude on the region's one-voxel outer border in the
+  synthetic image, divided by the same in the source image at the same voxels: 1 means the repainted
+  region joins the real image as smoothly as the real tissue there did; well above 1 is a visible seam;
+- ``region_dice``: Dice of the judge's segmentation against the case's own (edited) labels inside the
+  region, per foreground class present there, and their mean.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_diffaug.rawdata import CASE_RECORDS_DIR
+
+
+def _read(path) -> np.ndarray:
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+
+
+def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
+    return np.sqrt(sum(g ** 2 for g in np.gradient(image)))
+
+
+def case_metrics(synthetic_image, source_image, labels, prediction, foreground: list[int]) -> dict:
+    """The three metrics of one case from raw arrays (first channel), all on the source case's grid."""
+    from scipy import ndimage
+    syn, src = _read(synthetic_image), _read(source_image)
+    if syn.shape != src.shape:
+        return {"note": f"not on its source case's grid ({syn.shape} vs {src.shape}): not an inpainted case"}
+    region = syn != src
+    out = {"changed_share": float(region.mean()), "changed_voxels": int(region.sum())}
+    if not region.any():
+        return out
+    border = ndimage.binary_dilation(region, iterations=1) & ~region
+    g_syn, g_src = _gradient_magnitude(syn)[border].mean(), _gradient_magnitude(src)[border].mean()
+    out["border_gradient_ratio"] = float(g_syn / g_src) if g_src > 0 else None
+    lab, pred = _read(labels).astype(int), _read(prediction).astype(int)
+    dice = {}
+    for c in foreground:
+        ref, hit = (lab == c) & region, (pred == c) & region
+        if ref.any():
+            dice[str(c)] = float(2 * (ref & hit).sum() / (ref.sum() + hit.sum()))
+    out["region_dice"] = dice
+    out["region_mean_dice"] = float(np.mean(list(dice.values()))) if dice else None
+    return out
+
+
+def inpainting_report(synthetic_folder: Path, synthetic_cases: dict, real_cases: dict, predictions: dict,
+                      foreground: list[int]) -> dict:
+    """Per-case metrics and their means, for the cases whose record names a real source case."""
+    per_case = {}
+    for cid, case in sorted(synthetic_cases.items()):
+        record_file = Path(synthetic_folder) / CASE_RECORDS_DIR / f"{cid}.json"
+        source = json.loads(record_file.read_text()).get("source_case") if record_file.is_file() else None
+        if source not in real_cases or cid not in predictions:
+            continue
+        per_case[cid] = {"source_case": source, **case_metrics(case["images"][0], real_cases[source]["images"][0],
+                                                              case["label"], predictions[cid], foreground)}
+
+    def mean(key):
+        values = [r[key] for r in per_case.values() if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+    return {"cases": len(per_case), "mean_changed_share": mean("changed_share"),
+            "mean_border_gradient_ratio": mean("border_gradient_ratio"),
+            "mean_region_dice": mean("region_mean_dice"), "per_case": per_case}
