@@ -11,7 +11,7 @@ import os
 import sys
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable  # noqa: F401  (also re-exported)
+from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
 
 
 def _friendly_errors(main):
@@ -74,11 +74,7 @@ def trainer_path_entry(argv=None):
         description="Print the shell line that lets nnUNetv2_train/nnUNetv2_predict find nnUNetTrainerDiffAug. "
                     "Use it as: eval \"$(diffaug_trainer_path)\"")
     p.parse_args(argv)
-    from nnunet_diffaug.paths import trainer_shim_folder
-    shim = str(trainer_shim_folder())
-    current = [q for q in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if q and q != shim]
-    value = os.pathsep.join(current + [shim])
-    print(f"export nnUNet_extTrainer='{value}'")
+    print(f"export nnUNet_extTrainer='{ensure_trainer_discoverable()}'")
 
 
 @_friendly_errors

@@ -340,3 +340,12 @@ def test_p_is_the_plans_identifier_and_the_old_preset_spelling_still_works(capsy
         pick(Namespace(preset=None, p="nnUNetPlansA", plans="nnUNetPlansB"))
     with pytest.raises(DiffAugError, match="looks like a synthesizer preset, and --preset default is given too"):
         pick(Namespace(preset="default", p="tiny", plans=None))
+
+
+def test_trainer_path_prints_an_export_line_that_keeps_the_users_folders(capsys, monkeypatch):
+    from nnunet_diffaug.paths import trainer_shim_folder
+    monkeypatch.setenv("nnUNet_extTrainer", "/my/trainers")
+    cli.trainer_path_entry([])
+    assert capsys.readouterr().out.strip() == f"export nnUNet_extTrainer='/my/trainers:{trainer_shim_folder()}'"
+    cli.trainer_path_entry([])  # already there: not added twice
+    assert capsys.readouterr().out.count(str(trainer_shim_folder())) == 1
