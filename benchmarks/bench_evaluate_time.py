@@ -16,18 +16,14 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_diffaug.paths import console_script
+
 DATASET_ID, NAME = 981, "Dataset981_ChestCT3mm"
-
-
-def _script(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def build_dataset(raw: Path, n_cases: int) -> None:
@@ -79,14 +75,14 @@ def main(argv=None):
 
     build_dataset(root / "raw", 5)
     if not (root / "preprocessed" / NAME / "nnUNetPlans.json").is_file():
-        subprocess.run([_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+        subprocess.run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
                         "-np", "1", "-npfp", "1"], env=env, check=True)
     trainer = "nnUNetTrainerBudget"
     model = root / "results" / NAME / f"{trainer}__nnUNetPlans__3d_fullres"
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         budget = {"DIFFAUG_NUM_EPOCHS": "1", "DIFFAUG_ITERATIONS_PER_EPOCH": "2", "DIFFAUG_VAL_ITERATIONS": "1",
                   "DIFFAUG_SEED": "0"}
-        subprocess.run([_script("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer,
+        subprocess.run([console_script("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer,
                         "-device", args.device], env={**env, **budget}, check=True)
 
     from nnunet_diffaug.evaluation.nnunet_model import TrainedModel

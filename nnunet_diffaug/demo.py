@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from nnunet_diffaug.benchmark import BenchmarkSettings, format_table, run_benchmark
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.paths import console_script
 
 EXAMPLE_ID = 990
 
@@ -65,7 +65,7 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     plans = env_paths["nnUNet_preprocessed"] / f"Dataset{EXAMPLE_ID}_ChestCTSlabs" / "nnUNetPlans.json"
     if not plans.is_file():
         print("[2/3] nnUNetv2_plan_and_preprocess")
-        cmd = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID),
+        cmd = [console_script("nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID),
                "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"]
         proc = subprocess.run(cmd, capture_output=not verbose, text=True)
         if proc.returncode != 0:

@@ -60,3 +60,10 @@ def resolve_dataset_name(dataset_name_or_id: str | int) -> str:
     except RuntimeError as e:
         raise DiffAugError(f"Unknown dataset {dataset_name_or_id!r}: not found in nnUNet_raw, "
                            f"nnUNet_preprocessed or nnUNet_results. ({e})") from None
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script beside this interpreter (inside a venv too), else its bare name."""
+    import sys
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name

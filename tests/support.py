@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_diffaug.paths import trainer_shim_folder
+from nnunet_diffaug.paths import console_script, trainer_shim_folder  # noqa: F401  (tests import console_script from here)
 from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, load_dataset_json, list_cases
 
 EXAMPLE_ID = 990
@@ -73,10 +72,6 @@ def run(cmd: list[str], env: dict, timeout: int = 900, expect_ok: bool = True) -
     return proc
 
 
-def console_script(name: str) -> str:
-    """Path of an installed console script next to this interpreter (works inside venvs too)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def write_splits(preprocessed_dataset_folder: Path, case_ids: list[str], n_folds: int = 2) -> list[dict]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from nnunet_diffaug import paths
+from nnunet_diffaug.paths import console_script
 from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec, builtin_arm
 from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
@@ -47,11 +47,6 @@ class SubprocessRunner:
             raise DiffAugError(f"'{' '.join(cmd)}' failed (exit {proc.returncode}); see {self.log}.")
 
 
-def _script(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def step_env(workdir: Path, results: str, extra: dict) -> dict:
     """The environment of one step: the workspace's nnU-Net folders, our trainers, and only the DIFFAUG_
     variables this step sets (one left in the user's shell would change some arms and not others)."""
@@ -64,14 +59,14 @@ def step_env(workdir: Path, results: str, extra: dict) -> dict:
 
 
 def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int) -> list[str]:
-    return [_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
+    return [console_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
             "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
 
 
 def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str,
                        judge: Path | None = None) -> list[str]:
     """``judge``: the model folder that filters a ``_judged`` set (the fold's stock arm)."""
-    cmd = [_script("diffaug_synthesize"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
+    cmd = [console_script("diffaug_synthesize"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
            "-device", s.device, "--seed", str(seed), "-n", str(s.n_synthetic), "--labels", spec.labels,
            "-o", str(int(dataset_name[7:10]))]
     if spec.generator == "diffusion":  # the default generator: no flag, as the first benchmark version ran it
@@ -85,7 +80,7 @@ def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: Synthet
 
 def train_command(s: BenchmarkSettings, arm: Arm, fold: int) -> list[str]:
     # a killed run leaves checkpoint_latest.pth: --c continues it instead of starting over
-    return [_script("nnUNetv2_train"), s.dataset, s.configuration, str(fold), "-tr", arm.trainer, "-p", s.plans,
+    return [console_script("nnUNetv2_train"), s.dataset, s.configuration, str(fold), "-tr", arm.trainer, "-p", s.plans,
             "-device", s.device, "--c"]
 
 
