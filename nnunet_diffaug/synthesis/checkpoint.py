@@ -94,3 +94,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def final_file(folder: str | os.PathLike, stage: str) -> Path:
+    """The finished weights of a training stage (image or label side): ``<folder>/<stage>.safetensors``."""
+    return Path(folder) / f"{stage}.safetensors"

@@ -22,17 +22,13 @@ import torch
 from torch import nn
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.synthesis.checkpoint import load_checkpoint, unprefixed
+from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, unprefixed
 from nnunet_diffaug.synthesis.config import DiffusionConfig, LabelGeneratorConfig
 from nnunet_diffaug.synthesis.image_generator import build_train_scheduler
 from nnunet_diffaug.synthesis.label_autoencoder import build_label_autoencoder, decode_to_classes
-from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions
+from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions, padded_shape
 
 LABEL_STAGES = ("label_autoencoder", "label_diffusion")
-
-
-def label_final_file(folder: Path, stage: str) -> Path:
-    return Path(folder) / f"{stage}.safetensors"
 
 
 def divisor(cfg: LabelGeneratorConfig) -> int:
@@ -47,10 +43,6 @@ def canvas_shape(map_shapes: list[tuple[int, ...]], max_shape: tuple[int, ...]) 
     """The median training map shape, capped per axis."""
     median = np.median(np.array(map_shapes), axis=0)
     return [int(min(round(float(m)), c)) for m, c in zip(median, max_shape)]
-
-
-def padded_canvas(canvas: list[int], div: int) -> list[int]:
-    return [int(-(-s // div) * div) for s in canvas]
 
 
 def centre_pads(shape: list[int], target: list[int]) -> list[tuple[int, int]]:
@@ -127,14 +119,14 @@ class LabelGenerator:
                                f"true}}}} and run diffaug_train_synthesizer --preset that.json --overwrite {synthesize_hint}"
                                f"(or use the 'default' preset, which has it). --labels real and real-aligned work.")
         for stage in LABEL_STAGES:
-            if not label_final_file(folder, stage).is_file():
-                raise DiffAugError(f"{label_final_file(folder, stage)} does not exist: the label generator's {stage} "
+            if not final_file(folder, stage).is_file():
+                raise DiffAugError(f"{final_file(folder, stage)} does not exist: the label generator's {stage} "
                                    f"stage has not finished. Rerun diffaug_train_synthesizer with the same "
                                    f"arguments to finish it.")
         gen = cls(cfg, spatial_dims, num_classes, device)
-        ae, _ = load_checkpoint(label_final_file(folder, "label_autoencoder"), device)
+        ae, _ = load_checkpoint(final_file(folder, "label_autoencoder"), device)
         gen.autoencoder.load_state_dict(unprefixed("label_autoencoder", ae))
-        dm, state = load_checkpoint(label_final_file(folder, "label_diffusion"), device)
+        dm, state = load_checkpoint(final_file(folder, "label_diffusion"), device)
         gen.model.load_state_dict(unprefixed("label_model", dm))
         gen.state.update({k: state[k] for k in gen.state})
         return gen
@@ -171,7 +163,7 @@ class LabelGenerator:
             cond = condition_vector(self.standardise(attributes), torch.ones(n))
             guided = guidance != 1.0
         cond, null = cond.to(self.device), null.to(self.device)
-        padded = padded_canvas(self.canvas, divisor(self.cfg))
+        padded = padded_shape(self.canvas, divisor(self.cfg))
         f = latent_factor(self.cfg)
         shape = (n, self.cfg.latent_channels, *[s // f for s in padded])
         sampler.begin()

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.synthesis.checkpoint import file_sha256
+from nnunet_diffaug.synthesis.checkpoint import file_sha256, final_file
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.label_attributes import (VolumeRequest, component_counts, draw_attributes,
                                                        parse_volume_requests, remove_small_fragments,
                                                        volume_fractions)
-from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES, LabelGenerator, label_final_file
+from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES, LabelGenerator
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 
 ALIGNED_SLICE_BATCH = 8  # 2D slices painted per call: bounded memory on long volumes
@@ -29,7 +29,7 @@ ALIGNED_SLICE_BATCH = 8  # 2D slices painted per call: bounded memory on long vo
 def label_generator_hash(folder) -> str:
     h = hashlib.sha256()
     for stage in LABEL_STAGES:
-        h.update(file_sha256(label_final_file(folder, stage)).encode())
+        h.update(file_sha256(final_file(folder, stage)).encode())
     return h.hexdigest()
 
 

@@ -19,8 +19,10 @@ from nnunet_diffaug.synthesis.conditioning import one_hot
 from nnunet_diffaug.synthesis.image_generator import diffusion_target
 from nnunet_diffaug.synthesis.label_attributes import volume_fractions
 from nnunet_diffaug.synthesis.label_autoencoder import decode_to_classes, label_autoencoder_loss
+from nnunet_diffaug.synthesis.checkpoint import final_file
 from nnunet_diffaug.synthesis.label_generator import (LABEL_STAGES, LabelGenerator, canvas_shape, centre_pads,
-                                                      condition_vector, divisor, label_final_file, padded_canvas)
+                                                      condition_vector, divisor)
+from nnunet_diffaug.synthesis.sampling import padded_shape
 from nnunet_diffaug.synthesis.plotting import save_montage
 
 MAX_STORED_ATTRIBUTES = 4096  # training attribute vectors kept for drawing unrequested classes
@@ -47,7 +49,7 @@ class LabelMapSampler:
         self.num_foreground = spec.num_classes - 2
         max_shape = lg.max_shape_3d if spec.spatial_dims == 3 else lg.max_shape_2d
         self.canvas = canvas_shape([m.shape for m in self.maps], max_shape)
-        self.padded = padded_canvas(self.canvas, divisor(lg))
+        self.padded = padded_shape(self.canvas, divisor(lg))
 
     def _fit(self, m: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """Crop (random, or central without rng) to at most the canvas, then pad to the canvas."""
@@ -93,9 +95,9 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
 
     # ---- stage 1: label autoencoder
     ae = gen.autoencoder
-    if label_final_file(folder, "label_autoencoder").is_file():
+    if final_file(folder, "label_autoencoder").is_file():
         log("label_autoencoder: finished earlier, skipped")
-        tensors, _ = ckpt.load_checkpoint(label_final_file(folder, "label_autoencoder"), device)
+        tensors, _ = ckpt.load_checkpoint(final_file(folder, "label_autoencoder"), device)
         ae.load_state_dict(ckpt.unprefixed("label_autoencoder", tensors))
     else:
         log(f"label generator: {len(maps.maps)} training map(s), canvas {maps.canvas} (padded {maps.padded})")
@@ -117,7 +119,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         _run_stage("label_autoencoder", folder, lg.autoencoder_steps, cfg.checkpoint_every,
                    {"label_autoencoder": ae}, {"label_autoencoder": opt}, ae_step, {}, ["label_autoencoder"],
                    log, progress, stop_after)
-        if not label_final_file(folder, "label_autoencoder").is_file():
+        if not final_file(folder, "label_autoencoder").is_file():
             return False
         ae.eval()
         with torch.no_grad():
@@ -131,7 +133,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         p.requires_grad_(False)
 
     # ---- stage 2: attribute-conditioned latent diffusion
-    if label_final_file(folder, "label_diffusion").is_file():
+    if final_file(folder, "label_diffusion").is_file():
         log("label_diffusion: finished earlier, skipped")
         return True
     model, scheduler = gen.model, gen.train_scheduler
@@ -173,7 +175,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
 
     _run_stage("label_diffusion", folder, lg.steps, cfg.checkpoint_every, {"label_model": model},
                {"label_model": opt}, dm_step, extra, ["label_model"], log, progress, stop_after)
-    if not label_final_file(folder, "label_diffusion").is_file():
+    if not final_file(folder, "label_diffusion").is_file():
         return False
     model.eval()
     real = [maps._fit(maps.maps[i], None) for i in np.random.default_rng([seed, 80]).integers(len(maps.maps),

@@ -19,7 +19,7 @@ import torch
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
-from nnunet_diffaug.synthesis.checkpoint import file_sha256, load_checkpoint, unprefixed
+from nnunet_diffaug.synthesis.checkpoint import file_sha256, final_file, load_checkpoint, unprefixed
 from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
@@ -30,10 +30,6 @@ from nnunet_diffaug.synthesis.sampling import (Sampler, autocast, enable_fast_cp
 CONFIG_FILE = "config.json"
 SPEC_FILE = "synthesizer.json"
 STAGES = ("autoencoder", "diffusion")
-
-
-def final_file(folder: Path, stage: str) -> Path:
-    return Path(folder) / f"{stage}.safetensors"
 
 
 def checkpoint_file(folder: Path, stage: str) -> Path:
