@@ -276,3 +276,15 @@ def test_rflow_10_steps_match_50_step_ddim_of_a_v_prediction_model():
         model, _ = _train(build_image_generator(cfg, 2, 1, 4), scheduler, 2, 120)
         errors[objective] = _fidelity(model, scheduler, sampler, steps, 2)
     assert errors["rflow"] <= 1.1 * errors["ddpm"], errors  # measured: 0.070 vs 0.094
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.run(tmp_path, ["tiny"], True, torch.device("cpu"), 1, ["rflow:1"], ["2d"])
+    rows = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+    assert [r["what"] for r in rows[:3]] == ["train", "train (grad. checkpointing)", "sample rflow 1 steps"]
+    assert all(r.get("s_per_step", r.get("s_per_case", 0)) > 0 and r["peak_mib"] > 0 for r in rows)
+    assert "| tiny | 64x64 | sample rflow 1 steps |" in (tmp_path / "bench_gpu.md").read_text()
