@@ -19,7 +19,9 @@ from typing import Any
 from nnunet_diffaug.errors import DiffAugError
 
 CONDITIONINGS = ("spade", "controlnet")
-SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")
+SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm", "rflow")
+OBJECTIVES = ("ddpm", "rflow")
+DDPM_SAMPLERS = ("dpmpp", "unipc", "ddim", "ddpm")   # samplers for models trained with objective "ddpm"
 
 
 @dataclass
@@ -64,7 +66,11 @@ class DiffusionConfig:
     beta_schedule: str = "scaled_linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
-    prediction_type: str = "v_prediction"           # or "epsilon"; v makes the model use the labels at high noise
+    objective: str = "ddpm"                         # "ddpm" (noise schedule + prediction_type) or "rflow" (rectified flow)
+    prediction_type: str = "v_prediction"           # ddpm only: or "epsilon"; v makes the model use the labels at high noise
+    rflow_timesteps: str = "logit-normal"           # rflow training-time sampling: "logit-normal" or "uniform"
+    ema_decay: float = 0.0                          # > 0: keep an EMA of the weights (sampled from by default); 0 = off
+    gradient_checkpointing: bool = False            # recompute UNet blocks in backward: less memory, ~30% slower
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"                     # "cosine" (decays to 10% at the end) or "constant"
     warmup_steps: int = 20
@@ -86,6 +92,8 @@ class SamplingConfig:
     sampler: str = "dpmpp"
     steps: int = 10
     decode_overlap: float = 0.25                    # sliding-window VAE decoding, gaussian blending
+    diffusion_windows: bool = True                  # denoise latents larger than the training patch's in windows
+    diffusion_overlap: float = 0.25                 # overlap of those windows (gaussian blending)
     rotate_degrees: float = 10.0                    # label-map augmentation: in-plane rotation range (+-)
     scale_range: float = 0.1                        # isotropic zoom in [1 - r, 1 + r]
     translate_fraction: float = 0.05                # shift of up to this fraction of each axis
@@ -156,6 +164,18 @@ class SynthesizerConfig:
             problems.append(f"diffusion.lr_schedule must be 'cosine' or 'constant', not {dm.lr_schedule!r}")
         if dm.prediction_type not in ("epsilon", "v_prediction"):
             problems.append("diffusion.prediction_type must be 'epsilon' or 'v_prediction'")
+        if dm.objective not in OBJECTIVES:
+            problems.append(f"diffusion.objective must be one of {OBJECTIVES}, not {dm.objective!r}")
+        elif (dm.objective == "rflow") != (s.sampler == "rflow"):
+            problems.append(f"sampling.sampler {s.sampler!r} does not fit diffusion.objective {dm.objective!r}: "
+                            f"a rectified-flow model samples with 'rflow', a ddpm model with one of {DDPM_SAMPLERS}")
+        if dm.rflow_timesteps not in ("logit-normal", "uniform"):
+            problems.append(f"diffusion.rflow_timesteps must be 'logit-normal' or 'uniform', not {dm.rflow_timesteps!r}")
+        if not 0.0 <= dm.ema_decay < 1.0:
+            problems.append(f"diffusion.ema_decay must be in [0, 1) (0 = off), not {dm.ema_decay}")
+        for name in ("decode_overlap", "diffusion_overlap"):
+            if not 0.0 <= getattr(s, name) < 1.0:
+                problems.append(f"sampling.{name} must be in [0, 1), not {getattr(s, name)}")
         if len(ae.attention_levels) != len(ae.channels):
             problems.append("autoencoder.attention_levels needs one entry per autoencoder.channels entry")
         if len(dm.attention_levels) != len(dm.channels):
@@ -271,7 +291,7 @@ def default() -> SynthesizerConfig:
                                   num_res_blocks=2, norm_num_groups=32, num_head_channels=64,
                                   spade_hidden_channels=128, controlnet_embedding_channels=(32, 64, 128),
                                   learning_rate=1e-4, warmup_steps=500, batch_size=4, steps=50000,
-                                  scale_factor_batches=50),
+                                  scale_factor_batches=50, ema_decay=0.999),
         sampling=SamplingConfig(sampler="dpmpp", steps=20),
         label_generator=LabelGeneratorConfig(enabled=True, autoencoder_channels=(32, 64, 128), latent_channels=3,
                                              autoencoder_learning_rate=1e-4, autoencoder_batch_size=2,

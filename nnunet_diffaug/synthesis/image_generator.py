@@ -60,14 +60,38 @@ def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channe
 
 
 def build_train_scheduler(cfg: DiffusionConfig):
-    """MONAI's DDPM scheduler; ``clip_sample=False`` because latents are not bounded to [-1, 1]."""
+    """The training noise process: MONAI's DDPM scheduler (``clip_sample=False`` because latents are not bounded
+    to [-1, 1]), or its rectified-flow scheduler (Liu et al., "Flow Straight and Fast", ICLR 2023) with continuous
+    timesteps, logit-normal by default (Esser et al., "Scaling Rectified Flow Transformers", ICML 2024)."""
+    if cfg.objective == "rflow":
+        from monai.networks.schedulers import RFlowScheduler
+        return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=False,
+                              sample_method=cfg.rflow_timesteps, use_timestep_transform=False)
     from monai.networks.schedulers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.beta_schedule,
                          beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_sample=False,
                          prediction_type=cfg.prediction_type)
 
 
+def is_rflow(scheduler) -> bool:
+    from monai.networks.schedulers import RFlowScheduler
+    return isinstance(scheduler, RFlowScheduler)
+
+
+def training_timesteps(scheduler, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random training timesteps, one per sample, drawn from ``generator`` (reproducible per step)."""
+    n = latents.shape[0]
+    if not is_rflow(scheduler):
+        return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator).to(latents.device)
+    u = torch.rand((n,), generator=generator, dtype=torch.float64)
+    if scheduler.sample_method == "logit-normal":  # sigmoid of a standard normal, as MONAI's LogisticNormal(0, 1)
+        u = torch.sigmoid(torch.randn((n,), generator=generator, dtype=torch.float64))
+    return (u * scheduler.num_train_timesteps).float().to(latents.device)
+
+
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if is_rflow(scheduler):  # the flow's velocity, from noise (t = T) towards the data (t = 0), per unit t/T
+        return latents - noise
     if scheduler.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise

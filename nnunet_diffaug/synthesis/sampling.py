@@ -6,6 +6,13 @@ Samplers (all use the exact beta schedule the model was trained with):
   diffusers schedulers, which work on 4D and 5D tensors alike; good images in 10-25 steps.
 - ``ddpm``: MONAI's ancestral DDPM over all training timesteps (its step assumes consecutive
   timesteps, so ``steps`` is ignored); the slow reference.
+- ``rflow``: Euler steps along MONAI's ``RFlowScheduler`` timestep grid, for models trained with the
+  rectified-flow objective (Liu et al., "Flow Straight and Fast", ICLR 2023); 10-30 steps. The other
+  samplers need a DDPM-trained model and are refused for a rectified-flow one (and vice versa).
+
+Bounded memory: latents larger than a window (the training patch's latent) are denoised window by
+window at every step, the model outputs blended with gaussian weights (:func:`model_output`), as the
+decoder already is (:func:`decode_latents`).
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ import torch
 from torch import nn
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.synthesis.config import SAMPLERS
+from nnunet_diffaug.synthesis.config import DDPM_SAMPLERS, SAMPLERS
 from nnunet_diffaug.synthesis.conditioning import Condition
+from nnunet_diffaug.synthesis.image_generator import is_rflow
 
 
 class Sampler:
@@ -26,16 +34,31 @@ class Sampler:
             raise DiffAugError(f"Unknown sampler {name!r}; choose one of {SAMPLERS}.")
         if int(steps) != steps or steps < 1:
             raise DiffAugError(f"--steps {steps}: a sampler needs at least 1 step.")
+        if is_rflow(train_scheduler) and name != "rflow":
+            raise DiffAugError(f"Sampler {name!r} is for models trained with diffusion.objective 'ddpm'; this "
+                               f"synthesizer was trained with rectified flow ('rflow'): use --sampler rflow.")
+        if name == "rflow" and not is_rflow(train_scheduler):
+            raise DiffAugError(f"Sampler 'rflow' needs a model trained with diffusion.objective 'rflow'; this "
+                               f"synthesizer was trained with 'ddpm': use one of {DDPM_SAMPLERS}.")
         self.name = name
         self._train_scheduler = train_scheduler
         T = int(train_scheduler.num_train_timesteps)
         self.steps = T if name == "ddpm" else min(int(steps), T)
         self.begin()
-        self.timesteps = [int(t) for t in self._s.timesteps]
+        if name == "rflow":  # continuous time; the model was trained on float timesteps
+            self.timesteps = [float(t) for t in self._s.timesteps]
+        else:
+            self.timesteps = [int(t) for t in self._s.timesteps]
+        self.timestep_dtype = torch.float32 if name == "rflow" else torch.long
 
     def begin(self) -> None:
         """A fresh scheduler state for a new sample."""
         ts, T = self._train_scheduler, int(self._train_scheduler.num_train_timesteps)
+        if self.name == "rflow":  # stateless; the copy only carries the timestep grid
+            import copy
+            self._s = copy.deepcopy(ts)
+            self._s.set_timesteps(self.steps)
+            return
         if self.name == "ddpm":
             import copy
             self._s = copy.deepcopy(ts)
@@ -54,6 +77,12 @@ class Sampler:
 
     def step(self, model_output: torch.Tensor, t: int, sample: torch.Tensor,
              generator: torch.Generator | None) -> torch.Tensor:
+        if self.name == "rflow":
+            # Euler step to the next grid point (0 after the last). MONAI's step() truncates the next timestep to
+            # an int, which breaks continuous grids such as 30 steps, so the one-line update is done here.
+            i = self.timesteps.index(t)
+            t_next = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else 0.0
+            return sample + model_output * ((t - t_next) / self._train_scheduler.num_train_timesteps)
         if self.name == "ddpm":
             return self._s.step(model_output, t, sample, generator=generator)[0]
         if self.name == "ddim":
@@ -91,10 +120,37 @@ def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
+def model_output(model: nn.Module, z: torch.Tensor, t, condition: Condition, dtype: torch.dtype,
+                 window: list[int] | None = None, overlap: float = 0.25) -> torch.Tensor:
+    """The model's prediction for latents ``z`` at timestep ``t``, in fp32.
+
+    ``window`` (latent voxels): when ``z`` is larger, the model runs on overlapping windows of ``z`` and
+    of the full-resolution condition (same region, ``factor`` times larger), and the predictions are
+    blended with gaussian weights, so memory is that of one window whatever the volume size.
+    """
+    if window is None or all(s <= w for s, w in zip(z.shape[2:], window)):
+        return model(z, torch.full((z.shape[0],), t, device=z.device, dtype=dtype), condition).float()
+    from monai.inferers import sliding_window_inference
+    factor = condition.spatial.shape[2] // z.shape[2]
+
+    def predictor(win: torch.Tensor, coords) -> torch.Tensor:
+        b, _, *spatial = coords[0]  # sw_batch_size 1: one window of one batch element
+        cond = Condition(condition.spatial[(b, slice(None), *[slice(s.start * factor, s.stop * factor)
+                                                               for s in spatial])],
+                         None if condition.spacing is None else condition.spacing[b])
+        return model(win, torch.full((win.shape[0],), t, device=win.device, dtype=dtype), cond).float()
+
+    roi = [min(s, w) for s, w in zip(z.shape[2:], window)]
+    return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=overlap,
+                                    mode="gaussian", with_coord=True).float()
+
+
 @torch.no_grad()
 def sample_latents(model: nn.Module, condition: Condition, latent_shape: tuple[int, ...], sampler: Sampler,
-                   generator: torch.Generator, progress: bool = False) -> torch.Tensor:
-    """Reverse diffusion in latent space, conditioned on a full-resolution label map (and its extras)."""
+                   generator: torch.Generator, progress: bool = False, window: list[int] | None = None,
+                   overlap: float = 0.25) -> torch.Tensor:
+    """Reverse diffusion in latent space, conditioned on a full-resolution label map (and its extras).
+    ``window``: see :func:`model_output` (None: the whole latent at once)."""
     device = condition.spatial.device
     sampler.begin()
     z = _randn(latent_shape, generator, device)
@@ -102,9 +158,8 @@ def sample_latents(model: nn.Module, condition: Condition, latent_shape: tuple[i
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc=f"{sampler.name} sampling", leave=False)
-    for t in steps:
-        tt = torch.full((latent_shape[0],), t, device=device, dtype=torch.long)
-        out = model(z, tt, condition).float()  # schedulers step in fp32 even under autocast
+    for t in steps:  # schedulers step in fp32 even under autocast
+        out = model_output(model, z, t, condition, sampler.timestep_dtype, window, overlap)
         z = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)
     return z
 
@@ -139,11 +194,13 @@ def padded_shape(shape: tuple[int, ...], divisor: int) -> list[int]:
 @torch.no_grad()
 def generate_images(autoencoder: nn.Module, model: nn.Module, scale_factor: float, condition: Condition,
                     latent_channels: int, latent_factor: int, decode_window: list[int], sampler: Sampler,
-                    generator: torch.Generator, decode_overlap: float = 0.25, progress: bool = False) -> torch.Tensor:
+                    generator: torch.Generator, decode_overlap: float = 0.25, progress: bool = False,
+                    diffusion_window: list[int] | None = None, diffusion_overlap: float = 0.25) -> torch.Tensor:
     """Images (B, C, *spatial) for a condition whose spatial size fits the divisor."""
     spatial = condition.spatial
     latent_shape = (spatial.shape[0], latent_channels, *[s // latent_factor for s in spatial.shape[2:]])
-    z = sample_latents(model, condition, latent_shape, sampler, generator, progress)
+    z = sample_latents(model, condition, latent_shape, sampler, generator, progress, diffusion_window,
+                       diffusion_overlap)
     return decode_latents(autoencoder, z / scale_factor, decode_window, decode_overlap)
 
 
@@ -169,6 +226,10 @@ def sample_latents_inpaint(model: nn.Module, condition: Condition, known: torch.
     sampler shares; multistep solvers are rewound to their state before the step for each redo.
     """
     import copy
+    if sampler.name == "rflow":
+        raise DiffAugError("Inpainting (RePaint) re-noises the kept region with a DDPM noise schedule; this "
+                           "synthesizer was trained with rectified flow (diffusion.objective 'rflow'), which has "
+                           "none. Use a synthesizer trained with diffusion.objective 'ddpm'.")
     device = condition.spatial.device
     scheduler = sampler._train_scheduler
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)

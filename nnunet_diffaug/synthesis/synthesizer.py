@@ -5,7 +5,8 @@ Folder layout (``paths.synthesizer_folder(dataset, configuration, fold)``)::
     config.json                         the SynthesizerConfig (reusable as ``--preset path/to/config.json``)
     synthesizer.json                    DataSpec + seed: what it was trained on
     autoencoder.safetensors             final weights of stage 1 (+ JSON state in the metadata)
-    diffusion.safetensors               final weights of stage 2, incl. the latent scale factor
+    diffusion.safetensors               final weights of stage 2, incl. the latent scale factor (``model.*``),
+                                        and their EMA (``ema_model.module.*``) when diffusion.ema_decay > 0
     <stage>_checkpoint.safetensors      resumable state of an unfinished stage (weights + optimizers)
     <stage>_losses.png, <stage>_montage.png, training_log.txt
 """
@@ -23,6 +24,7 @@ from nnunet_diffaug.synthesis.checkpoint import file_sha256, final_file, load_ch
 from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
+from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
 from nnunet_diffaug.synthesis.sampling import (Sampler, autocast, enable_fast_cpu_convolutions, generate_images,
                                                padded_shape)
@@ -72,10 +74,17 @@ class Synthesizer:
                                            spec.num_classes, spec.in_channels).to(device).eval()
         self.train_scheduler = build_train_scheduler(config.diffusion)
         self.scale_factor = 1.0
+        self.weights = "raw"  # which diffusion weights sample: "raw" or "ema" (set by load)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device) -> "Synthesizer":
-        """Loads a finished synthesizer (both stages); refuses an unfinished one."""
+    def load(cls, folder: Path, device: torch.device, weights: str = "ema") -> "Synthesizer":
+        """Loads a finished synthesizer (both stages); refuses an unfinished one.
+
+        ``weights``: "ema" samples with the EMA of the diffusion weights when the file has one (else the raw
+        weights, as files from before EMA), "raw" with the last training weights.
+        """
+        if weights not in ("ema", "raw"):
+            raise DiffAugError(f"weights must be 'ema' or 'raw', not {weights!r}.")
         folder = Path(folder)
         config, spec, _ = read_run_files(folder)
         syn = cls(config, spec, device)
@@ -86,7 +95,9 @@ class Synthesizer:
         ae_tensors, _ = load_checkpoint(final_file(folder, "autoencoder"), device)
         syn.autoencoder.load_state_dict(unprefixed("autoencoder", ae_tensors))
         dm_tensors, dm_state = load_checkpoint(final_file(folder, "diffusion"), device)
-        syn.model.load_state_dict(unprefixed("model", dm_tensors))
+        ema = ema_weights(dm_tensors) if weights == "ema" else None
+        syn.model.load_state_dict(ema if ema is not None else unprefixed("model", dm_tensors))
+        syn.weights = "ema" if ema is not None else "raw"
         syn.scale_factor = float(dm_state["scale_factor"])
         return syn
 
@@ -151,7 +162,8 @@ class Synthesizer:
             images = generate_images(self.autoencoder, self.model, self.scale_factor, condition,
                                      self.config.autoencoder.latent_channels, self.config.latent_factor(),
                                      self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
-                                     progress)
+                                     progress, self.latent_window if self.config.sampling.diffusion_windows else None,
+                                     self.config.sampling.diffusion_overlap)
         crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial))
         images = images[(slice(None), slice(None), *crop)].float().cpu().numpy()
         lo = np.asarray(self.spec.intensity_min, dtype=np.float32).reshape(1, -1, *[1] * len(spatial))

@@ -25,8 +25,10 @@ from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoenc
                                                   encode_mean)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
+from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
 from nnunet_diffaug.synthesis.conditioning import Condition
-from nnunet_diffaug.synthesis.image_generator import diffusion_target
+from nnunet_diffaug.synthesis.grad_checkpoint import enable_gradient_checkpointing
+from nnunet_diffaug.synthesis.image_generator import diffusion_target, training_timesteps
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
 from nnunet_diffaug.synthesis.label_training import INIT_STEP, train_label_generator
 from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
@@ -122,7 +124,11 @@ def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int
     if cpath.is_file():
         tensors, state = ckpt.load_checkpoint(cpath)
         for name, m in modules.items():
-            m.load_state_dict(ckpt.unprefixed(name, tensors))
+            saved = ckpt.unprefixed(name, tensors)
+            if not saved and name == EMA_MODULE:  # a checkpoint from before EMA: it starts from the raw weights
+                log(f"{stage}: {cpath.name} has no EMA weights; the EMA starts from the current weights")
+                continue
+            m.load_state_dict(saved)
         for name, opt in optimizers.items():
             ckpt.optimizer_from_flat(f"opt_{name}", opt, tensors, state["optimizers"][name])
         start, losses = int(state["step"]), state["losses"]
@@ -292,6 +298,10 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
     if model.tags is not None:  # spacing tags are read relative to the training cases' median
         model.tags.set_reference_spacing(np.median([patches.data.acquisition_spacing(c)
                                                     for c in patches.cases], axis=0).tolist())
+    ema = build_ema(model, dcfg.ema_decay)  # after the reference spacing (buffers are copied, not averaged) and
+    if dcfg.gradient_checkpointing:         # before checkpointing (a deep copy would keep the wrappers' closures)
+        log(f"diffusion: gradient checkpointing of {enable_gradient_checkpointing(model)} UNet blocks")
+    modules = {"model": model} if ema is None else {"model": model, EMA_MODULE: ema}
 
     def step_fn(step: int) -> dict[str, float]:
         s = _step_seed(seed, "diffusion", step)
@@ -303,7 +313,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         with autocast(device, cfg.mixed_precision):
             z = encode_mean(ae, images).float() * extra["scale_factor"]
         noise = torch.randn(z.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
+        t = training_timesteps(scheduler, z, gen)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
         for group in optimizers["model"].param_groups:
             group["lr"] = learning_rate_at(step, dcfg.learning_rate, dcfg.steps, dcfg.lr_schedule, dcfg.warmup_steps)
@@ -321,12 +331,15 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # guards against the NaN blow-ups users report
         optimizers["model"].step()
+        update_ema(ema, model)
         return parts
 
-    losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, {"model": model}, optimizers,
-                        step_fn, extra, ["model"], log, progress, stop_after)
+    losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, modules, optimizers,
+                        step_fn, extra, list(modules), log, progress, stop_after)
     syn.scale_factor = extra["scale_factor"]
     model.eval()
+    if ema is not None:  # sample (montages, the returned synthesizer) from the EMA, as loading does
+        syn.model = ema.module.eval()
     return syn, losses
 
 
