@@ -17,7 +17,6 @@ Writes ``bench_gpu.json`` and ``bench_gpu.md`` into the output folder and prints
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import sys
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 
 from nnunet_diffaug.synthesis.autoencoder import encode_mean
-from nnunet_diffaug.synthesis.conditioning import Condition
 from nnunet_diffaug.synthesis.config import load_config
 from nnunet_diffaug.synthesis.data import DataSpec
 from nnunet_diffaug.synthesis.grad_checkpoint import enable_gradient_checkpointing

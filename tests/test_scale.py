@@ -83,7 +83,7 @@ def test_ema_is_the_exponential_average_of_the_weights():
     ema = build_ema(model, 0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = None
-    for step in range(5):
+    for _step in range(5):
         loss = model(torch.randn(4, 3)).pow(2).sum()
         opt.zero_grad()
         loss.backward()
