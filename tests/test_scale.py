@@ -103,7 +103,7 @@ def test_ema_decay_is_checked_and_on_in_the_default_preset():
 
 
 def test_resume_restores_the_ema(tmp_path):
-    from nnunet_diffaug.synthesis.training import _run_stage
+    from nnunet_diffaug.synthesis.stage_runner import run_stage as _run_stage
 
     def run(folder: Path, stop_after):
         torch.manual_seed(0)

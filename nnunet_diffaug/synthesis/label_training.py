@@ -24,6 +24,7 @@ from nnunet_diffaug.synthesis.label_generator import (LABEL_STAGES, LabelGenerat
                                                       condition_vector, divisor)
 from nnunet_diffaug.synthesis.sampling import padded_shape
 from nnunet_diffaug.synthesis.plotting import save_montage
+from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, learning_rate_at, run_stage
 
 MAX_STORED_ATTRIBUTES = 4096  # training attribute vectors kept for drawing unrequested classes
 
@@ -32,7 +33,6 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
     return int(np.random.SeedSequence([seed, 10 + LABEL_STAGES.index(stage), step]).generate_state(1)[0])
 
 
-INIT_STEP = 2**31 - 1  # a step no training step uses: it seeds weight initialisation
 
 
 class LabelMapSampler:
@@ -84,7 +84,6 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
                           device: torch.device, seed: int, log, progress: bool,
                           stop_after: int | None = None) -> bool:
     """Trains (or resumes, or skips) both label stages. Returns True when both have finished."""
-    from nnunet_diffaug.synthesis.training import _run_stage, learning_rate_at  # the image stages' loop
     lg = cfg.label_generator
     maps = LabelMapSampler(data, spec, cfg)
     # initial weights must not depend on what ran before in this process (a resumed run skips finished stages)
@@ -116,7 +115,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
             opt.step()
             return parts
 
-        _run_stage("label_autoencoder", folder, lg.autoencoder_steps, cfg.checkpoint_every,
+        run_stage("label_autoencoder", folder, lg.autoencoder_steps, cfg.checkpoint_every,
                    {"label_autoencoder": ae}, {"label_autoencoder": opt}, ae_step, {}, ["label_autoencoder"],
                    log, progress, stop_after)
         if not final_file(folder, "label_autoencoder").is_file():
@@ -173,7 +172,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         opt.step()
         return {"mse": float(loss.detach())}
 
-    _run_stage("label_diffusion", folder, lg.steps, cfg.checkpoint_every, {"label_model": model},
+    run_stage("label_diffusion", folder, lg.steps, cfg.checkpoint_every, {"label_model": model},
                {"label_model": opt}, dm_step, extra, ["label_model"], log, progress, stop_after)
     if not final_file(folder, "label_diffusion").is_file():
         return False

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,10 +28,11 @@ from nnunet_diffaug.synthesis.conditioning import Condition
 from nnunet_diffaug.synthesis.grad_checkpoint import enable_gradient_checkpointing
 from nnunet_diffaug.synthesis.image_generator import diffusion_target, training_timesteps
 from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES
-from nnunet_diffaug.synthesis.label_training import INIT_STEP, train_label_generator
+from nnunet_diffaug.synthesis.label_training import train_label_generator
+from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, TrainingLog, learning_rate_at, run_stage
 from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
                                                    voxel_weight_map, weighted_mean)
-from nnunet_diffaug.synthesis.plotting import plot_losses, save_montage
+from nnunet_diffaug.synthesis.plotting import save_montage
 from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
                                                   final_file, resolve_device)
@@ -48,20 +47,6 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
 def _seed_initialisation(seed: int, stage: str) -> None:
     """Initial weights must not depend on what ran before in this process (a resumed run skips finished stages)."""
     torch.manual_seed(_step_seed(seed, stage, INIT_STEP))
-
-
-class _Log:
-    """Appends to training_log.txt; echoes to the console when verbose."""
-
-    def __init__(self, path: Path, verbose: bool):
-        self.path, self.verbose = path, verbose
-
-    def __call__(self, msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-        if self.verbose:
-            print(line, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- run setup
@@ -112,79 +97,8 @@ def build_spec(data: FoldData, config: SynthesizerConfig, seed: int) -> DataSpec
 
 # ---------------------------------------------------------------------------------------------- stage loop
 
-def _run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int,
-               modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-               step_fn: Callable[[int], dict[str, float]], extra_state: dict, final_modules: list[str],
-               log: _Log, progress: bool, stop_after: int | None = None) -> dict[str, list[float]]:
-    """Runs (or resumes) one stage. Returns its loss history. Saves a final weights-only file at the end."""
-    from tqdm import tqdm
-    losses: dict[str, list[float]] = {}
-    start = 0
-    cpath = checkpoint_file(folder, stage)
-    if cpath.is_file():
-        tensors, state = ckpt.load_checkpoint(cpath)
-        for name, m in modules.items():
-            saved = ckpt.unprefixed(name, tensors)
-            if not saved and name == EMA_MODULE:  # a checkpoint from before EMA: it starts from the raw weights
-                log(f"{stage}: {cpath.name} has no EMA weights; the EMA starts from the current weights")
-                continue
-            m.load_state_dict(saved)
-        for name, opt in optimizers.items():
-            ckpt.optimizer_from_flat(f"opt_{name}", opt, tensors, state["optimizers"][name])
-        start, losses = int(state["step"]), state["losses"]
-        extra_state.update(state.get("extra", {}))
-        log(f"{stage}: resuming from step {start} of {total_steps} ({cpath.name})")
-    else:
-        log(f"{stage}: starting, {total_steps} steps")
-
-    def save_checkpoint(step: int) -> None:
-        tensors, opt_json = {}, {}
-        for name, m in modules.items():
-            tensors.update(ckpt.prefixed(name, m.state_dict()))
-        for name, opt in optimizers.items():
-            t, j = ckpt.optimizer_to_flat(f"opt_{name}", opt)
-            tensors.update(t)
-            opt_json[name] = j
-        ckpt.save_checkpoint(cpath, tensors, {"stage": stage, "step": step, "losses": losses,
-                                              "optimizers": opt_json, "extra": extra_state})
-
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=stage, disable=not progress,
-               dynamic_ncols=True)
-    for step in bar:
-        parts = step_fn(step)
-        if not all(math.isfinite(v) for v in parts.values()):
-            raise DiffAugError(f"{stage} loss became {parts} at step {step} ({folder}): training diverged. Lower the "
-                               f"learning rate in a config file (--preset your.json, see {folder / CONFIG_FILE}) and "
-                               f"pass --overwrite to start over.")
-        for k, v in parts.items():
-            losses.setdefault(k, []).append(v)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()})
-        done = step + 1
-        if done % checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(done)
-            plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, "
-                        f"{folder.name}), step {done}")  # long runs can be watched while they train
-            log(f"{stage}: step {done}, " + ", ".join(f"{k} {np.mean(v[-checkpoint_every:]):.4g}"
-                                                       for k, v in losses.items()))
-        if stop_after is not None and done >= stop_after and done < total_steps:
-            save_checkpoint(done)
-            log(f"{stage}: stopped at step {done} as asked (stop_after); rerun to continue")
-            return losses
-    bar.close()
-    tensors = {}
-    for name in final_modules:
-        tensors.update(ckpt.prefixed(name, modules[name].state_dict()))
-    ckpt.save_checkpoint(final_file(folder, stage), tensors, {"stage": stage, "step": total_steps, "finished": True,
-                                                              "losses": losses, **extra_state})
-    cpath.unlink(missing_ok=True)
-    plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, {folder.name})")
-    log(f"{stage}: finished; " + ", ".join(f"{k} first {np.mean(v[:20]):.4g} -> last {np.mean(v[-20:]):.4g}"
-                                           for k, v in losses.items()))
-    return losses
-
-
 def _class_balance(stage: str, cap: float, spec: DataSpec, patches: PatchSampler, extra: dict,
-                   log: _Log) -> torch.Tensor | None:
+                   log: TrainingLog) -> torch.Tensor | None:
     """Per class-index loss weights of a stage (None when off), recorded in the stage's state."""
     if cap <= 1.0:
         return None
@@ -196,16 +110,6 @@ def _class_balance(stage: str, cap: float, spec: DataSpec, patches: PatchSampler
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def learning_rate_at(step: int, base: float, total: int, schedule: str, warmup: int) -> float:
-    """Stateless schedule (a function of the step only), so resuming needs no scheduler state."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    progress = (step - warmup) / max(total - warmup, 1)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def _seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -214,7 +118,7 @@ def _seed_everything(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------- stages
 
 def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, folder: Path,
-                       device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
+                       device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None):
     acfg = cfg.autoencoder
     _seed_initialisation(seed, "autoencoder")
     ae = build_autoencoder(acfg, spec.spatial_dims, spec.in_channels).to(device)
@@ -251,7 +155,7 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
             parts.update(d_parts)
         return parts
 
-    losses = _run_stage("autoencoder", folder, acfg.steps, cfg.checkpoint_every, modules, optimizers, step_fn, extra,
+    losses = run_stage("autoencoder", folder, acfg.steps, cfg.checkpoint_every, modules, optimizers, step_fn, extra,
                         ["autoencoder"], log, progress, stop_after)
     return ae.eval(), losses
 
@@ -273,7 +177,7 @@ def estimate_scale_factor(ae: nn.Module, patches: PatchSampler, n_batches: int, 
 
 
 def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
-                     device: torch.device, seed: int, log: _Log, progress: bool, stop_after: int | None):
+                     device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None):
     dcfg = cfg.diffusion
     _seed_initialisation(seed, "diffusion")
     syn = Synthesizer(cfg, spec, device)
@@ -334,7 +238,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         update_ema(ema, model)
         return parts
 
-    losses = _run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, modules, optimizers,
+    losses = run_stage("diffusion", folder, dcfg.steps, cfg.checkpoint_every, modules, optimizers,
                         step_fn, extra, list(modules), log, progress, stop_after)
     syn.scale_factor = extra["scale_factor"]
     model.eval()
@@ -401,7 +305,7 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
     with folder_lock(folder, timeout_s=5.0, name=".train.lock"):
         spec = build_spec(data, config, seed)
         _prepare_folder(folder, config, spec, seed, overwrite)
-        log = _Log(folder / "training_log.txt", verbose)
+        log = TrainingLog(folder / "training_log.txt", verbose)
         log(f"training synthesizer: {data.dataset_name} {configuration} fold {fold}, {len(spec.training_cases)} "
             f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}")
         _seed_everything(seed)

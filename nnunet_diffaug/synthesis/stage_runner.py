@@ -1,0 +1,118 @@
+"""The training loop every synthesizer stage shares (image autoencoder and diffusion, label autoencoder and
+diffusion): resumable from its last checkpoint, loss curves and log lines as it goes, a weights-only file
+at the end. What a stage computes per step comes in as a function; seeding follows the step, so a resumed
+run ends exactly like an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.synthesis import checkpoint as ckpt
+from nnunet_diffaug.synthesis.ema import EMA_MODULE
+from nnunet_diffaug.synthesis.plotting import plot_losses
+from nnunet_diffaug.synthesis.synthesizer import CONFIG_FILE, checkpoint_file, final_file
+
+INIT_STEP = 2**31 - 1  # a step no training step uses: it seeds weight initialisation
+
+
+class TrainingLog:
+    """Appends to training_log.txt; echoes to the console when verbose."""
+
+    def __init__(self, path: Path, verbose: bool):
+        self.path, self.verbose = path, verbose
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        if self.verbose:
+            print(line, flush=True)
+
+
+def run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int,
+               modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+               step_fn: Callable[[int], dict[str, float]], extra_state: dict, final_modules: list[str],
+               log: TrainingLog, progress: bool, stop_after: int | None = None) -> dict[str, list[float]]:
+    """Runs (or resumes) one stage. Returns its loss history. Saves a final weights-only file at the end."""
+    from tqdm import tqdm
+    losses: dict[str, list[float]] = {}
+    start = 0
+    cpath = checkpoint_file(folder, stage)
+    if cpath.is_file():
+        tensors, state = ckpt.load_checkpoint(cpath)
+        for name, m in modules.items():
+            saved = ckpt.unprefixed(name, tensors)
+            if not saved and name == EMA_MODULE:  # a checkpoint from before EMA: it starts from the raw weights
+                log(f"{stage}: {cpath.name} has no EMA weights; the EMA starts from the current weights")
+                continue
+            m.load_state_dict(saved)
+        for name, opt in optimizers.items():
+            ckpt.optimizer_from_flat(f"opt_{name}", opt, tensors, state["optimizers"][name])
+        start, losses = int(state["step"]), state["losses"]
+        extra_state.update(state.get("extra", {}))
+        log(f"{stage}: resuming from step {start} of {total_steps} ({cpath.name})")
+    else:
+        log(f"{stage}: starting, {total_steps} steps")
+
+    def save_checkpoint(step: int) -> None:
+        tensors, opt_json = {}, {}
+        for name, m in modules.items():
+            tensors.update(ckpt.prefixed(name, m.state_dict()))
+        for name, opt in optimizers.items():
+            t, j = ckpt.optimizer_to_flat(f"opt_{name}", opt)
+            tensors.update(t)
+            opt_json[name] = j
+        ckpt.save_checkpoint(cpath, tensors, {"stage": stage, "step": step, "losses": losses,
+                                              "optimizers": opt_json, "extra": extra_state})
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=stage, disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        parts = step_fn(step)
+        if not all(math.isfinite(v) for v in parts.values()):
+            raise DiffAugError(f"{stage} loss became {parts} at step {step} ({folder}): training diverged. Lower the "
+                               f"learning rate in a config file (--preset your.json, see {folder / CONFIG_FILE}) and "
+                               f"pass --overwrite to start over.")
+        for k, v in parts.items():
+            losses.setdefault(k, []).append(v)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()})
+        done = step + 1
+        if done % checkpoint_every == 0 and done < total_steps:
+            save_checkpoint(done)
+            plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, "
+                        f"{folder.name}), step {done}")  # long runs can be watched while they train
+            log(f"{stage}: step {done}, " + ", ".join(f"{k} {np.mean(v[-checkpoint_every:]):.4g}"
+                                                       for k, v in losses.items()))
+        if stop_after is not None and done >= stop_after and done < total_steps:
+            save_checkpoint(done)
+            log(f"{stage}: stopped at step {done} as asked (stop_after); rerun to continue")
+            return losses
+    bar.close()
+    tensors = {}
+    for name in final_modules:
+        tensors.update(ckpt.prefixed(name, modules[name].state_dict()))
+    ckpt.save_checkpoint(final_file(folder, stage), tensors, {"stage": stage, "step": total_steps, "finished": True,
+                                                              "losses": losses, **extra_state})
+    cpath.unlink(missing_ok=True)
+    plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, {folder.name})")
+    log(f"{stage}: finished; " + ", ".join(f"{k} first {np.mean(v[:20]):.4g} -> last {np.mean(v[-20:]):.4g}"
+                                           for k, v in losses.items()))
+    return losses
+
+
+def learning_rate_at(step: int, base: float, total: int, schedule: str, warmup: int) -> float:
+    """Stateless schedule (a function of the step only), so resuming needs no scheduler state."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
