@@ -347,3 +347,28 @@ def test_a_judged_arm_filters_its_set_with_the_folds_stock_model_trained_first(t
     sets = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_DATASET") for _, env in
             runner.named("nnUNetv2_train")}
     assert sets["diffaug_r33"] != sets["diffaug_r33_judged"]
+
+
+def test_inpaint_arms_and_synthesis_options_from_an_arms_file_reach_diffaug_synthesize(tmp_path, monkeypatch):
+    from nnunet_diffaug.benchmark.arms import builtin_arm
+    assert builtin_arm("diffaug_r33_inpaint").synthetic.labels == "inpaint"
+    assert builtin_arm("deformed_real_r33_inpaint") is None  # only the diffusion model repaints a region
+    _user_dataset(tmp_path, monkeypatch)
+    arms_file = tmp_path / "arms.json"
+    arms_file.write_text(json.dumps({"inpaint_spine": {
+        "trainer": "nnUNetTrainerDiffAug", "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.33},
+        "synthetic": {"generator": "diffusion", "labels": "inpaint",
+                      "options": {"--classes": "spine", "--edit": "move,scale", "--margin": 3}}}}))
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
+                          arms=("inpaint_spine", "diffaug_r33"), arms_file=str(arms_file))
+    runner = FakeRunner({"stock": 0.6, "inpaint_spine": 0.61, "diffaug_r33": 0.62})
+    run_benchmark(s, tmp_path / "ws", runner=runner)
+    inpaint = [c for c, _ in runner.named("diffaug_synthesize") if _flag(c, "--labels") == "inpaint"]
+    assert len(inpaint) == 1
+    assert (_flag(inpaint[0], "--classes"), _flag(inpaint[0], "--edit"), _flag(inpaint[0], "--margin")) == \
+        ("spine", "move,scale", "3")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"x": {"trainer": "nnUNetTrainerDiffAug",
+                                     "synthetic": {"labels": "inpaint", "options": {"--epochs": 3}}}}))
+    with pytest.raises(DiffAugError, match="synthetic 'options' must map diffaug_synthesize flags"):
+        run_benchmark(dataclasses.replace(s, arms=("x",), arms_file=str(bad)), tmp_path / "ws2", runner=runner)

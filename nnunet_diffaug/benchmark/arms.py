@@ -7,7 +7,8 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   synthetic share NN/100 (r33 and r67 mean 1/3 and 2/3) of diffusion-synthesized cases;
   ``_linear`` / ``_cutoff<FF>`` set the synthetic-share schedule, ``_equalreal`` scales the
   iterations so the arm sees as many real samples as stock, ``_generated`` paints generated label
-  maps instead of deformed real ones, ``_judged`` keeps the n of 2n candidates that the fold's stock
+  maps instead of deformed real ones, ``_inpaint`` repaints a region around one structure of each real
+  case (``--labels inpaint``; choose classes and edits in an arms file's synthetic ``options``), ``_judged`` keeps the n of 2n candidates that the fold's stock
   model (trained on the same real subset) segments best (``diffaug_synthesize --judge``).
 - ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
   synthesized ones (control: is the gain just from more geometric augmentation?).
@@ -33,7 +34,10 @@ DIFFAUG_TRAINER = "nnUNetTrainerDiffAug"
 PATCHMIX_TRAINER = "nnUNetTrainerDiffAugPatchMix"
 
 GENERATORS = ("diffusion", "randomised", "deformed-real")
-LABEL_MODES = ("real", "generated", "real-aligned")
+LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
+# diffaug_synthesize flags an arms file may set for its synthetic set (the rest is the benchmark's to set alike)
+SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range", "--resample-jumps",
+                     "--volume", "--guidance", "--intensity-jitter", "--randomisation")
 # Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
                 "DIFFAUG_SYNTHETIC_DATASET")
@@ -41,12 +45,12 @@ DEFAULT_ARMS = ("stock", "diffaug_r33")
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
-                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?P<gen>_generated)?(?P<judged>_judged)?$")
+                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?(?P<judged>_judged)?$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
 
 GRAMMAR_HELP = ("stock; diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
-                "then optional _linear or _cutoff<FF>, _equalreal, _generated, _judged), e.g. diffaug_r33, "
+                "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged), e.g. diffaug_r33, "
                 "diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
@@ -57,15 +61,26 @@ class SyntheticSpec:
     generator: str = "diffusion"
     labels: str = "real"
     judge: bool = False                  # keep the half of 2n candidates the fold's stock arm reads best
+    options: tuple = ()                  # sorted (flag, value) pairs passed to diffaug_synthesize, e.g. --classes
 
     @property
     def needs_synthesizer(self) -> bool:
         # generated label maps come from the label generator trained with the diffusion synthesizer
         return self.generator == "diffusion" or self.labels == "generated"
 
+    def to_json(self) -> dict:
+        """Fields at their defaults are left out, so definitions recorded by earlier versions still compare equal."""
+        out = {"generator": self.generator, "labels": self.labels}
+        if self.judge:
+            out["judge"] = True
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
+
     @property
     def key(self) -> str:
-        return f"{self.generator}__{self.labels}" + ("__judged" if self.judge else "")
+        key = f"{self.generator}__{self.labels}" + ("__judged" if self.judge else "")
+        return key + "".join(f"__{flag.strip('-')}={value}" for flag, value in self.options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +92,7 @@ class Arm:
 
     def to_json(self) -> dict:
         return {"trainer": self.trainer, "env": dict(self.env),
-                "synthetic": None if self.synthetic is None else dataclasses.asdict(self.synthetic)}
+                "synthetic": None if self.synthetic is None else self.synthetic.to_json()}
 
 
 def _env(**values) -> tuple:
@@ -109,7 +124,10 @@ def builtin_arm(name: str) -> Arm | None:
             env["DIFFAUG_SYNTHETIC_SCHEDULE"] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
-        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], "generated" if m["gen"] else "real", bool(m["judged"]))
+        if m["inpaint"] and m["source"] != "diffaug":
+            return None  # only the diffusion model repaints a region (the other generators refuse it)
+        labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
+        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], labels, bool(m["judged"]))
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:
@@ -165,9 +183,16 @@ def _custom_arm(name: str, spec, path: Path) -> Arm:
                            f"(budget, seed) or per fold (synthetic set); change the budget with the benchmark's flags.")
     synthetic = spec.get("synthetic")
     if synthetic is not None:
-        if not isinstance(synthetic, dict) or set(synthetic) - {"generator", "labels"}:
-            raise DiffAugError(f"{where}: 'synthetic' must be null or {{\"generator\": ..., \"labels\": ...}}.")
-        s = SyntheticSpec(synthetic.get("generator", "diffusion"), synthetic.get("labels", "real"))
+        if not isinstance(synthetic, dict) or set(synthetic) - {"generator", "labels", "options"}:
+            raise DiffAugError(f"{where}: 'synthetic' must be null or {{\"generator\": ..., \"labels\": ..., "
+                               f"\"options\": {{flag: value}}}}.")
+        options = synthetic.get("options", {})
+        if not isinstance(options, dict) or set(options) - set(SYNTHESIS_OPTIONS) or not all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in options.values()):
+            raise DiffAugError(f"{where}: synthetic 'options' must map diffaug_synthesize flags among "
+                               f"{list(SYNTHESIS_OPTIONS)} to strings or numbers.")
+        s = SyntheticSpec(synthetic.get("generator", "diffusion"), synthetic.get("labels", "real"),
+                          options=tuple(sorted((k, str(v)) for k, v in options.items())))
         if s.generator not in GENERATORS:
             raise DiffAugError(f"{where}: synthetic generator {s.generator!r} is not one of {list(GENERATORS)}.")
         if s.labels not in LABEL_MODES:

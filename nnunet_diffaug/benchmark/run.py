@@ -75,6 +75,8 @@ def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: Synthet
         cmd += ["--generator", spec.generator, "-plans", s.plans]
     if spec.judge:
         cmd += ["--judge", str(judge), "--candidates", str(2 * s.n_synthetic)]
+    for flag, value in spec.options:
+        cmd += [flag, *value.split()]  # nargs flags (--volume) take space-separated values
     return cmd
 
 
