@@ -110,6 +110,7 @@ def test_moved_lesion_is_painted_as_lesion_and_everything_outside_the_region_is_
     for record, image, label in _cases(out):
         edit = record["inpaint"]
         assert record["label_mode"] == "inpaint" and edit["edit"] == "move" and edit["class"] == "lesion"
+        assert record["aligned_with_source"] is False  # moved labels: PatchMix must not pair it with its source
         assert record["sampler"] == "dpmpp" and record["steps"] == 10 and record["resample_jumps"] == 1
         src_image, src_label = _source_in_raw_units(data, record["source_case"])
         assert image.shape == src_image.shape
@@ -145,6 +146,7 @@ def test_keep_edit_repaints_in_place_with_every_sampler_kept_exact(trained):
             outside[box] = False
             assert np.array_equal(image[outside], src_image[outside])
             assert record["sampler"] == sampler and record["resample_jumps"] == 2
+            assert record["aligned_with_source"] is True  # labels unchanged: a PatchMix variant of its source
 
 
 def test_bad_inpaint_flags_are_refused_before_anything_is_written(trained, capsys):

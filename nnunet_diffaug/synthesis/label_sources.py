@@ -167,9 +167,13 @@ class InpaintLabelSource(LabelSource):
     def draw(self, index, seed, rng, painter):
         # a real case whole, one structure edited; the real image is always needed (outside the region it is kept)
         source = self.labels.source_for(index)
-        edit = self.labels.edit(self.data.label_volume(source), rng, source)
+        original = self.data.label_volume(source)
+        edit = self.labels.edit(original, rng, source)
+        # on the source's grid; PatchMix may pair it with its source only where the labels did not move (keep)
+        aligned = bool(np.array_equal(edit.labels, original))
         return CaseDraw(edit.labels, source, None, source_image(self.data, source, None), whole_volume=True,
-                        repaint=edit.repaint, repaint_margin=self.settings.margin, record={"inpaint": edit.record})
+                        repaint=edit.repaint, repaint_margin=self.settings.margin,
+                        record={"inpaint": edit.record, "aligned_with_source": aligned})
 
 
 LABEL_SOURCES: dict[str, type[LabelSource]] = {
