@@ -40,6 +40,10 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
             if wall is None:
                 wall, source = _nnunet_log_wall_time(folder, file), "nnU-Net training log"
             iterations = stats.get("total_iterations")
+            if stats.get("iterations_vs_stock") is not None:
+                # the trainer's own ratio over the epochs it recorded: right also for a run resumed from a
+                # checkpoint written before the statistics file existed (its earlier epochs are not recorded)
+                iterations = stats["iterations_vs_stock"] * budget_iterations
             if iterations is None and "DIFFAUG_EQUAL_REAL_EXPOSURE" not in dict(arm.env):
                 iterations = budget_iterations  # an arm that does not scale its iterations runs the budget
             runs.append({"arm": arm.name, "trainer": arm.trainer, "fold": fold, "size": f["size"],
