@@ -125,6 +125,13 @@ class LabelGeneratorConfig:
     sampling_steps: int = 20
     guidance: float = 1.0                           # default guidance weight w (1 = plain conditional sampling)
 
+    def divisor(self) -> int:
+        """Label canvases must be multiples of this: label autoencoder downsampling times UNet downsampling."""
+        return 2 ** (len(self.autoencoder_channels) - 1) * 2 ** (len(self.channels) - 1)
+
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.autoencoder_channels) - 1)
+
 
 @dataclass
 class SynthesizerConfig:

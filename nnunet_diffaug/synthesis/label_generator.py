@@ -31,14 +31,6 @@ from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convoluti
 LABEL_STAGES = ("label_autoencoder", "label_diffusion")
 
 
-def divisor(cfg: LabelGeneratorConfig) -> int:
-    return 2 ** (len(cfg.autoencoder_channels) - 1) * 2 ** (len(cfg.channels) - 1)
-
-
-def latent_factor(cfg: LabelGeneratorConfig) -> int:
-    return 2 ** (len(cfg.autoencoder_channels) - 1)
-
-
 def canvas_shape(map_shapes: list[tuple[int, ...]], max_shape: tuple[int, ...]) -> list[int]:
     """The median training map shape, capped per axis."""
     median = np.median(np.array(map_shapes), axis=0)
@@ -163,8 +155,8 @@ class LabelGenerator:
             cond = condition_vector(self.standardise(attributes), torch.ones(n))
             guided = guidance != 1.0
         cond, null = cond.to(self.device), null.to(self.device)
-        padded = padded_shape(self.canvas, divisor(self.cfg))
-        f = latent_factor(self.cfg)
+        padded = padded_shape(self.canvas, self.cfg.divisor())
+        f = self.cfg.latent_factor()
         shape = (n, self.cfg.latent_channels, *[s // f for s in padded])
         sampler.begin()
         z = torch.randn(shape, generator=generator).to(self.device)  # CPU noise: same start on every device

@@ -21,7 +21,7 @@ from nnunet_diffaug.synthesis.label_attributes import volume_fractions
 from nnunet_diffaug.synthesis.label_autoencoder import decode_to_classes, label_autoencoder_loss
 from nnunet_diffaug.synthesis.checkpoint import final_file
 from nnunet_diffaug.synthesis.label_generator import (LABEL_STAGES, LabelGenerator, canvas_shape, centre_pads,
-                                                      condition_vector, divisor)
+                                                      condition_vector)
 from nnunet_diffaug.synthesis.sampling import padded_shape
 from nnunet_diffaug.synthesis.plotting import save_montage
 from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, learning_rate_at, run_stage
@@ -49,7 +49,7 @@ class LabelMapSampler:
         self.num_foreground = spec.num_classes - 2
         max_shape = lg.max_shape_3d if spec.spatial_dims == 3 else lg.max_shape_2d
         self.canvas = canvas_shape([m.shape for m in self.maps], max_shape)
-        self.padded = padded_shape(self.canvas, divisor(lg))
+        self.padded = padded_shape(self.canvas, lg.divisor())
 
     def _fit(self, m: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """Crop (random, or central without rng) to at most the canvas, then pad to the canvas."""
