@@ -135,3 +135,20 @@ def make_stand_in_synthetic_set(raw_root: Path, real_dataset_name: str, fold, tr
                           {"source_case": source, "aligned_with_source": aligned})
     writer.finalize()
     return folder
+
+
+def trainer_accepts(folder: Path, configuration: str, root: Path) -> list[str]:
+    """What nnUNetTrainerDiffAug does with a synthetic set of the example's fold 0 before training: validate it
+    against the real dataset and fold, then preprocess it with the real plans. Returns its case ids."""
+    from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
+    from nnunet_diffaug.trainers.synthetic_source import real_image_dimension, validate_synthetic_dataset
+    real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)
+    pre = root / "preprocessed" / EXAMPLE_NAME
+    splits = json.loads((pre / "splits_final.json").read_text())
+    cases = validate_synthetic_dataset(folder, real_json, EXAMPLE_NAME, 0, configuration, splits[0]["val"],
+                                       is_3d=configuration != "2d")
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    done = preprocess_synthetic_cases(folder, real_json, plans, configuration, root / "tmp_pre" / folder.name,
+                                      verbose=False, expected_dimension=real_image_dimension(EXAMPLE_NAME))
+    assert done == cases
+    return cases

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_example
+from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_example, trainer_accepts
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -116,21 +116,6 @@ def root(planned_example, tmp_path_factory):
         yield dst
 
 
-def _trainer_accepts(folder: Path, configuration: str, root: Path) -> list[str]:
-    from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-    from nnunet_diffaug.trainers.synthetic_source import real_image_dimension, validate_synthetic_dataset
-    real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)
-    pre = root / "preprocessed" / EXAMPLE_NAME
-    splits = json.loads((pre / "splits_final.json").read_text())
-    cases = validate_synthetic_dataset(folder, real_json, EXAMPLE_NAME, 0, configuration, splits[0]["val"],
-                                       is_3d=configuration != "2d")
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    done = preprocess_synthetic_cases(folder, real_json, plans, configuration, root / "tmp_pre" / folder.name,
-                                      verbose=False, expected_dimension=real_image_dimension(EXAMPLE_NAME))
-    assert done == cases
-    return cases
-
-
 def _array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -140,7 +125,7 @@ def test_randomised_set_without_a_synthesizer_is_accepted_by_the_trainer(root):
             "--seed", "1", "-device", "cpu"]
     cli.synthesize_entry(args)
     [out] = [p for p in (root / "raw").iterdir() if p.name.endswith("SynthF0")]
-    assert len(_trainer_accepts(out, "3d_fullres", root)) == 3
+    assert len(trainer_accepts(out, "3d_fullres", root)) == 3
     prov = read_provenance(out)
     assert prov.generator["kind"] == "domain_randomised" and prov.generator["label_mode"] == "real"
     assert prov.generator["randomisation"] == RandomisationRanges().to_json()
@@ -163,13 +148,13 @@ def test_randomised_set_without_a_synthesizer_is_accepted_by_the_trainer(root):
     assert (out / "labelsTr" / "synth_00003.nii.gz").is_file()
     control = synthesize(EXAMPLE_ID, "3d_fullres", 0, 2, generator="deformed-real", seed=1, progress=False)
     assert control != out and read_provenance(control).generator["kind"] == "deformed_real"
-    assert len(_trainer_accepts(control, "3d_fullres", root)) == 2
+    assert len(trainer_accepts(control, "3d_fullres", root)) == 2
 
 
 def test_randomised_real_aligned_keeps_each_training_case_on_its_grid(root):
     out = synthesize(EXAMPLE_ID, "2d", 0, 2, labels="real-aligned", generator="randomised", output_id=961,
                      progress=False)
-    _trainer_accepts(out, "2d", root)
+    trainer_accepts(out, "2d", root)
     cases = read_provenance(out).training_cases
     for i in range(2):
         real = _array(root / "raw" / EXAMPLE_NAME / "labelsTr" / f"{cases[i]}.nii.gz")

@@ -17,12 +17,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import (EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_example)
+from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_example, trainer_accepts
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
-from nnunet_diffaug.rawdata import load_dataset_json, read_provenance
+from nnunet_diffaug.rawdata import read_provenance
 from nnunet_diffaug.synthesis.checkpoint import read_state
 from nnunet_diffaug.synthesis.config import load_config
 from nnunet_diffaug.synthesis.data import FoldData
@@ -134,31 +134,16 @@ def test_larger_requested_volume_gives_larger_volume_and_guidance_strengthens_it
 
 # ---------------------------------------------------------------------------------------------- synthesis
 
-def _trainer_accepts(folder: Path, configuration: str, root: Path) -> list[str]:
-    from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-    from nnunet_diffaug.trainers.synthetic_source import real_image_dimension, validate_synthetic_dataset
-    real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)
-    pre = root / "preprocessed" / EXAMPLE_NAME
-    splits = json.loads((pre / "splits_final.json").read_text())
-    cases = validate_synthetic_dataset(folder, real_json, EXAMPLE_NAME, 0, configuration, splits[0]["val"],
-                                       is_3d=configuration != "2d")
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    done = preprocess_synthetic_cases(folder, real_json, plans, configuration, root / "tmp_pre" / folder.name,
-                                      verbose=False, expected_dimension=real_image_dimension(EXAMPLE_NAME))
-    assert done == cases
-    return cases
-
-
 def _label_array(folder: Path, case_id: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case_id}.nii.gz")))
 
 
-def test_generated_labels_mode_writes_a_dataset_the_trainer_accepts(trained_2d, root):
+def test_generated_labels_mode_writes_a_dataset_thetrainer_accepts(trained_2d, root):
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-n", "3", "-o", "940", "--labels",
                           "generated", "--volume", "soft_tissue=0.35:0.45", "2=0.01:0.02", "--guidance", "2",
                           "-device", "cpu"])
     out = root / "raw" / "Dataset940_ChestCTSlabsSynthF0"
-    assert len(_trainer_accepts(out, "2d", root)) == 3
+    assert len(trainer_accepts(out, "2d", root)) == 3
     lg = read_provenance(out).generator["label_generator"]
     assert lg["guidance"] == 2.0 and {r["class"] for r in lg["volume_requests"]} == {"soft_tissue", "spine"}
     for i in range(3):
@@ -173,7 +158,7 @@ def test_real_aligned_mode_paints_each_training_case_on_its_own_grid(trained_2d,
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-n", "5", "-o", "941", "--labels",
                           "real-aligned", "-device", "cpu"])
     out = root / "raw" / "Dataset941_ChestCTSlabsSynthF0"
-    _trainer_accepts(out, "2d", root)
+    trainer_accepts(out, "2d", root)
     data = FoldData(EXAMPLE_ID, "2d", 0)
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     pre_synth = nnUNetDatasetBlosc2(str(root / "tmp_pre" / out.name))
@@ -229,12 +214,12 @@ def test_3d_label_generator_trains_and_both_new_modes_write_3d_cases(root):
                           "--labels", "generated", "--volume", "right_lung=0.05:0.1", "--steps", "3",
                           "-device", "cpu"])
     out = root / "raw" / "Dataset942_ChestCTSlabsSynthF0"
-    _trainer_accepts(out, "3d_fullres", root)
+    trainer_accepts(out, "3d_fullres", root)
     assert _label_array(out, "synth_00000").shape == tuple(gen.canvas)
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres", "-n", "1", "-o", "943",
                           "--labels", "real-aligned", "--steps", "3", "-device", "cpu"])
     aligned = root / "raw" / "Dataset943_ChestCTSlabsSynthF0"
-    _trainer_accepts(aligned, "3d_fullres", root)
+    trainer_accepts(aligned, "3d_fullres", root)
     source = json.loads((aligned / "diffaug_cases" / "synth_00000.json").read_text())["source_case"]
     real = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "raw" / EXAMPLE_NAME / "labelsTr" / f"{source}.nii.gz")))
     assert np.array_equal(_label_array(aligned, "synth_00000"), real)
