@@ -77,14 +77,14 @@ def _score(dice: dict[str, float], present: list[int]) -> tuple[float, dict[str,
     return (float(np.mean(list(per_class.values()))) if per_class else 0.0), per_class
 
 
-def score_candidates(candidates: Path, judge: Judge, fold: int, progress: bool = True,
+def score_candidates(candidates: Path, cases: dict, judge: Judge, fold: int, progress: bool = True,
                      device: str = "cpu") -> dict[str, dict]:
-    """{case: {"score", "dice_per_class"}} for every complete candidate; each score is stored once (resumable)."""
+    """{case: {"score", "dice_per_class"}} for every complete candidate (``cases``: ``list_cases`` of the candidate
+    set); each score is stored once (resumable)."""
     from tqdm import tqdm
     from nnunet_diffaug.evaluation.fidelity import case_dice
     from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
     from nnunet_diffaug.evaluation.run import segment_once
-    cases = list_cases(candidates)
     store = candidates / SCORES_DIR
     if store.is_dir():
         remove_stale_temporaries(store)  # a killed run's half-written score
@@ -165,7 +165,8 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     real_json = load_dataset_json(paths.nnunet_raw() / prov.source_dataset)
     check_synthetic_matches_real(real_json, candidates)
     check_judge(judge, prov.source_dataset, int(prov.fold), real_json)
-    scores = score_candidates(candidates, judge, int(prov.fold), progress, device)
+    cases = list_cases(candidates)
+    scores = score_candidates(candidates, cases, judge, int(prov.fold), progress, device)
     if len(scores) < keep:
         raise DiffAugError(f"{candidates} holds {len(scores)} complete candidate(s), fewer than the {keep} to keep.")
     kept, dropped = select(scores, keep, min_class_dice)
@@ -173,7 +174,6 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     writer = SyntheticDatasetWriter(output, real_json, filtered_provenance(prov, judge, candidates, len(scores), keep,
                                                                           min_class_dice), overwrite=overwrite)
     import SimpleITK as sitk
-    cases = list_cases(candidates)
     for cid in kept:
         if writer.has_case(cid):
             continue

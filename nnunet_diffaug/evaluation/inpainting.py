@@ -14,12 +14,7 @@ is where the two raw images differ. Per case:
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-
-from nnunet_diffaug.rawdata import CASE_RECORDS_DIR
 
 
 def _read(path) -> np.ndarray:
@@ -55,13 +50,13 @@ def case_metrics(synthetic_image, source_image, labels, prediction, foreground: 
     return out
 
 
-def inpainting_report(synthetic_folder: Path, synthetic_cases: dict, real_cases: dict, predictions: dict,
-                      foreground: list[int]) -> dict:
-    """Per-case metrics and their means, for the cases whose record names a real source case."""
+def inpainting_report(synthetic_cases: dict, source_cases: dict[str, str | None], real_cases: dict,
+                      predictions: dict, foreground: list[int]) -> dict:
+    """Per-case metrics and their means, for the cases whose record names a real source case
+    (``source_cases``: synthetic case -> its record's source case)."""
     per_case = {}
     for cid, case in sorted(synthetic_cases.items()):
-        record_file = Path(synthetic_folder) / CASE_RECORDS_DIR / f"{cid}.json"
-        source = json.loads(record_file.read_text()).get("source_case") if record_file.is_file() else None
+        source = source_cases.get(cid)
         if source not in real_cases or cid not in predictions:
             continue
         per_case[cid] = {"source_case": source, **case_metrics(case["images"][0], real_cases[source]["images"][0],

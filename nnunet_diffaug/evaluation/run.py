@@ -145,8 +145,9 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     fidelity_result, fid_per_case, predictions = _label_fidelity(model, inputs, pre, out, s)
     inpainted = None
     if inputs.provenance is not None and inputs.provenance.generator.get("label_mode") == "inpaint":
-        inpainted = inpainting.inpainting_report(inputs.synthetic_folder, inputs.synthetic_cases, inputs.real_cases,
-                                                 predictions, model.foreground_labels)
+        inpainted = inpainting.inpainting_report(inputs.synthetic_cases,
+                                                 {cid: _source_case(inputs, cid) for cid in inputs.synthetic_cases},
+                                                 inputs.real_cases, predictions, model.foreground_labels)
 
     features = {k: np.concatenate([model.encoder_features(c.data, s.max_tiles_per_case)
                                    for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
