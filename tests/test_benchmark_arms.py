@@ -43,7 +43,10 @@ def test_builtin_arms_name_their_trainer_env_and_synthetic_set():
     assert builtin_arm("diffaug_r33_generated").synthetic.labels == "generated"
     assert builtin_arm("synthetic_only").name == "diffaug_r100"
     assert builtin_arm("diffaug_r0").synthetic is None  # r = 0 draws no synthetic case
-    for bad in ("diffaug_r150", "diffaug_r33_cutoff0", "diffaug", "stock_r33", "patchmix_alpha120", "DiffAug_r33"):
+    long_stock = builtin_arm("stock_x150")  # the equal-compute control of diffaug_r33_equalreal
+    assert long_stock.trainer == STOCK_TRAINER and dict(long_stock.env) == {"DIFFAUG_ITERATION_SCALE": "1.5"}
+    for bad in ("diffaug_r150", "diffaug_r33_cutoff0", "diffaug", "stock_r33", "patchmix_alpha120", "DiffAug_r33",
+                "stock_x050", "stock_x15"):
         assert builtin_arm(bad) is None, bad
 
 

@@ -48,6 +48,21 @@ def test_equal_exposure_iterations():
         equal_exposure_iterations(250, 1.0)
 
 
+def test_iteration_scale_gives_the_stock_arm_the_equal_exposure_compute(monkeypatch):
+    from types import SimpleNamespace
+    from nnunet_diffaug.trainers.budget import apply_budget_from_env
+    monkeypatch.setenv("DIFFAUG_ITERATIONS_PER_EPOCH", "250")
+    monkeypatch.setenv("DIFFAUG_ITERATION_SCALE", "1.5")
+    trainer = SimpleNamespace(num_epochs=1000, num_iterations_per_epoch=250, num_val_iterations_per_epoch=50)
+    apply_budget_from_env(trainer)
+    # as many iterations as diffaug_r33_equalreal trains (stock_x150 is its equal-compute control)
+    assert trainer.num_iterations_per_epoch == equal_exposure_iterations(250, 1 / 3) == 375
+    for bad in ("0.5", "x"):
+        monkeypatch.setenv("DIFFAUG_ITERATION_SCALE", bad)
+        with pytest.raises(DiffAugError, match="DIFFAUG_ITERATION_SCALE"):
+            apply_budget_from_env(trainer)
+
+
 # ---- the loader following a schedule ------------------------------------------------------------
 
 class _FakeDataset:

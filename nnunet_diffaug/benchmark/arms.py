@@ -3,6 +3,8 @@
 Built-in names (a compact grammar, so any ratio or schedule is an arm without code):
 
 - ``stock``: nnU-Net's own trainer (``nnUNetTrainerBudget``: only the training length and seed set).
+- ``stock_x<PPP>``: the same with PPP/100 times the iterations per epoch, e.g. ``stock_x150``: the
+  equal-compute control of ``diffaug_r33_equalreal`` (which trains 1.5x the iterations at r = 1/3).
 - ``diffaug_r<NN>[_linear|_cutoff<FF>][_equalreal][_generated]``: ``nnUNetTrainerDiffAug`` with
   synthetic share NN/100 (r33 and r67 mean 1/3 and 2/3) of diffusion-synthesized cases;
   ``_linear`` / ``_cutoff<FF>`` set the synthetic-share schedule, ``_equalreal`` scales the
@@ -46,10 +48,11 @@ ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
                      r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?(?P<judged>_judged)?$")
+_LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
 
-GRAMMAR_HELP = ("stock; diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
+GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
                 "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged), e.g. diffaug_r33, "
                 "diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
@@ -109,6 +112,10 @@ def builtin_arm(name: str) -> Arm | None:
     name = ALIASES.get(name, name)
     if name == "stock":
         return Arm("stock", STOCK_TRAINER)
+    m = _LONG_STOCK.match(name)
+    if m:
+        percent = int(m["percent"])
+        return Arm(name, STOCK_TRAINER, _env(DIFFAUG_ITERATION_SCALE=percent / 100)) if percent >= 100 else None
     m = _MIXING.match(name)
     if m:
         ratio = _ratio(m["ratio"])

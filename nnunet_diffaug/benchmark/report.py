@@ -45,7 +45,9 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
                 # checkpoint written before the statistics file existed (its earlier epochs are not recorded)
                 iterations = stats["iterations_vs_stock"] * budget_iterations
             if iterations is None and "DIFFAUG_EQUAL_REAL_EXPOSURE" not in dict(arm.env):
-                iterations = budget_iterations  # an arm that does not scale its iterations runs the budget
+                # an arm that does not scale its iterations runs the budget; stock_x<PPP> runs it scaled
+                scale = float(dict(arm.env).get("DIFFAUG_ITERATION_SCALE", 1))
+                iterations = s.epochs * round(s.iterations * scale)
             runs.append({"arm": arm.name, "trainer": arm.trainer, "fold": fold, "size": f["size"],
                          "n_train": f["n_train"], "seed": f["seed"], "train_cases": f["train"],
                          "dice": {labels[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in labels},

@@ -4,6 +4,10 @@
 nnU-Net's 1000 x 250 (+50 validation) iterations when set; ``DIFFAUG_SEED`` seeds Python, NumPy and
 torch in the main process (network initialisation, batch composition without workers). Unset,
 nothing changes.
+
+``DIFFAUG_ITERATION_SCALE`` (>= 1) multiplies the iterations per epoch after that: the equal-compute
+control of an arm that trains longer (a stock run given the iterations that ``_equalreal`` DiffAug arms
+spend, so a gain cannot come from the extra training alone).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ BUDGET_ENV = {
     "DIFFAUG_ITERATIONS_PER_EPOCH": "num_iterations_per_epoch",
     "DIFFAUG_VAL_ITERATIONS": "num_val_iterations_per_epoch",
 }
+ITERATION_SCALE_ENV = "DIFFAUG_ITERATION_SCALE"
 
 
 def env_float(name: str, default: float, low: float, high: float) -> float:
@@ -52,6 +57,8 @@ def apply_budget_from_env(trainer) -> None:
             if value != int(value):
                 raise DiffAugError(f"Environment variable {env_name}={os.environ[env_name]!r} must be an integer.")
             setattr(trainer, attribute, int(value))
+    scale = env_float(ITERATION_SCALE_ENV, 1.0, 1.0, 100.0)
+    trainer.num_iterations_per_epoch = round(trainer.num_iterations_per_epoch * scale)
     if os.environ.get("DIFFAUG_SEED"):
         seed = int(env_float("DIFFAUG_SEED", 0, 0, 2 ** 31 - 1))
         import random
