@@ -54,7 +54,7 @@ def test_arm_list_starts_with_stock_folds_aliases_and_refuses_unknown_names_with
     assert [a.name for a in resolve_arms(["diffaug_r33", "synthetic_only", "diffaug_r100", "stock"])] == \
         ["stock", "diffaug_r33", "diffaug_r100"]
     with pytest.raises(DiffAugError, match=r"--arms: unknown arm\(s\) \['diffaug_33', 'mixup'\]\. Valid: stock; "
-                                           r"diffaug_r<NN>.*patchmix"):
+                                           r"stock_x<PPP>.*diffaug_r<NN>.*patchmix"):
         resolve_arms(["diffaug_r33", "diffaug_33", "mixup"])
 
 
