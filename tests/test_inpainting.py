@@ -273,3 +273,29 @@ def test_repainting_an_untrained_synthesizer_keeps_every_voxel_outside_the_regio
     assert not np.allclose(image[:, 1, 10:14, 8:12], source[:, 1, 10:14, 8:12])
     key = "sampled_box" if spatial_dims == 3 else "sampled_slices"
     assert key in record
+
+
+def test_inpainting_montage_shows_the_slice_that_changed_with_the_edited_label_and_the_difference(tmp_path):
+    from nnunet_diffaug.evaluation.montage import _panels, write_montage
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(6, 16, 16)).astype(np.float32)
+    label = np.zeros((6, 16, 16), np.uint8)
+    label[1, 4:8, 4:8] = 1
+    inpainted, edited = source.copy(), label.copy()
+    inpainted[4, 8:12, 8:12] += 3.0                       # repainted only in slice 4
+    edited[1], edited[4, 8:12, 8:12] = 0, 1               # the structure moved from slice 1 to slice 4
+    files = {}
+    for name, arr in {"src": source, "src_lab": label, "syn": inpainted, "syn_lab": edited}.items():
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(files[name]))
+    row = {"real": {"name": "case_0", "image": files["src"], "label": files["src_lab"]},
+           "synthetic": {"name": "syn_0", "image": files["syn"], "label": files["syn_lab"]}}
+    panels = _panels(row, same_grid=True)
+    (src_img, no_overlay, _, _), (_, src_overlay, _, _), (_, edited_overlay, _, _), (syn_img, _, _, _), \
+        (diff, _, (low, high), colours) = panels
+    assert no_overlay is None and np.array_equal(src_img, source[4]) and np.array_equal(syn_img, inpainted[4])
+    assert np.array_equal(src_overlay, label[4]) and np.array_equal(edited_overlay, edited[4])
+    assert np.allclose(diff[8:12, 8:12], 3.0) and np.count_nonzero(diff) == 16  # only the repainted voxels
+    assert colours == "coolwarm" and low == -high == pytest.approx(-3.0)
+    write_montage([row], tmp_path / "montage.png", 1, "inpainted", inpainted=True)
+    assert (tmp_path / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -188,7 +188,8 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     rows = _montage_rows(inputs, predictions, s.montage_rows)
     write_montage(rows, out / "evaluation_montage.png", len(classes),
-                  f"{inputs.synthetic_folder.name} vs {inputs.dataset_name} fold {inputs.fold}")
+                  f"{inputs.synthetic_folder.name} vs {inputs.dataset_name} fold {inputs.fold}",
+                  inpainted=inpainted is not None)
     write_report(result, out)
     result["output_folder"] = str(out)
     return result
