@@ -20,7 +20,7 @@ from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
 from nnunet_diffaug.synthesis.grad_checkpoint import enable_gradient_checkpointing
 from nnunet_diffaug.synthesis.image_generator import (build_image_generator, build_train_scheduler, diffusion_target,
                                                       training_timesteps)
-from nnunet_diffaug.synthesis.sampling import Sampler, model_output, sample_latents
+from nnunet_diffaug.synthesis.sampling import Sampler, model_output, sample_latents, sample_latents_inpaint
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, final_file
 
 
@@ -246,6 +246,27 @@ def test_windowed_sampling_with_a_real_unet():
     torch.testing.assert_close(sample([16, 16]), sample(None))  # the window covers the latent: unchanged
     big = sample([8, 8])  # latent 4x the window
     assert torch.isfinite(big).all() and not torch.allclose(big, sample(None))
+
+
+def test_windowed_repaint_keeps_the_known_latents_and_matches_whole_latent_sampling_when_the_window_covers_it():
+    cfg = _diffusion_cfg()
+    scheduler = build_train_scheduler(cfg)
+    torch.manual_seed(0)
+    model, _ = _train(build_image_generator(cfg, 2, 1, 4), scheduler, 2, 3)
+    cond = Condition(one_hot(_bars(1, 32, 2, np.random.default_rng(1)), 4))
+    known = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    region = torch.zeros(1, 1, 16, 16)
+    region[..., 4:12, 6:14] = 1
+
+    def repaint(window):
+        return sample_latents_inpaint(model, cond, known, region, Sampler("ddim", scheduler, 3),
+                                      torch.Generator().manual_seed(0), resample_jumps=1, window=window)
+    whole = repaint(None)
+    torch.testing.assert_close(repaint([16, 16]), whole)
+    windowed = repaint([8, 8])  # the region spans four windows
+    kept = region == 0
+    assert torch.equal(windowed[kept], known[kept]) and torch.isfinite(windowed).all()
+    assert not torch.allclose(windowed[~kept], known[~kept])  # the region was sampled, not copied
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing

@@ -67,7 +67,9 @@ def repaint_batch(syn, labels: np.ndarray, images: np.ndarray, repaint: np.ndarr
     latent_region = pool(region_t, kernel_size=f, stride=f)  # a latent voxel is repainted if any of its voxels is
     with autocast(dev, syn.config.mixed_precision):
         known = _encode(syn, img_t).float()
-        z = sample_latents_inpaint(syn.model, condition, known, latent_region, sampler, generator, resample_jumps)
+        window = syn.latent_window if syn.config.sampling.diffusion_windows else None
+        z = sample_latents_inpaint(syn.model, condition, known, latent_region, sampler, generator, resample_jumps,
+                                   window=window, overlap=syn.config.sampling.diffusion_overlap)
         out = decode_latents(syn.autoencoder, z / syn.scale_factor, syn.latent_window, syn.config.sampling.decode_overlap)
     pads = pad_to(labels[:, None], target)[1]
     crop = tuple(slice(b, b + s) for (b, _), s in zip(pads, spatial))

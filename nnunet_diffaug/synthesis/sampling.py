@@ -215,7 +215,8 @@ def _noised(scheduler, known: torch.Tensor, t: int, generator: torch.Generator) 
 @torch.no_grad()
 def sample_latents_inpaint(model: nn.Module, condition: Condition, known: torch.Tensor, repaint: torch.Tensor,
                            sampler: Sampler, generator: torch.Generator, resample_jumps: int = 0,
-                           progress: bool = False) -> torch.Tensor:
+                           progress: bool = False, window: list[int] | None = None,
+                           overlap: float = 0.25) -> torch.Tensor:
     """RePaint in latent space (Lugmayr et al., CVPR 2022): only latents where ``repaint`` is 1 are sampled.
 
     ``known`` (B, c, *latent): the real case's (scaled) latents. After every step the kept region is
@@ -224,6 +225,7 @@ def sample_latents_inpaint(model: nn.Module, condition: Condition, known: torch.
     re-noised by one step (jump length 1), which harmonises the repainted region with its context.
     Works with every sampler: the kept region is noised with the training scheduler, whose betas every
     sampler shares; multistep solvers are rewound to their state before the step for each redo.
+    ``window``: see :func:`model_output` (a large repainted region samples within one window's memory).
     """
     import copy
     if sampler.name == "rflow":
@@ -244,11 +246,10 @@ def sample_latents_inpaint(model: nn.Module, condition: Condition, known: torch.
         steps = tqdm(steps, desc=f"{sampler.name} inpainting", leave=False)
     for i in steps:
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
-        tt = torch.full((known.shape[0],), t, device=device, dtype=torch.long)
         jumps = resample_jumps if t_prev >= 0 else 0  # the last step lands on clean latents: nothing to redo
         for j in range(jumps + 1):
             state = copy.deepcopy(sampler._s) if j < jumps else None
-            out = model(z, tt, condition).float()
+            out = model_output(model, z, t, condition, sampler.timestep_dtype, window, overlap)
             z_prev = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)
             z_prev = repaint * z_prev + (1 - repaint) * _noised(scheduler, known, t_prev, generator)
             if state is None:
