@@ -276,10 +276,32 @@ def test_unknown_arm_is_refused_before_the_workspace_is_made(tmp_path, monkeypat
 # statistics and report
 # ----------------------------------------------------------------------------------------------
 
-def _runs(values: dict, wall: dict | None = None):
-    return [{"arm": arm, "n_train": 3, "seed": seed, "mean_foreground_dice": v, "dice": {"liver": v, "tumour": v / 2},
-             "wall_time_s": (wall or {}).get(arm), "total_iterations": 100}
+def _runs(values: dict, wall: dict | None = None, iterations: dict | None = None):
+    return [{"arm": arm, "trainer": builtin_arm(arm).trainer, "n_train": 3, "seed": seed, "mean_foreground_dice": v,
+             "dice": {"liver": v, "tumour": v / 2}, "wall_time_s": (wall or {}).get(arm),
+             "total_iterations": (iterations or {}).get(arm, 100)}
             for arm, vs in values.items() for seed, v in enumerate(vs)]
+
+
+def test_longer_trained_arms_are_also_paired_with_the_stock_arm_trained_as_long():
+    arms = ["stock", "diffaug_r33_equalreal", "stock_x150", "diffaug_r33"]
+    values = {"stock": [0.60, 0.55, 0.70], "diffaug_r33_equalreal": [0.68, 0.66, 0.72],
+              "stock_x150": [0.66, 0.60, 0.73], "diffaug_r33": [0.61, 0.57, 0.69]}
+    runs = _runs(values, iterations={"diffaug_r33_equalreal": 150, "stock_x150": 150})
+    rows = {r["arm"]: r for r in aggregate(runs, arms)}
+    equal = rows["diffaug_r33_equalreal"]
+    assert equal["equal_compute_stock_arm"] == "stock_x150"
+    assert equal["difference_vs_equal_compute_stock"] == pytest.approx(
+        np.mean(np.subtract(values["diffaug_r33_equalreal"], values["stock_x150"])))
+    assert equal["equal_compute_paired_t_p_value"] == pytest.approx(
+        stats.ttest_rel(values["diffaug_r33_equalreal"], values["stock_x150"]).pvalue)
+    # arms at stock's budget, and the stock arms themselves, have no equal-compute partner
+    assert all("equal_compute_stock_arm" not in rows[a] for a in ("stock", "stock_x150", "diffaug_r33"))
+    table = format_table({"classes": ["liver", "tumour"], "aggregate": list(rows.values())})
+    assert "Δ vs equal-compute stock (p)" in table.splitlines()[0]
+    assert "+0.023 vs stock_x150 (p " in next(line for line in table.splitlines() if "r33_equalreal" in line)
+    plain = format_table({"classes": ["liver", "tumour"], "aggregate": aggregate(runs, ["stock", "diffaug_r33"])})
+    assert "equal-compute" not in plain  # no such column where no arm has a partner
 
 
 def test_paired_difference_and_p_value_match_scipy_and_one_seed_has_neither_p_nor_sd():

@@ -113,7 +113,28 @@ def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
                     c: dict(zip(("difference", "paired_t_p_value"), _paired(rs, stock, lambda r, c=c: r["dice"][c])))
                     for c in classes}
             rows.append(row)
+        _add_equal_compute_differences([r for r in rows if r["n_train"] == n_train], by_arm)
     return rows
+
+
+def _add_equal_compute_differences(rows: list[dict], by_arm: dict[str, list[dict]]) -> None:
+    """An arm that trains longer than stock (``_equalreal``) is also paired with the stock-trainer arm that
+    trains as long (``stock_x<PPP>``), when the workspace has one: its gain over stock could otherwise be
+    the extra compute alone."""
+    if not by_arm["stock"]:
+        return
+    stock_trainer = by_arm["stock"][0].get("trainer")
+    stock_like = [r for r in rows if r["arm"] != "stock" and r["iterations_vs_stock"]
+                  and by_arm[r["arm"]][0].get("trainer") == stock_trainer]
+    for row in rows:
+        iters = row["iterations_vs_stock"]
+        if row["arm"] == "stock" or row in stock_like or not iters or abs(iters - 1) < 0.02:
+            continue
+        match = next((s for s in stock_like if abs(s["iterations_vs_stock"] - iters) / iters < 0.02), None)
+        if match is not None:
+            row["equal_compute_stock_arm"] = match["arm"]
+            row["difference_vs_equal_compute_stock"], row["equal_compute_paired_t_p_value"] = _paired(
+                by_arm[row["arm"]], by_arm[match["arm"]], lambda r: r["mean_foreground_dice"])
 
 
 def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
@@ -122,8 +143,9 @@ def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
 
 def format_table(results: dict) -> str:
     classes = results["classes"]
+    equal_compute = any("equal_compute_stock_arm" in row for row in results["aggregate"])
     head = ["n_train", "arm", "seeds", "mean fg Dice (± sd)", *classes, "Δ vs stock", "paired p", "wall min",
-            "iterations vs stock"]
+            "iterations vs stock", *(["Δ vs equal-compute stock (p)"] if equal_compute else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["aggregate"]:
         delta, p = row.get("difference_vs_stock"), row.get("paired_t_p_value")
@@ -134,8 +156,16 @@ def format_table(results: dict) -> str:
             _mean_sd(row["mean_foreground_dice"], row["sd"], " (1 seed)"),
             *[_mean_sd(row["per_class_mean"][c], class_sd.get(c)) for c in classes],
             "" if delta is None else f"{delta:+.3f}", "" if p is None else f"{p:.3g}",
-            "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×"]) + " |")
+            "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×",
+            *([_equal_compute_cell(row)] if equal_compute else [])]) + " |")
     return "\n".join(lines)
+
+
+def _equal_compute_cell(row: dict) -> str:
+    if "equal_compute_stock_arm" not in row:
+        return ""
+    delta, p = row["difference_vs_equal_compute_stock"], row["equal_compute_paired_t_p_value"]
+    return f"{delta:+.3f} vs {row['equal_compute_stock_arm']}" + ("" if p is None else f" (p {p:.3g})")
 
 
 def _plot(results: dict, path: Path) -> None:
