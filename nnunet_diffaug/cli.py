@@ -386,6 +386,10 @@ def synthesize_entry(argv=None):
                    help="synthesizers trained with class intensity: paint CLASS (label name or value) at this mean, "
                         "in the units of the synthetic raw images (HU for CT; normalised values for z-scored "
                         "channels); MEAN may be M0,M1,.. one per channel")
+    p.add_argument("--calibrate-intensity", action="store_true",
+                   help="--generator diffusion: after painting, move every foreground class's mean intensity to a "
+                        "real case's (the label map's source case, else a random training case; its spread toward "
+                        "that case's, the painted texture kept), so no structure looks like its surroundings")
     inpaint = p.add_argument_group(
         "inpainting (--labels inpaint)", "edit one structure of a real case and repaint only the region around it; "
                                          "outside it every voxel is the real case's")
@@ -435,7 +439,8 @@ def synthesize_entry(argv=None):
                   generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
                   intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose,
                   classes=args.classes, host=args.host, edit=args.edit, margin=args.margin,
-                  scale_range=args.scale_range, resample_jumps=args.resample_jumps)
+                  scale_range=args.scale_range, resample_jumps=args.resample_jumps,
+                  calibrate_intensity=args.calibrate_intensity)
     if args.judge is None:
         if args.candidates is not None or args.min_class_dice is not None or args.judge_tta:
             raise DiffAugError("--candidates, --min-class-dice and --judge-tta need --judge MODEL.")

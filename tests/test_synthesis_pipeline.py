@@ -177,6 +177,31 @@ def test_synthesized_2d_dataset_is_valid_resumable_and_reproducible(trained_2d, 
     assert not np.array_equal(_case_arrays(out, "synth_00000")[1], _case_arrays(out, "synth_00004")[1])
 
 
+def test_calibrated_intensity_puts_every_structure_at_its_source_cases_intensity(trained_2d, root):
+    raw = root / "raw"
+    folders = {}
+    for out_id, extra in (("952", []), ("953", ["--calibrate-intensity"])):
+        cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-n", "2", "-o", out_id, "--seed", "4",
+                              "--labels", "real-aligned", "-device", "cpu", *extra])
+        folders[out_id] = raw / f"Dataset{out_id}_ChestCTSlabsSynthF0"
+    plain, calibrated = folders["952"], folders["953"]
+    assert read_provenance(calibrated).generator["calibrate_intensity"] is True
+    assert "calibrate_intensity" not in read_provenance(plain).generator
+    for i in range(2):
+        case = f"synth_{i:05d}"
+        record = json.loads((calibrated / "diffaug_cases" / f"{case}.json").read_text())
+        source = record["source_case"]
+        src_img = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")))
+        (img0, lab), (img1, lab1) = _case_arrays(plain, case), _case_arrays(calibrated, case)
+        assert np.array_equal(lab, lab1) and img1.shape == src_img.shape  # the source's grid and labels
+        assert np.array_equal(img0[lab == 0], img1[lab == 0])  # background stays as painted
+        present = [k for k in range(1, 6) if (lab == k).any()]
+        for k in present:
+            real, before, after = (float(a[lab == k].mean()) for a in (src_img, img0, img1))
+            assert abs(after - real) < 25 + 0.25 * abs(before - real), (k, real, before, after)
+        assert set(record["intensity_calibration"]["classes"]) == {str(k) for k in present} and len(present) >= 3
+
+
 def test_synthesis_refuses_bad_requests(trained_2d, root, capsys):
     with pytest.raises(DiffAugError, match="no synthesizer was trained here"):
         cli.synthesize_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-n", "2"])

@@ -39,7 +39,7 @@ GENERATORS = ("diffusion", "randomised", "deformed-real")
 LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
 # diffaug_synthesize flags an arms file may set for its synthetic set (the rest is the benchmark's to set alike)
 SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range", "--resample-jumps",
-                     "--volume", "--guidance", "--intensity-jitter", "--randomisation")
+                     "--volume", "--guidance", "--intensity-jitter", "--randomisation", "--calibrate-intensity")
 # Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
                 "DIFFAUG_SYNTHETIC_DATASET")

@@ -27,6 +27,7 @@ from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, Synthe
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
 from nnunet_diffaug.synthesis.label_modes import aligned_raw_space, paint_volume
+from nnunet_diffaug.synthesis.intensity_calibration import calibrate_class_intensity
 from nnunet_diffaug.synthesis.label_sources import (DEFAULT_MIN_COMPONENT_VOXELS, LABEL_MODES, LABEL_SOURCES)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
@@ -88,8 +89,14 @@ def _class_intensity_plan(syn: Synthesizer, data: FoldData, syn_folder: Path, ji
     props = data.plans_manager.foreground_intensity_properties_per_channel
     means = {k: [normalised_value(v, scheme, props.get(str(c), props.get(c)))
                  for c, (v, scheme) in enumerate(zip(m, data.cm.normalization_schemes))] for k, m in raw_means.items()}
-    name_of_value = {v: k for k, v in names.items()}
-    class_names = [name_of_value[v] for v in syn.spec.label_values] + ["outside"]
+    return _fold_statistics_plan(data, syn.spec.label_values, jitter, means)
+
+
+def _fold_statistics_plan(data: FoldData, label_values: list[int], jitter: float = 0.0,
+                          means: dict | None = None) -> ClassIntensityPlan:
+    """Every training case's per-class statistics (the targets of conditioning and of calibration)."""
+    name_of_value = {int(v): k for k, v in data.dataset_json["labels"].items()}
+    class_names = [name_of_value[v] for v in label_values] + ["outside"]
     return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
                               jitter, means)
 
@@ -167,14 +174,16 @@ class DiffusionGenerator(Generator):
     """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
     kind = "diffusion"
     label_modes = LABEL_MODES
-    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity", "--resample-jumps")
+    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity", "--resample-jumps",
+               "--calibrate-intensity")
 
     def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None,
                  intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None,
-                 resample_jumps: int = DEFAULT_RESAMPLE_JUMPS):
+                 resample_jumps: int = DEFAULT_RESAMPLE_JUMPS, calibration: ClassIntensityPlan | None = None):
         self.syn, self._syn_folder, self.data, self.smp, self.spacing = syn, syn_folder, data, smp, spacing
         self.intensity, self.intensity_request = intensity, intensity_request
         self.resample_jumps = resample_jumps
+        self.calibration = calibration  # targets of --calibrate-intensity (None: off)
         self.sampling_config = syn.config.sampling
         self.needs_source_image = syn.config.diffusion.edge_hint  # the edge hint reads the real image
 
@@ -202,8 +211,11 @@ class DiffusionGenerator(Generator):
         intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
         smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
         jumps = request.options.get("--resample-jumps")
+        calibration = None
+        if request.options.get("--calibrate-intensity"):
+            calibration = intensity or _fold_statistics_plan(data, syn.spec.label_values)
         return cls(syn, syn_folder, data, smp, spacing, intensity, intensity_request,
-                   DEFAULT_RESAMPLE_JUMPS if jumps is None else int(jumps))
+                   DEFAULT_RESAMPLE_JUMPS if jumps is None else int(jumps), calibration)
 
     @property
     def training_cases(self) -> list[str]:
@@ -219,6 +231,8 @@ class DiffusionGenerator(Generator):
             provenance.generator["spacing_tag"] = [float(v) for v in self.spacing]
         if self.intensity_request is not None:
             provenance.generator["class_intensity_request"] = self.intensity_request
+        if self.calibration is not None:  # another set than an uncalibrated one, never a continuation of it
+            provenance.generator["calibrate_intensity"] = True
         return provenance
 
     def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -232,13 +246,30 @@ class DiffusionGenerator(Generator):
                                            draw.repaint_margin, self.smp, gen, self.resample_jumps, **hint_kwargs)
             if "edge_hint" in hint_record:
                 hint_record["edge_hint"] = "labels"
+            image, calibrated = self._calibrate(image, draw, hint_kwargs, rng)
             return image, {"sampler": self.smp.name, "steps": self.smp.steps, "resample_jumps": self.resample_jumps,
-                           **region, **hint_record}
+                           **region, **hint_record, **calibrated}
         if draw.whole_volume:  # the whole volume on the case's grid; 2D synthesizers paint it slice by slice
             image = paint_volume(self.syn, draw.labels, self.smp, gen, **hint_kwargs)
         else:
             image = self.syn.generate(draw.labels[None], self.smp, gen, **hint_kwargs)[0]  # (C, *spatial)
-        return image, {"sampler": self.smp.name, "steps": self.smp.steps, **hint_record}
+        image, calibrated = self._calibrate(image, draw, hint_kwargs, rng)
+        return image, {"sampler": self.smp.name, "steps": self.smp.steps, **hint_record, **calibrated}
+
+    def _calibrate(self, image: np.ndarray, draw: CaseDraw, hint_kwargs: dict,
+                   rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """--calibrate-intensity: each foreground class moved to a real case's statistics (the ones the
+        model was conditioned on, when it was; else the source case's, or a random training case's)."""
+        if self.calibration is None:
+            return image, {}
+        target, stats_case = hint_kwargs.get("class_stats"), None
+        if target is None:  # drawn after painting: the painted case is the same with or without calibration
+            stats_case = draw.source or self.data.training_cases[int(rng.integers(len(self.data.training_cases)))]
+            target, _ = self.calibration.for_case(stats_case, rng)
+        foreground = list(range(1, len(self.data.label_values)))  # class indices; 0 background, last 'outside'
+        image, per_class = calibrate_class_intensity(image, draw.labels, np.asarray(target), foreground,
+                                                     within=draw.repaint)
+        return image, {"intensity_calibration": {"stats_case": stats_case, "classes": per_class}}
 
 
 # ``--generator`` name -> implementation; each refuses the label modes and flags it cannot take
@@ -259,7 +290,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                randomisation: str | None = None, role: str | None = None,
                intensity_jitter: float = 0.0, class_intensity: list[str] | None = None, classes: str | None = None,
                host: str | None = None, edit: str | None = None, margin: int | None = None,
-               scale_range: str | None = None, resample_jumps: int | None = None) -> Path:
+               scale_range: str | None = None, resample_jumps: int | None = None,
+               calibrate_intensity: bool = False) -> Path:
     """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
@@ -270,6 +302,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     ``role``: recorded in the provenance; ``rawdata.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
     ``classes``, ``host``, ``edit``, ``margin``, ``scale_range``, ``resample_jumps``: ``labels="inpaint"``
     (see :mod:`inpainting`; comma-separated class names/values and edits, scale as ``LOW:HIGH``).
+    ``calibrate_intensity``: move every foreground class to a real case's intensity statistics after
+    painting (:mod:`intensity_calibration`).
     """
     if generator not in GENERATORS:
         raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
@@ -302,7 +336,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     request = SynthesisRequest(dataset_name, configuration, fold, labels, plans_identifier, device, options={
         "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation,
         "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None,
-        "--resample-jumps": resample_jumps})
+        "--resample-jumps": resample_jumps, "--calibrate-intensity": calibrate_intensity or None})
     kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading
     dev = resolve_device(device)
     painter = kind.open(request)
