@@ -152,7 +152,8 @@ def relaunch_under_torchrun(nproc: int, command: str, args: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
     try:
-        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--no-python", command, *args])
+        # '--': what follows is the command's, even a flag that abbreviates one of torchrun's (--nproc)
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--no-python", "--", command, *args])
     except ChildFailedError:
         raise DiffAugError(f"{command}: at least one of its {nproc} training processes failed; its own message "
                            f"is above.") from None
