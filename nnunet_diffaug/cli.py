@@ -311,13 +311,23 @@ def train_synthesizer_entry(argv=None):
     p.add_argument("-plans", default=None, help=argparse.SUPPRESS)  # older spelling of -p
     p.add_argument("--overwrite", action="store_true",
                    help="discard this fold's existing synthesizer (other config or seed) and start over")
+    p.add_argument("--nproc", type=POSITIVE_INT, default=1,
+                   help="train with this many processes on this machine (DistributedDataParallel; with -device cuda "
+                        "one per GPU; batch sizes are per process): reruns this command under torchrun")
     args = p.parse_args(argv)
     preset, plans = _preset_and_plans(args)
+    from nnunet_diffaug.synthesis import distributed
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        from nnunet_diffaug.paths import console_script
+        distributed.relaunch_under_torchrun(args.nproc, console_script("diffaug_train_synthesizer"),
+                                            list(sys.argv[1:] if argv is None else argv))
+        return
     from nnunet_diffaug.synthesis.config import load_config
     from nnunet_diffaug.synthesis.training import train_synthesizer
     folder = train_synthesizer(args.d, args.c, args.f, load_config(preset), plans_identifier=plans,
                                device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
-    print(folder)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        print(folder)
 
 
 def _preset_and_plans(args) -> tuple[str, str]:

@@ -64,9 +64,12 @@ class AutoencoderLoss:
             parts["adv_g"] = float(adv.detach())
         return loss, parts
 
-    def discriminator_loss(self, images, recon) -> tuple[torch.Tensor, dict]:
-        fake = self.discriminator(recon.detach().contiguous())[-1]
-        real = self.discriminator(images.contiguous())[-1]
+    def discriminator_loss(self, images, recon, discriminator: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+        """``discriminator``: what to call instead of the discriminator itself (its DDP wrapper, which averages
+        its gradients over processes)."""
+        discriminator = self.discriminator if discriminator is None else discriminator
+        fake = discriminator(recon.detach().contiguous())[-1]
+        real = discriminator(images.contiguous())[-1]
         loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True)
                       + self.adversarial(real, target_is_real=True, for_discriminator=True))
         return loss, {"adv_d": float(loss.detach())}

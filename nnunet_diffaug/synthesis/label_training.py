@@ -1,8 +1,8 @@
 """Training the label generator of one fold: label autoencoder, then attribute-conditioned label diffusion.
 
 Runs after the image stages of ``diffaug_train_synthesizer`` with the same machinery: resumable
-safetensors checkpoints, per-step seeds (a resumed run draws the same batches), a loss-curve PNG
-and a montage per stage.
+safetensors checkpoints, per-step seeds (a resumed run draws the same batches; under torchrun each process
+adds its rank), a loss-curve PNG and a montage per stage.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nnunet_diffaug.synthesis import checkpoint as ckpt
+from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData
 from nnunet_diffaug.synthesis.conditioning import one_hot
@@ -29,8 +30,10 @@ from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, learning_rate_at, r
 MAX_STORED_ATTRIBUTES = 4096  # training attribute vectors kept for drawing unrequested classes
 
 
-def _step_seed(seed: int, stage: str, step: int) -> int:
-    return int(np.random.SeedSequence([seed, 10 + LABEL_STAGES.index(stage), step]).generate_state(1)[0])
+def _step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
+    """Process 0 keeps the single-process seeds; process r > 0 draws from its own stream."""
+    words = [seed, 10 + LABEL_STAGES.index(stage), step] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 
@@ -101,14 +104,15 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
     else:
         log(f"label generator: {len(maps.maps)} training map(s), canvas {maps.canvas} (padded {maps.padded})")
         opt = torch.optim.Adam(ae.parameters(), lr=lg.autoencoder_learning_rate)
+        train_ae = distributed.for_training(ae)
 
         def ae_step(step: int) -> dict[str, float]:
-            s = _step_seed(seed, "label_autoencoder", step)
+            s = _step_seed(seed, "label_autoencoder", step, distributed.rank())
             torch.manual_seed(s)  # AutoencoderKL's posterior sample uses the global generator
             onehot, _, _ = maps.batch(np.random.default_rng(s), lg.autoencoder_batch_size)
             onehot = onehot.to(device)
             ae.train()
-            logits, z_mu, z_sigma = ae(onehot)
+            logits, z_mu, z_sigma = train_ae(onehot)
             loss, parts = label_autoencoder_loss(lg, logits.float(), onehot, z_mu.float(), z_sigma.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,13 +124,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
                    log, progress, stop_after)
         if not final_file(folder, "label_autoencoder").is_file():
             return False
-        ae.eval()
-        with torch.no_grad():
-            onehot, _, real = maps.batch(np.random.default_rng([seed, 78]), n_mont)
-            recon = decode_to_classes(ae, ae.encode(onehot.to(device))[0]).cpu().numpy()
-        from nnunet_diffaug.synthesis.label_generator import crop_centre
-        _montage(folder / "label_autoencoder_montage.png", f"label_autoencoder: {title}",
-                 [("real", real), ("reconstruction", list(crop_centre(recon, maps.canvas)))], spec.num_classes)
+        if distributed.is_main_process():
+            _autoencoder_montage(ae, maps, folder, title, spec.num_classes, n_mont, device, seed)
     ae.eval()
     for p in ae.parameters():
         p.requires_grad_(False)
@@ -137,6 +136,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         return True
     model, scheduler = gen.model, gen.train_scheduler
     opt = torch.optim.Adam(model.parameters(), lr=lg.learning_rate)
+    train_model = distributed.for_training(model)
     extra: dict = {}
     cpath = folder / "label_diffusion_checkpoint.safetensors"
     if cpath.is_file():
@@ -147,12 +147,13 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         extra.update(canvas=maps.canvas, attribute_mean=attrs.mean(0).tolist(),
                      attribute_std=np.maximum(attrs.std(0), 1e-3).tolist(),  # a constant class must not divide by 0
                      training_attributes=attrs[np.sort(keep)].tolist(),
-                     scale_factor=_latent_scale(ae, maps, lg.scale_factor_batches, lg.batch_size, device, seed))
+                     scale_factor=distributed.value_of_main_process(
+                         _latent_scale(ae, maps, lg.scale_factor_batches, lg.batch_size, device, seed)))
         log(f"label_diffusion: latent scale factor {extra['scale_factor']:.4g}")
     gen.state.update(extra)
 
     def dm_step(step: int) -> dict[str, float]:
-        s = _step_seed(seed, "label_diffusion", step)
+        s = _step_seed(seed, "label_diffusion", step, distributed.rank())
         rng, g = np.random.default_rng(s), torch.Generator().manual_seed(s)
         onehot, attrs, _ = maps.batch(rng, lg.batch_size)
         with torch.no_grad():
@@ -164,7 +165,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         for group in opt.param_groups:
             group["lr"] = learning_rate_at(step, lg.learning_rate, lg.steps, "cosine", lg.warmup_steps)
         model.train()
-        pred = model(scheduler.add_noise(original_samples=z, noise=noise, timesteps=t), t, cond)
+        pred = train_model(scheduler.add_noise(original_samples=z, noise=noise, timesteps=t), t, cond)
         loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, z, noise, t).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,12 +178,29 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
     if not final_file(folder, "label_diffusion").is_file():
         return False
     model.eval()
-    real = [maps._fit(maps.maps[i], None) for i in np.random.default_rng([seed, 80]).integers(len(maps.maps),
-                                                                                             size=n_mont)]
-    fake = gen.sample(None, n_mont, 1.0, gen.sampler(), torch.Generator().manual_seed(seed))
-    _montage(folder / "label_diffusion_montage.png", f"label_diffusion (unconditional samples): {title}",
-             [("training maps", real), ("generated", list(fake))], spec.num_classes)
+    if distributed.is_main_process():
+        _diffusion_montage(gen, maps, folder, title, spec.num_classes, n_mont, seed)
     return True
+
+
+@torch.no_grad()
+def _autoencoder_montage(ae, maps: LabelMapSampler, folder: Path, title: str, num_classes: int, n: int, device,
+                         seed: int) -> None:
+    from nnunet_diffaug.synthesis.label_generator import crop_centre
+    ae.eval()
+    onehot, _, real = maps.batch(np.random.default_rng([seed, 78]), n)
+    recon = decode_to_classes(ae, ae.encode(onehot.to(device))[0]).cpu().numpy()
+    _montage(folder / "label_autoencoder_montage.png", f"label_autoencoder: {title}",
+             [("real", real), ("reconstruction", list(crop_centre(recon, maps.canvas)))], num_classes)
+
+
+def _diffusion_montage(gen: LabelGenerator, maps: LabelMapSampler, folder: Path, title: str, num_classes: int,
+                       n: int, seed: int) -> None:
+    real = [maps._fit(maps.maps[i], None) for i in np.random.default_rng([seed, 80]).integers(len(maps.maps),
+                                                                                             size=n)]
+    fake = gen.sample(None, n, 1.0, gen.sampler(), torch.Generator().manual_seed(seed))
+    _montage(folder / "label_diffusion_montage.png", f"label_diffusion (unconditional samples): {title}",
+             [("training maps", real), ("generated", list(fake))], num_classes)
 
 
 @torch.no_grad()

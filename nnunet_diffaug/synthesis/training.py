@@ -4,9 +4,12 @@ Each stage checkpoints every ``checkpoint_every`` steps (one safetensors file ho
 optimizer moments and a JSON state), so a killed run continues where it stopped when the same
 command is run again; finished stages are skipped. Every step seeds its own random generators
 from (seed, stage, step), so a resumed run draws the same batches and noise as an uninterrupted one.
+Several processes (torchrun) train together when asked: each adds its rank to those seeds, so each draws
+its own batches (see :mod:`distributed`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -19,6 +22,7 @@ from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.rawdata import atomic_write_json, folder_lock
 from nnunet_diffaug.synthesis import checkpoint as ckpt
+from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
                                                   encode_mean)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
@@ -40,8 +44,11 @@ from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
 
 
-def _step_seed(seed: int, stage: str, step: int) -> int:
-    return int(np.random.SeedSequence([seed, _STAGE_INDEX[stage], step]).generate_state(1)[0])
+def _step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
+    """Process 0 keeps the single-process seeds (so one process is the special case of N); process r > 0
+    draws from its own stream."""
+    words = [seed, _STAGE_INDEX[stage], step] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def _seed_initialisation(seed: int, stage: str) -> None:
@@ -130,17 +137,19 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         modules["discriminator"] = disc
         optimizers["discriminator"] = torch.optim.Adam(disc.parameters(), lr=acfg.learning_rate)
     loss_fn = AutoencoderLoss(acfg, disc)
+    train_ae = distributed.for_training(ae)
+    train_disc = None if disc is None else distributed.for_training(disc)
     extra: dict = {}
     weights = _class_balance("autoencoder", acfg.class_balance_max_weight, spec, patches, extra, log)
 
     def step_fn(step: int) -> dict[str, float]:
-        s = _step_seed(seed, "autoencoder", step)
+        s = _step_seed(seed, "autoencoder", step, distributed.rank())
         torch.manual_seed(s)  # the posterior sample inside AutoencoderKL uses the global generator
         images, labels = patches.batch(np.random.default_rng(s), acfg.batch_size)
         images = images.to(device)
         ae.train()
         with autocast(device, cfg.mixed_precision):
-            recon, z_mu, z_sigma = ae(images)
+            recon, z_mu, z_sigma = train_ae(images)
         recon, z_mu, z_sigma = recon.float(), z_mu.float(), z_sigma.float()
         voxel_weights = None if weights is None else voxel_weight_map(labels.to(device), weights)
         loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step, voxel_weights)
@@ -148,7 +157,7 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         loss.backward()
         optimizers["autoencoder"].step()
         if loss_fn.adversarial_active(step):
-            d_loss, d_parts = loss_fn.discriminator_loss(images, recon)
+            d_loss, d_parts = loss_fn.discriminator_loss(images, recon, train_disc)
             optimizers["discriminator"].zero_grad(set_to_none=True)
             d_loss.backward()
             optimizers["discriminator"].step()
@@ -189,8 +198,8 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
     if cpath.is_file():
         extra["scale_factor"] = float(ckpt.read_state(cpath)["extra"]["scale_factor"])
     else:
-        extra["scale_factor"] = estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size,
-                                                      device, seed)
+        extra["scale_factor"] = distributed.value_of_main_process(
+            estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size, device, seed))
         log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 
@@ -206,9 +215,10 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
     if dcfg.gradient_checkpointing:         # before checkpointing (a deep copy would keep the wrappers' closures)
         log(f"diffusion: gradient checkpointing of {enable_gradient_checkpointing(model)} UNet blocks")
     modules = {"model": model} if ema is None else {"model": model, EMA_MODULE: ema}
+    train_model = distributed.for_training(model)
 
     def step_fn(step: int) -> dict[str, float]:
-        s = _step_seed(seed, "diffusion", step)
+        s = _step_seed(seed, "diffusion", step, distributed.rank())
         gen = torch.Generator().manual_seed(s)
         rng = np.random.default_rng(s)
         images, labels, case_ids = patches.batch_with_cases(rng, dcfg.batch_size)
@@ -223,7 +233,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
             group["lr"] = learning_rate_at(step, dcfg.learning_rate, dcfg.steps, dcfg.lr_schedule, dcfg.warmup_steps)
         model.train()
         with autocast(device, cfg.mixed_precision):
-            pred = model(noisy, t, condition)
+            pred = train_model(noisy, t, condition)
         target = diffusion_target(scheduler, z, noise, t).float()
         mse = torch.nn.functional.mse_loss(pred.float(), target)
         parts = {"mse": float(mse.detach())}  # plain MSE is logged either way, so curves stay comparable
@@ -294,20 +304,35 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
                       plans_identifier: str = "nnUNetPlans", device: str = "auto", seed: int = 0,
                       overwrite: bool = False, progress: bool = True, verbose: bool = False,
                       stop_after: int | None = None) -> Path:
-    """Trains (or resumes) the synthesizer of one fold. Returns its folder.
+    """Trains (or resumes) the synthesizer of one fold. Returns its folder. Started by torchrun, trains with
+    all its processes together (see :mod:`distributed`).
 
     ``stop_after``: stop each unfinished stage after this many steps (with a checkpoint), as if killed.
     """
-    dev = resolve_device(device)
-    data = FoldData(dataset, configuration, fold, plans_identifier)
+    with distributed.process_group(resolve_device(device)) as dev:
+        return _train_synthesizer(dataset, configuration, fold, config, plans_identifier, dev, seed, overwrite,
+                                  progress, verbose, stop_after)
+
+
+def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config: SynthesizerConfig,
+                       plans_identifier: str, dev: torch.device, seed: int, overwrite: bool, progress: bool,
+                       verbose: bool, stop_after: int | None) -> Path:
+    with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
+        data = FoldData(dataset, configuration, fold, plans_identifier)
     folder = paths.synthesizer_folder(data.dataset_name, configuration, fold)
     folder.mkdir(parents=True, exist_ok=True)
-    with folder_lock(folder, timeout_s=5.0, name=".train.lock"):
+    # the lock keeps other runs out; the processes of this run share it through the main process
+    lock = folder_lock(folder, timeout_s=5.0, name=".train.lock") if distributed.is_main_process() \
+        else contextlib.nullcontext()
+    with lock:
         spec = build_spec(data, config, seed)
-        _prepare_folder(folder, config, spec, seed, overwrite)
+        if distributed.is_main_process():
+            _prepare_folder(folder, config, spec, seed, overwrite)
+        distributed.barrier()  # the others look into the folder only once it is prepared (--overwrite empties it)
         log = TrainingLog(folder / "training_log.txt", verbose)
         log(f"training synthesizer: {data.dataset_name} {configuration} fold {fold}, {len(spec.training_cases)} "
-            f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}")
+            f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}"
+            + (f", {distributed.world_size()} processes" if distributed.is_distributed() else ""))
         _seed_everything(seed)
         patches = PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability)
 
@@ -321,9 +346,10 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
             ae, _ = _train_autoencoder(config, spec, patches, folder, dev, seed, log, progress, stop_after)
             if not final_file(folder, "autoencoder").is_file():
                 return folder  # stopped early on request
-            syn = Synthesizer(config, spec, dev)
-            syn.autoencoder = ae
-            _montages("autoencoder", syn, patches, folder, seed)
+            if distributed.is_main_process():
+                syn = Synthesizer(config, spec, dev)
+                syn.autoencoder = ae
+                _montages("autoencoder", syn, patches, folder, seed)
         for p in ae.parameters():
             p.requires_grad_(False)
 
@@ -333,7 +359,8 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
             syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after)
             if not final_file(folder, "diffusion").is_file():
                 return folder  # stopped early on request
-            _montages("diffusion", syn, patches, folder, seed)
+            if distributed.is_main_process():
+                _montages("diffusion", syn, patches, folder, seed)
         if config.label_generator.enabled:
             if not train_label_generator(config, spec, data, folder, dev, seed, log, progress, stop_after):
                 return folder  # stopped early on request
