@@ -117,6 +117,11 @@ def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
     return rows
 
 
+# iterations per epoch are whole numbers: stock_x150 runs round(1.5 x 25) = 38 where r = 1/3 with equal
+# real exposure runs 37, so "as long" allows a few percent
+EQUAL_COMPUTE_TOLERANCE = 0.05
+
+
 def _add_equal_compute_differences(rows: list[dict], by_arm: dict[str, list[dict]]) -> None:
     """An arm that trains longer than stock (``_equalreal``) is also paired with the stock-trainer arm that
     trains as long (``stock_x<PPP>``), when the workspace has one: its gain over stock could otherwise be
@@ -128,10 +133,10 @@ def _add_equal_compute_differences(rows: list[dict], by_arm: dict[str, list[dict
                   and by_arm[r["arm"]][0].get("trainer") == stock_trainer]
     for row in rows:
         iters = row["iterations_vs_stock"]
-        if row["arm"] == "stock" or row in stock_like or not iters or abs(iters - 1) < 0.02:
+        if row["arm"] == "stock" or row in stock_like or not iters or abs(iters - 1) < EQUAL_COMPUTE_TOLERANCE:
             continue
-        match = next((s for s in stock_like if abs(s["iterations_vs_stock"] - iters) / iters < 0.02), None)
-        if match is not None:
+        match = min(stock_like, key=lambda s: abs(s["iterations_vs_stock"] - iters), default=None)
+        if match is not None and abs(match["iterations_vs_stock"] - iters) / iters < EQUAL_COMPUTE_TOLERANCE:
             row["equal_compute_stock_arm"] = match["arm"]
             row["difference_vs_equal_compute_stock"], row["equal_compute_paired_t_p_value"] = _paired(
                 by_arm[row["arm"]], by_arm[match["arm"]], lambda r: r["mean_foreground_dice"])
