@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_diffaug.file_io import atomic_path
+
 
 def _read(path) -> np.ndarray:
     import SimpleITK as sitk
@@ -25,7 +27,6 @@ def write_montage(rows: list[dict], path: Path, n_classes: int, title: str) -> N
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from nnunet_diffaug.rawdata import atomic_path
     cmap = ListedColormap(plt.get_cmap("tab10").colors[: max(n_classes, 1)])
     columns = ["real: image", "real: label", "synthetic: image", "synthetic: label", "synthetic: nnU-Net reads"]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_path
+from nnunet_diffaug.file_io import atomic_path
 
 _STATE_KEY = "diffaug_state"
 

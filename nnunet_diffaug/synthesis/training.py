@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, folder_lock
+from nnunet_diffaug.file_io import atomic_write_json, folder_lock
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
                                                   encode_mean)
