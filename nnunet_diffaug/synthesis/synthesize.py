@@ -26,6 +26,7 @@ from nnunet_diffaug.provenance import SyntheticProvenance, read_provenance
 from nnunet_diffaug.raw_dataset import label_values, list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import find_synthetic_datasets, next_free_dataset_id, synthetic_dataset_name
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
+from nnunet_diffaug.synthesis.checkpoint import weights_sha256
 from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
@@ -34,7 +35,7 @@ from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
 from nnunet_diffaug.synthesis.label_modes import aligned_raw_space, paint_volume
 from nnunet_diffaug.synthesis.label_sources import (DEFAULT_MIN_COMPONENT_VOXELS, LABEL_MODES, LABEL_SOURCES)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
-from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
+from nnunet_diffaug.synthesis.synthesizer import STAGES, Synthesizer, resolve_device
 
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
 DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
@@ -154,7 +155,7 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
         generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
                    "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
                    "checkpoint": str(syn_folder.relative_to(paths.nnunet_results())),  # relative: results may move
-                   "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
+                   "checkpoint_sha256": weights_sha256(syn_folder, STAGES),
                    "sampler": smp.name, "steps": smp.steps,
                    "augmentation": {k: getattr(syn.config.sampling, k)
                                     for k in ("rotate_degrees", "scale_range", "translate_fraction")},
