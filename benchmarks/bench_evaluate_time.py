@@ -30,7 +30,7 @@ def build_dataset(raw: Path, n_cases: int) -> None:
     """n_cases variants of the whole chest CT at 3 mm isotropic (flips and noise: only the size matters here)."""
     import SimpleITK as sitk
     from nnunet_diffaug.example_data import EXAMPLE_LABELS, load_chest_ct
-    from nnunet_diffaug.rawdata import atomic_write_image, atomic_write_json
+    from nnunet_diffaug.file_io import atomic_write_image, atomic_write_json
     folder = raw / NAME
     if (folder / "dataset.json").is_file():
         return
@@ -86,7 +86,7 @@ def main(argv=None):
                         "-device", args.device], env={**env, **budget}, check=True)
 
     from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
-    from nnunet_diffaug.rawdata import list_cases
+    from nnunet_diffaug.raw_dataset import list_cases
     import torch
     cases = list(list_cases(root / "raw" / NAME).items())[:args.cases]
     rows = []

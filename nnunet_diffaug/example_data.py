@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_image, atomic_write_json
+from nnunet_diffaug.file_io import atomic_write_image, atomic_write_json
 
 EXAMPLE_LABELS = {"background": 0, "ribs": 1, "spine": 2, "right_lung": 3, "left_lung": 4, "soft_tissue": 5}
 # slicerio segment name -> our label value

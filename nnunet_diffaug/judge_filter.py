@@ -23,9 +23,12 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, SyntheticProvenance, atomic_write_json,
-                                    check_synthetic_matches_real, list_cases, load_dataset_json, read_fold,
-                                    read_json, read_provenance, remove_stale_temporaries)
+from nnunet_diffaug.file_io import atomic_write_json, read_json, remove_stale_temporaries
+from nnunet_diffaug.provenance import CANDIDATES_ROLE, CASE_RECORDS_DIR, SyntheticProvenance, read_provenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
+from nnunet_diffaug.synthetic_sets import (check_synthetic_matches_real, find_synthetic_datasets,
+                                           next_free_dataset_id, synthetic_dataset_name)
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 
 SUMMARY_FILE = "diffaug_judge_summary.json"
 SCORES_DIR = "diffaug_judge_scores"      # inside the candidate set: one record per judged candidate
@@ -202,7 +205,6 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
 def _filtered_output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
                             output_id: int | None) -> Path:
     """``-o`` if given; else the filtered set of an identical earlier request (a rerun continues it); else a new id."""
-    from nnunet_diffaug.rawdata import find_synthetic_datasets, next_free_dataset_id, synthetic_dataset_name
     raw = paths.nnunet_raw()
     if output_id is not None:
         return raw / synthetic_dataset_name(output_id, dataset_name, fold)
@@ -224,7 +226,6 @@ def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep:
     The candidates form a synthetic set of their own, marked so that trainers never pick it up; both steps
     resume. Returns the filtered dataset's folder.
     """
-    from nnunet_diffaug.rawdata import CANDIDATES_ROLE
     from nnunet_diffaug.synthesis.synthesize import synthesize
     if candidates < keep:
         raise DiffAugError(f"--candidates {candidates} must be at least -n {keep} (the cases to keep).")
@@ -236,7 +237,6 @@ def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep:
     real_json = load_dataset_json(paths.nnunet_raw() / dataset_name)
     check_judge(judge, dataset_name, fold, real_json)  # before any candidate is drawn
     if output_id is not None:  # reserve the id, so that the candidate set takes another one
-        from nnunet_diffaug.rawdata import synthetic_dataset_name
         (paths.nnunet_raw() / synthetic_dataset_name(output_id, dataset_name, fold)).mkdir(parents=True, exist_ok=True)
     candidate_folder = synthesize(dataset_name, configuration, fold, candidates, device=device, progress=progress,
                                   role=CANDIDATES_ROLE, **synthesize_kwargs)

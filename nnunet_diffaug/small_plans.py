@@ -13,7 +13,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, read_json
+from nnunet_diffaug.file_io import atomic_write_json, read_json
 
 _CASCADE_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 

@@ -5,16 +5,66 @@ Every synthetic set carries ``diffaug_provenance.json`` (written by ``diffaug_sy
 fold is the one in ``$nnUNet_raw`` whose provenance names the real dataset and the fold (judge
 candidates excluded); a user names another explicitly (an environment variable for the trainer, a flag
 for the commands). It may be used only if it was made from this dataset and fold, declares the same
-channels, labels and file ending, and its generator never saw a validation case of the fold.
+channels, labels and file ending, and its generator never saw a validation case of the fold. A new set
+is named ``DatasetYYY_<Source>SynthF<fold>``, by default with the first id from 900 that nnU-Net's
+folders do not use yet.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (SyntheticProvenance, check_no_validation_leak, check_synthetic_matches_real,
-                                    find_synthetic_datasets, read_provenance)
+from nnunet_diffaug.provenance import CANDIDATES_ROLE, PROVENANCE_FILE, SyntheticProvenance, read_provenance
+from nnunet_diffaug.raw_dataset import load_dataset_json
+
+
+def synthetic_dataset_name(dataset_id: int, source_dataset_name: str, fold: int) -> str:
+    source_task = source_dataset_name.split("_", 1)[1] if "_" in source_dataset_name else source_dataset_name
+    return f"Dataset{dataset_id:03d}_{source_task}SynthF{fold}"
+
+
+def next_free_dataset_id(start: int = 900) -> int:
+    """The smallest dataset id >= start not used in nnUNet_raw, nnUNet_preprocessed or nnUNet_results."""
+    used = set()
+    for root in (paths.nnunet_raw(), paths.nnunet_preprocessed(), paths.nnunet_results()):
+        if root.is_dir():
+            for name in os.listdir(root):
+                m = re.match(r"^Dataset(\d{3})_", name)
+                if m:
+                    used.add(int(m.group(1)))
+    for candidate in range(start, 1000):
+        if candidate not in used:
+            return candidate
+    raise DiffAugError(f"No free nnU-Net dataset id between {start} and 999; pass one explicitly.")
+
+
+def find_synthetic_datasets(raw_root: str | os.PathLike, source_dataset_name: str, fold: int,
+                            include_candidates: bool = False) -> list[Path]:
+    """Synthetic raw datasets in ``raw_root`` made from ``source_dataset_name``'s fold ``fold``
+    (without judge candidates unless ``include_candidates``)."""
+    found = []
+    raw_root = Path(raw_root)
+    if not raw_root.is_dir():
+        return found
+    for name in sorted(os.listdir(raw_root)):
+        prov_file = raw_root / name / PROVENANCE_FILE
+        if not prov_file.is_file():
+            continue
+        try:
+            prov = json.loads(prov_file.read_text())
+        except json.JSONDecodeError:
+            continue  # reported when the user selects it explicitly
+        if prov.get("source_dataset") != source_dataset_name or prov.get("fold") != fold:
+            continue
+        if not include_candidates and isinstance(prov.get("generator"), dict) and \
+                prov["generator"].get("role") == CANDIDATES_ROLE:
+            continue
+        found.append(raw_root / name)
+    return found
 
 
 def locate_synthetic_set(dataset_name: str, fold, choice: str | None, how_to_choose: str, how_to_make: str) -> Path:
@@ -58,3 +108,31 @@ def check_synthetic_set(folder: Path, real_dataset_json: dict, dataset_name: str
     if str(fold) != "all":  # fold 'all' validates on its training cases anyway
         check_no_validation_leak(provenance, validation_cases, folder)
     return provenance
+
+
+def check_synthetic_matches_real(real_dataset_json: dict, synthetic_folder: str | os.PathLike) -> dict:
+    """Refuses a synthetic set whose channels, labels or file ending differ from the real dataset's."""
+    synthetic_folder = Path(synthetic_folder)
+    sj = load_dataset_json(synthetic_folder)
+    where = synthetic_folder / "dataset.json"
+    real_channels = {str(k): v for k, v in real_dataset_json["channel_names"].items()}
+    synth_channels = {str(k): v for k, v in sj["channel_names"].items()}
+    if real_channels != synth_channels:
+        raise DiffAugError(f"{where}: channel_names {synth_channels} differ from the real dataset's {real_channels}.")
+    if sj["labels"] != real_dataset_json["labels"]:
+        raise DiffAugError(f"{where}: labels {sj['labels']} differ from the real dataset's {real_dataset_json['labels']}.")
+    if sj["file_ending"] != real_dataset_json["file_ending"]:
+        raise DiffAugError(f"{where}: file_ending {sj['file_ending']!r} differs from the real dataset's "
+                           f"{real_dataset_json['file_ending']!r}.")
+    return sj
+
+
+def check_no_validation_leak(provenance: SyntheticProvenance, validation_cases: list[str],
+                             synthetic_folder: str | os.PathLike) -> None:
+    leaked = sorted(set(provenance.training_cases) & set(validation_cases))
+    if leaked:
+        raise DiffAugError(
+            f"{Path(synthetic_folder) / PROVENANCE_FILE}: the synthesizer saw {len(leaked)} validation case(s) of "
+            f"fold {provenance.fold} ({', '.join(leaked[:5])}{', ...' if len(leaked) > 5 else ''}). Training with it "
+            f"would leak validation data. Train a synthesizer on this fold's training cases only "
+            f"(diffaug_train_synthesizer -f {provenance.fold}) and synthesize again.")

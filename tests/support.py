@@ -12,7 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_diffaug.paths import console_script, trainer_shim_folder  # noqa: F401  (tests import console_script from here)
-from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, load_dataset_json, list_cases
+from nnunet_diffaug.provenance import SyntheticProvenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 
 EXAMPLE_ID = 990
 EXAMPLE_NAME = "Dataset990_ChestCTSlabs"

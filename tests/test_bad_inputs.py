@@ -14,8 +14,10 @@ import SimpleITK as sitk
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (SyntheticDatasetWriter, SyntheticProvenance, atomic_path, check_case,
-                                    load_dataset_json, validate_case_id)
+from nnunet_diffaug.file_io import atomic_path
+from nnunet_diffaug.provenance import SyntheticProvenance
+from nnunet_diffaug.raw_dataset import check_case, load_dataset_json, validate_case_id
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 from nnunet_diffaug.trainers.budget import apply_budget_from_env
 from nnunet_diffaug.trainers.patch_mix import merge_patch_size
 from nnunet_diffaug.trainers.synthetic_source import validate_synthetic_dataset

@@ -19,7 +19,9 @@ import SimpleITK as sitk
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
-from nnunet_diffaug.rawdata import SyntheticDatasetWriter, SyntheticProvenance, list_cases, load_dataset_json
+from nnunet_diffaug.provenance import SyntheticProvenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
                      private_copy_of_example, run)
 

@@ -23,7 +23,8 @@ from support import console_script, nnunet_env, nnunet_folders, run, write_split
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
-from nnunet_diffaug.rawdata import list_cases, load_dataset_json, read_provenance
+from nnunet_diffaug.provenance import read_provenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer
 

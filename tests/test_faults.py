@@ -10,14 +10,15 @@ import time
 import pytest
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import folder_lock, load_dataset_json
+from nnunet_diffaug.file_io import folder_lock, temporary_name
+from nnunet_diffaug.raw_dataset import load_dataset_json
 from nnunet_diffaug.trainers.preprocess import (_CASE_FILE_SUFFIXES, marked_cases,
                                                 preprocess_synthetic_cases)
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, nnunet_env, private_copy_of_example
 
 _PREPROCESS_SCRIPT = """
 import json, sys
-from nnunet_diffaug.rawdata import load_dataset_json
+from nnunet_diffaug.raw_dataset import load_dataset_json
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
 synth, real, plans, out = sys.argv[1:5]
 preprocess_synthetic_cases(synth, load_dataset_json(real), json.load(open(plans)), "3d_fullres", out, verbose=False)
@@ -141,7 +142,6 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
 def test_a_marker_still_being_written_is_not_a_case(tmp_path):
     # the atomic write of a marker first creates a hidden temporary of the same suffix; a reader that
     # took it for a case would call it complete, or delete a live writer's file as a "vanished" case
-    from nnunet_diffaug.rawdata import temporary_name
     (tmp_path / temporary_name("synth_00000.diffaug.json")).write_text("{}")
     (tmp_path / "synth_00001.diffaug.json").write_text("{}")
     assert marked_cases(tmp_path) == ["synth_00001"]

@@ -16,7 +16,8 @@ from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_ex
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import load_dataset_json, read_provenance
+from nnunet_diffaug.provenance import read_provenance
+from nnunet_diffaug.raw_dataset import load_dataset_json
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisationRanges, paint_randomised

@@ -18,8 +18,10 @@ import SimpleITK as sitk
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, filter_synthetic_set
-from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, SyntheticDatasetWriter, list_cases,
-                                    load_dataset_json, read_provenance)
+from nnunet_diffaug.provenance import CASE_RECORDS_DIR, read_provenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+from nnunet_diffaug.synthetic_sets import find_synthetic_datasets
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
                      private_copy_of_example, run)
 
@@ -163,7 +165,6 @@ def test_kill_9_during_filtering_loses_no_finished_work(judged, tmp_path):
 
 def test_console_script_filters_any_generator_and_hides_the_candidates_from_trainers(judged, capsys):
     from nnunet_diffaug import cli
-    from nnunet_diffaug.rawdata import find_synthetic_datasets
     root, _, _, judge = judged
     argv = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-n", "2", "--generator", "randomised", "-plans", PLANS,
             "--judge", judge.model_folder.name, "--candidates", "4", "-o", "976"]

@@ -22,7 +22,7 @@ from support import EXAMPLE_ID, EXAMPLE_NAME, nnunet_folders, private_copy_of_ex
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
-from nnunet_diffaug.rawdata import read_provenance
+from nnunet_diffaug.provenance import read_provenance
 from nnunet_diffaug.synthesis.checkpoint import read_state
 from nnunet_diffaug.synthesis.config import load_config
 from nnunet_diffaug.synthesis.data import FoldData

@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from nnunet_diffaug.rawdata import _HOST_TAG, image_file, label_file, load_dataset_json, temporary_name
+from nnunet_diffaug.file_io import _HOST_TAG, temporary_name
+from nnunet_diffaug.raw_dataset import image_file, label_file, load_dataset_json
 from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, preprocess_synthetic_cases
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, set_nnunet_env
 

@@ -25,7 +25,8 @@ from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, nnune
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
-from nnunet_diffaug.rawdata import ensure_default_split, list_cases, read_provenance
+from nnunet_diffaug.provenance import read_provenance
+from nnunet_diffaug.raw_dataset import ensure_default_split, list_cases
 from nnunet_diffaug.synthesis.checkpoint import load_checkpoint, read_state
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.metrics import VoxelClassifier, label_fidelity
@@ -68,7 +69,7 @@ def _verify_integrity(folder: Path) -> None:
 
 def _loads_in_diffaug_trainer(folder: Path, configuration: str, fold: int, root: Path) -> None:
     """The trainer side's own checks and preprocessing with the REAL plans accept the synthetic set."""
-    from nnunet_diffaug.rawdata import load_dataset_json
+    from nnunet_diffaug.raw_dataset import load_dataset_json
     from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
     from nnunet_diffaug.trainers.synthetic_source import real_image_dimension, validate_synthetic_dataset
     real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)

@@ -6,8 +6,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import (CASE_RECORDS_DIR, PROVENANCE_FILE, SyntheticDatasetWriter, SyntheticProvenance,
-                                    label_file)
+from nnunet_diffaug.provenance import CASE_RECORDS_DIR, PROVENANCE_FILE, SyntheticProvenance
+from nnunet_diffaug.raw_dataset import label_file
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 from nnunet_diffaug.trainers.synthetic_source import locate_synthetic_dataset, validate_synthetic_dataset
 
 REAL = "Dataset010_Toy"

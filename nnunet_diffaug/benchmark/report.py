@@ -11,7 +11,8 @@ import numpy as np
 
 from nnunet_diffaug.benchmark.workspace import (TIMINGS_FILE, TRAINING_STATS_FILE, fold_folder, read_json_or,
                                                 summary_file)
-from nnunet_diffaug.rawdata import atomic_path, atomic_write_json, atomic_write_text, load_dataset_json
+from nnunet_diffaug.file_io import atomic_path, atomic_write_json, atomic_write_text
+from nnunet_diffaug.raw_dataset import load_dataset_json
 
 
 def _nnunet_log_wall_time(folder: Path, summary: Path) -> float | None:

@@ -24,7 +24,8 @@ from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_defi
 from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, fold_folder, make_workspace,
                                                 record_timing, summary_file, write_splits)
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, list_cases, load_dataset_json
+from nnunet_diffaug.file_io import atomic_write_json
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
 
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"

@@ -18,7 +18,8 @@ import numpy as np
 
 from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, find_synthetic_datasets, synthetic_dataset_name
+from nnunet_diffaug.file_io import atomic_write_json
+from nnunet_diffaug.synthetic_sets import find_synthetic_datasets, synthetic_dataset_name
 
 SYNTHETIC_SETS_FILE = "benchmark_synthetic_sets.json"
 TIMINGS_FILE = "benchmark_timings.json"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_diffaug import paths, rawdata
+from nnunet_diffaug import paths, raw_dataset
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.synthetic_sets import check_synthetic_set, locate_synthetic_set
-from nnunet_diffaug.rawdata import (PROVENANCE_FILE, SyntheticProvenance, read_json,
-                                    check_synthetic_matches_real, list_cases,
-                                    load_dataset_json)
+from nnunet_diffaug.file_io import read_json
+from nnunet_diffaug.provenance import PROVENANCE_FILE, SyntheticProvenance
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+from nnunet_diffaug.synthetic_sets import check_synthetic_matches_real, check_synthetic_set, locate_synthetic_set
 
 
 @dataclass
@@ -41,7 +41,7 @@ class EvaluationInputs:
 
 def read_fold(dataset_name: str, fold: int) -> tuple[list[str], list[str]]:
     """(training, validation) case ids of ``fold`` from nnU-Net's splits_final.json; both must be non-empty."""
-    train, val = rawdata.read_fold(paths.nnunet_preprocessed() / dataset_name, fold)
+    train, val = raw_dataset.read_fold(paths.nnunet_preprocessed() / dataset_name, fold)
     if not val:
         raise DiffAugError(f"splits_final.json of {dataset_name}: fold {fold} has no validation cases, and they are "
                            f"the held-out real reference of every metric.")

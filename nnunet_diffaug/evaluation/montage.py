@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_diffaug.file_io import atomic_path
+
 
 def _read(path) -> np.ndarray:
     import SimpleITK as sitk
@@ -59,7 +61,6 @@ def write_montage(rows: list[dict], path: Path, n_classes: int, title: str, inpa
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from nnunet_diffaug.rawdata import atomic_path
     cmap = ListedColormap(plt.get_cmap("tab10").colors[: max(n_classes, 1)])
     columns = (["source: image", "source: label", "edited label", "inpainted: image", "inpainted - source"]
                if inpainted else

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nnunet_diffaug.rawdata import atomic_write_json, atomic_write_text
+from nnunet_diffaug.file_io import atomic_write_json, atomic_write_text
 
 CASES_USED = "\n".join([
     "| metric | synthetic cases | real cases | why these |",

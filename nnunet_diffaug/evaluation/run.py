@@ -16,7 +16,8 @@ from nnunet_diffaug.evaluation.inputs import EvaluationInputs
 from nnunet_diffaug.evaluation.montage import write_montage
 from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
 from nnunet_diffaug.evaluation.report import write_report
-from nnunet_diffaug.rawdata import CASE_RECORDS_DIR, atomic_write_json
+from nnunet_diffaug.file_io import atomic_write_json
+from nnunet_diffaug.provenance import CASE_RECORDS_DIR
 
 SETS = ("synthetic", "training", "validation")
 

@@ -1,6 +1,10 @@
-"""The image autoencoder: MONAI's AutoencoderKL, its loss, and the optional patch discriminator."""
+"""The image autoencoder: MONAI's AutoencoderKL, its loss, and the optional patch discriminator; and the
+latent scale factor every latent diffusion stage (image and label side) estimates from its autoencoder."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,3 +84,24 @@ def encode_mean(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Latent means: the diffusion model learns the deterministic part of the posterior."""
     z_mu, _ = autoencoder.encode(images)
     return z_mu
+
+
+@torch.no_grad()
+def estimate_scale_factor(autoencoder: nn.Module, sampler, n_batches: int, batch_size: int,
+                          device: torch.device, seed: int, stream: int) -> float:
+    """1 / std of the latent means over many batches (one batch is too noisy an estimate).
+
+    ``sampler.batch(rng, batch_size)[0]`` is the autoencoder's input; batch ``k`` draws from the random
+    stream ``(seed, stream, k)``, so each stage that estimates a scale keeps its own stream. Running sums
+    keep memory flat however many batches are asked for.
+    """
+    total, total_sq, count = 0.0, 0.0, 0
+    for k in range(n_batches):
+        inputs = sampler.batch(np.random.default_rng([seed, stream, k]), batch_size)[0]
+        z = encode_mean(autoencoder, inputs.to(device)).double()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+        count += z.numel()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 1e-12))
+    return 1.0 / std

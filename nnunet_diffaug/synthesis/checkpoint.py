@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_path
+from nnunet_diffaug.file_io import atomic_path
 
 _STATE_KEY = "diffaug_state"
 
@@ -99,3 +99,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 def final_file(folder: str | os.PathLike, stage: str) -> Path:
     """The finished weights of a training stage (image or label side): ``<folder>/<stage>.safetensors``."""
     return Path(folder) / f"{stage}.safetensors"
+
+
+def weights_sha256(folder: str | os.PathLike, stages) -> str:
+    """sha256 over the final weight files of ``stages`` (image or label side): names the exact model that made
+    a synthetic dataset in its provenance."""
+    h = hashlib.sha256()
+    for stage in stages:
+        h.update(file_sha256(final_file(folder, stage)).encode())
+    return h.hexdigest()

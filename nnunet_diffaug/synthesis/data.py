@@ -16,7 +16,8 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import ensure_default_split, read_fold, read_json
+from nnunet_diffaug.file_io import read_json
+from nnunet_diffaug.raw_dataset import ensure_default_split, read_fold
 
 OUTSIDE_LABEL = -1   # nnU-Net's marker for voxels outside the nonzero mask
 

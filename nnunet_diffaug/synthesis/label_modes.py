@@ -9,13 +9,11 @@
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.synthesis.checkpoint import file_sha256, final_file
+from nnunet_diffaug.synthesis.checkpoint import weights_sha256
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.label_attributes import (VolumeRequest, component_counts, draw_attributes,
                                                        parse_volume_requests, remove_small_fragments,
@@ -24,13 +22,6 @@ from nnunet_diffaug.synthesis.label_generator import LABEL_STAGES, LabelGenerato
 from nnunet_diffaug.synthesis.rawspace import RawSpace
 
 ALIGNED_SLICE_BATCH = 8  # 2D slices painted per call: bounded memory on long volumes
-
-
-def label_generator_hash(folder) -> str:
-    h = hashlib.sha256()
-    for stage in LABEL_STAGES:
-        h.update(file_sha256(final_file(folder, stage)).encode())
-    return h.hexdigest()
 
 
 class GeneratedLabels:
@@ -47,7 +38,7 @@ class GeneratedLabels:
         return {"guidance": self.guidance, "volume_requests": [r.to_json() for r in self.requests],
                 "min_component_voxels": self.min_component_voxels, "sampler": self.sampler.name,
                 "steps": self.sampler.steps, "canvas": self.gen.canvas,
-                "checkpoint_sha256": label_generator_hash(folder)}
+                "checkpoint_sha256": weights_sha256(folder, LABEL_STAGES)}
 
     def _named(self, values) -> dict:
         return {n: round(float(v), 6) for n, v in zip(self.class_names, values)}

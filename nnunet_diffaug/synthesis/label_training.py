@@ -6,7 +6,6 @@ adds its rank), a loss-curve PNG and a montage per stage.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis import distributed
+from nnunet_diffaug.synthesis.autoencoder import estimate_scale_factor
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData
 from nnunet_diffaug.synthesis.conditioning import one_hot
@@ -28,6 +28,7 @@ from nnunet_diffaug.synthesis.plotting import save_montage
 from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, learning_rate_at, run_stage
 
 MAX_STORED_ATTRIBUTES = 4096  # training attribute vectors kept for drawing unrequested classes
+SCALE_FACTOR_STREAM = 98  # the image stages draw theirs from 99
 
 
 def _step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
@@ -148,7 +149,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
                      attribute_std=np.maximum(attrs.std(0), 1e-3).tolist(),  # a constant class must not divide by 0
                      training_attributes=attrs[np.sort(keep)].tolist(),
                      scale_factor=distributed.value_of_main_process(
-                         _latent_scale(ae, maps, lg.scale_factor_batches, lg.batch_size, device, seed)))
+                         estimate_scale_factor(ae, maps, lg.scale_factor_batches, lg.batch_size, device, seed,
+                                               SCALE_FACTOR_STREAM)))
         log(f"label_diffusion: latent scale factor {extra['scale_factor']:.4g}")
     gen.state.update(extra)
 
@@ -201,12 +203,3 @@ def _diffusion_montage(gen: LabelGenerator, maps: LabelMapSampler, folder: Path,
     fake = gen.sample(None, n, 1.0, gen.sampler(), torch.Generator().manual_seed(seed))
     _montage(folder / "label_diffusion_montage.png", f"label_diffusion (unconditional samples): {title}",
              [("training maps", real), ("generated", list(fake))], num_classes)
-
-
-@torch.no_grad()
-def _latent_scale(ae, maps: LabelMapSampler, n_batches: int, batch_size: int, device, seed: int) -> float:
-    """1 / std of the label latents over many batches."""
-    zs = [ae.encode(maps.batch(np.random.default_rng([seed, 98, k]), batch_size)[0].to(device))[0].double()
-          for k in range(n_batches)]
-    z = torch.cat([v.flatten() for v in zs])
-    return 1.0 / max(math.sqrt(float(z.var())), 1e-6)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from nnunet_diffaug.rawdata import atomic_path
+from nnunet_diffaug.file_io import atomic_path
 
 
 def _pyplot():

@@ -19,8 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_diffaug import paths, rawdata
+from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.file_io import folder_lock
+from nnunet_diffaug.provenance import SyntheticProvenance, read_provenance
+from nnunet_diffaug.raw_dataset import label_values, list_cases, load_dataset_json
+from nnunet_diffaug.synthetic_sets import find_synthetic_datasets, next_free_dataset_id, synthetic_dataset_name
+from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
+from nnunet_diffaug.synthesis.checkpoint import weights_sha256
 from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
@@ -30,7 +36,7 @@ from nnunet_diffaug.synthesis.label_modes import aligned_raw_space, paint_volume
 from nnunet_diffaug.synthesis.intensity_calibration import calibrate_class_intensity
 from nnunet_diffaug.synthesis.label_sources import (DEFAULT_MIN_COMPONENT_VOXELS, LABEL_MODES, LABEL_SOURCES)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
-from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
+from nnunet_diffaug.synthesis.synthesizer import STAGES, Synthesizer, resolve_device
 
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
 DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
@@ -104,30 +110,30 @@ def _fold_statistics_plan(data: FoldData, label_values: list[int], jitter: float
 def _real_dataset_json(dataset_name: str, data: FoldData) -> dict:
     raw = paths.nnunet_raw() / dataset_name
     if (raw / "dataset.json").is_file():
-        return rawdata.load_dataset_json(raw)
-    return rawdata.load_dataset_json(data.folder)  # nnU-Net keeps a copy beside the plans
+        return load_dataset_json(raw)
+    return load_dataset_json(data.folder)  # nnU-Net keeps a copy beside the plans
 
 
-def _output_folder(dataset_name: str, fold: int, provenance: rawdata.SyntheticProvenance,
+def _output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
                    output_id: int | None, num_parts: int) -> Path:
     raw_root = paths.nnunet_raw()
     if output_id is not None:
         if not 1 <= output_id <= 999:
             raise DiffAugError(f"-o {output_id}: nnU-Net dataset ids are 1..999.")
-        name = rawdata.synthetic_dataset_name(output_id, dataset_name, fold)
+        name = synthetic_dataset_name(output_id, dataset_name, fold)
         clash = [p.name for p in raw_root.glob(f"Dataset{output_id:03d}_*") if p.name != name] if raw_root.is_dir() else []
         if clash:
             raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
         return raw_root / name
-    for folder in rawdata.find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
+    for folder in find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
         try:
-            if rawdata.read_provenance(folder).to_json() == provenance.to_json():
+            if read_provenance(folder).to_json() == provenance.to_json():
                 return folder  # the same request as before: continue that dataset
         except DiffAugError:
             continue
     if num_parts > 1:
         raise DiffAugError("With -num_parts > 1 pass -o OUTPUT_DATASET_ID, so that all parts write the same dataset.")
-    return raw_root / rawdata.synthetic_dataset_name(rawdata.next_free_dataset_id(), dataset_name, fold)
+    return raw_root / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
 
 
 MONTAGE_FILE = "diffaug_montage.png"
@@ -137,26 +143,26 @@ def write_montage(folder: Path, dataset_json: dict, max_cases: int = 8) -> None:
     """A PNG of the first complete cases (middle slice, first channel) with their labels overlaid."""
     import SimpleITK as sitk
     from nnunet_diffaug.synthesis.plotting import save_montage
-    cases = list(rawdata.list_cases(folder, dataset_json).items())[:max_cases]
+    cases = list(list_cases(folder, dataset_json).items())[:max_cases]
     if not cases:
         return
     images = [sitk.GetArrayFromImage(sitk.ReadImage(c["images"][0])) for _, c in cases]
     labels = [sitk.GetArrayFromImage(sitk.ReadImage(c["label"])) for _, c in cases]
     lo, hi = np.percentile(np.concatenate([i.ravel() for i in images]), [1, 99])
-    save_montage(folder / MONTAGE_FILE, [("synthetic", images)], labels, max(rawdata.label_values(dataset_json)) + 1,
+    save_montage(folder / MONTAGE_FILE, [("synthetic", images)], labels, max(label_values(dataset_json)) + 1,
                  f"{folder.name}: {', '.join(cid for cid, _ in cases)}", float(lo), float(hi))
 
 
-def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int) -> rawdata.SyntheticProvenance:
+def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int) -> SyntheticProvenance:
     """What the trainer needs to trust the set; identical requests give identical provenance (so reruns continue)."""
     spec = syn.spec
-    return rawdata.SyntheticProvenance(
+    return SyntheticProvenance(
         source_dataset=spec.dataset_name, fold=spec.fold, configuration=spec.configuration,
         training_cases=list(spec.training_cases),
         generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
                    "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
                    "checkpoint": str(syn_folder.relative_to(paths.nnunet_results())),  # relative: results may move
-                   "checkpoint_sha256": Synthesizer.checkpoint_hash(syn_folder),
+                   "checkpoint_sha256": weights_sha256(syn_folder, STAGES),
                    "sampler": smp.name, "steps": smp.steps,
                    "augmentation": {k: getattr(syn.config.sampling, k)
                                     for k in ("rotate_degrees", "scale_range", "translate_fraction")},
@@ -225,7 +231,7 @@ class DiffusionGenerator(Generator):
     def synthesizer_folder(self) -> Path:
         return self._syn_folder
 
-    def provenance(self, labels: str, seed: int) -> rawdata.SyntheticProvenance:
+    def provenance(self, labels: str, seed: int) -> SyntheticProvenance:
         provenance = _provenance(self.syn, self._syn_folder, self.smp, labels, seed)
         if self.spacing is not None:
             provenance.generator["spacing_tag"] = [float(v) for v in self.spacing]
@@ -299,7 +305,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``).
     ``intensity_jitter``, ``class_intensity``: per-class appearance (synthesizers trained with class
     intensity): random shifts in units of the fold's between-case sd, and ``CLASS=MEAN`` requests.
-    ``role``: recorded in the provenance; ``rawdata.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
+    ``role``: recorded in the provenance; ``provenance.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
     ``classes``, ``host``, ``edit``, ``margin``, ``scale_range``, ``resample_jumps``: ``labels="inpaint"``
     (see :mod:`inpainting`; comma-separated class names/values and edits, scale as ``LOW:HIGH``).
     ``calibrate_intensity``: move every foreground class to a real case's intensity statistics after
@@ -350,11 +356,11 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     provenance.generator.update(label_source.provenance())
     out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
-    part_lock = rawdata.folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
+    part_lock = folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
                                     name=f".diffaug.part{part_id}of{num_parts}.lock",
                                     holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
     with part_lock:
-        writer = rawdata.SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
+        writer = SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
         raw_space = RawSpace(data.plans_manager, data.cm, data.spatial_dims, data.label_values)
 
         mine = [i for i in range(num_cases) if i % num_parts == part_id]

@@ -20,7 +20,7 @@ import torch
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
-from nnunet_diffaug.synthesis.checkpoint import file_sha256, final_file, load_checkpoint, unprefixed
+from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, unprefixed
 from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
@@ -100,15 +100,6 @@ class Synthesizer:
         syn.weights = "ema" if ema is not None else "raw"
         syn.scale_factor = float(dm_state["scale_factor"])
         return syn
-
-    @staticmethod
-    def checkpoint_hash(folder: Path) -> str:
-        """sha256 over the final weight files: names the exact model that made a synthetic dataset."""
-        import hashlib
-        h = hashlib.sha256()
-        for stage in STAGES:
-            h.update(file_sha256(final_file(folder, stage)).encode())
-        return h.hexdigest()
 
     @property
     def latent_window(self) -> list[int]:

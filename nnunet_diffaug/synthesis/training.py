@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,11 @@ from torch import nn
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import atomic_write_json, folder_lock
+from nnunet_diffaug.file_io import atomic_write_json, folder_lock
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
-                                                  encode_mean)
+                                                  encode_mean, estimate_scale_factor)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
@@ -42,6 +41,7 @@ from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES
                                                   final_file, resolve_device)
 
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
+SCALE_FACTOR_STREAM = 99  # the label generator draws its own from 98
 
 
 def _step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
@@ -169,22 +169,6 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
     return ae.eval(), losses
 
 
-@torch.no_grad()
-def estimate_scale_factor(ae: nn.Module, patches: PatchSampler, n_batches: int, batch_size: int,
-                          device: torch.device, seed: int) -> float:
-    """1 / std of the latents over many batches (one batch is too noisy a estimate)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for k in range(n_batches):
-        images, _ = patches.batch(np.random.default_rng([seed, 99, k]), batch_size)
-        z = encode_mean(ae, images.to(device)).double()
-        total += float(z.sum())
-        total_sq += float((z * z).sum())
-        count += z.numel()
-    mean = total / count
-    std = math.sqrt(max(total_sq / count - mean * mean, 1e-12))
-    return 1.0 / std
-
-
 def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
                      device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None):
     dcfg = cfg.diffusion
@@ -199,7 +183,8 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         extra["scale_factor"] = float(ckpt.read_state(cpath)["extra"]["scale_factor"])
     else:
         extra["scale_factor"] = distributed.value_of_main_process(
-            estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size, device, seed))
+            estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size, device, seed,
+                                  SCALE_FACTOR_STREAM))
         log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 

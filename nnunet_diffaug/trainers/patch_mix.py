@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import CASE_RECORDS_DIR
+from nnunet_diffaug.provenance import CASE_RECORDS_DIR
 
 # keys of a synthetic case's record (diffaug_cases/<case>.json) that PatchMix relies on
 SOURCE_CASE_KEY = "source_case"

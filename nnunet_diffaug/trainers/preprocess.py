@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nnunet_diffaug.rawdata import (atomic_write_json, check_case, list_cases, remove_stale_temporaries,
-                                    temporary_name)
+from nnunet_diffaug.file_io import atomic_write_json, remove_stale_temporaries, temporary_name
+from nnunet_diffaug.raw_dataset import check_case, list_cases
 
 MARKER_SUFFIX = ".diffaug.json"
 _CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
@@ -96,7 +96,7 @@ def preprocess_synthetic_cases(synthetic_raw_folder: str | os.PathLike, real_dat
                                expected_dimension: int | None = None) -> list[str]:
     """Brings ``output_folder`` up to date with the complete cases of ``synthetic_raw_folder``.
 
-    Every new or changed case is checked first (``rawdata.check_case``): a bad case stops the run with
+    Every new or changed case is checked first (``raw_dataset.check_case``): a bad case stops the run with
     a message naming its file, before anything of it is written. Returns the identifiers of the usable
     preprocessed cases (sorted).
     """

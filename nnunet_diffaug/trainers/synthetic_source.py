@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import image_dimension, list_cases
+from nnunet_diffaug.raw_dataset import image_dimension, list_cases
 from nnunet_diffaug.synthetic_sets import check_synthetic_set, locate_synthetic_set
 
 SYNTHETIC_DATASET_ENV = "DIFFAUG_SYNTHETIC_DATASET"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nnunet_diffaug.rawdata import atomic_write_json
+from nnunet_diffaug.file_io import atomic_write_json
 
 STATS_FILE = "diffaug_training_stats.json"
 _PER_EPOCH = ("target_ratio_per_epoch", "iterations_per_epoch", "synthetic_samples_per_epoch",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.rawdata import SyntheticProvenance
+from nnunet_diffaug.provenance import SyntheticProvenance
 from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
 
