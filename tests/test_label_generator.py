@@ -23,9 +23,10 @@ from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import synthesizer_folder
 from nnunet_diffaug.provenance import read_provenance
-from nnunet_diffaug.synthesis.checkpoint import read_state
+from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, read_state, unprefixed
 from nnunet_diffaug.synthesis.config import load_config
 from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.label_attributes import (component_counts, parse_volume_requests,
                                                        remove_small_fragments, volume_fractions)
 from nnunet_diffaug.synthesis.label_generator import LabelGenerator
@@ -39,7 +40,8 @@ CONFIG_2D = {"base": "tiny", "autoencoder": {"steps": 30}, "diffusion": {"steps"
                                                      "scale_factor_batches": 4}}
 CONFIG_3D = {"base": "tiny", "autoencoder": {"steps": 10}, "diffusion": {"steps": 10, "scale_factor_batches": 2},
              "montage_cases": 2, "label_generator": {"enabled": True, "autoencoder_steps": 20, "steps": 20,
-                                                     "scale_factor_batches": 2, "sampling_steps": 5}}
+                                                     "scale_factor_batches": 2, "sampling_steps": 5,
+                                                     "ema_decay": 0.8}}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,12 @@ def test_3d_label_generator_trains_and_both_new_modes_write_3d_cases(root):
     folder = _train(root, "3d_fullres", CONFIG_3D)
     gen = _generator(folder)
     assert gen.spatial_dims == 3 and len(gen.canvas) == 3
+    # the label diffusion keeps an EMA of its weights beside the raw ones, and the loaded generator samples with it
+    tensors, _ = load_checkpoint(final_file(folder, "label_diffusion"), torch.device("cpu"))
+    ema, raw = ema_weights(tensors), unprefixed("label_model", tensors)
+    assert ema is not None and set(ema) == set(raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert all(torch.equal(v, ema[k]) for k, v in gen.model.state_dict().items())
     cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres", "-n", "2", "-o", "942",
                           "--labels", "generated", "--volume", "right_lung=0.05:0.1", "--steps", "3",
                           "-device", "cpu"])

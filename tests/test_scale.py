@@ -97,9 +97,11 @@ def test_ema_is_the_exponential_average_of_the_weights():
 
 
 def test_ema_decay_is_checked_and_on_in_the_default_preset():
-    assert load_config("default").diffusion.ema_decay == 0.999
+    assert load_config("default").diffusion.ema_decay == load_config("default").label_generator.ema_decay == 0.999
     with pytest.raises(DiffAugError, match="ema_decay"):
         SynthesizerConfig.from_json({"diffusion": {"ema_decay": 1.0}}, "my.json")
+    with pytest.raises(DiffAugError, match="label_generator.ema_decay"):
+        SynthesizerConfig.from_json({"label_generator": {"ema_decay": -0.1}}, "my.json")
 
 
 def test_resume_restores_the_ema(tmp_path):

@@ -124,6 +124,7 @@ class LabelGeneratorConfig:
     scale_factor_batches: int = 20
     sampling_steps: int = 20
     guidance: float = 1.0                           # default guidance weight w (1 = plain conditional sampling)
+    ema_decay: float = 0.0                          # > 0: EMA of the label diffusion weights, sampled from; 0 = off
 
     def divisor(self) -> int:
         """Label canvases must be multiples of this: label autoencoder downsampling times UNet downsampling."""
@@ -234,6 +235,8 @@ def _label_generator_problems(lg: LabelGeneratorConfig) -> list[str]:
                             f"label_generator.norm_num_groups={lg.norm_num_groups}")
     if len(lg.max_shape_2d) != 2 or len(lg.max_shape_3d) != 3 or min(*lg.max_shape_2d, *lg.max_shape_3d) < 1:
         problems.append("label_generator.max_shape_2d/max_shape_3d need 2/3 positive sizes")
+    if not 0.0 <= lg.ema_decay < 1.0:
+        problems.append(f"label_generator.ema_decay must be in [0, 1) (0 = off), not {lg.ema_decay}")
     if not 0.0 <= lg.condition_dropout < 1.0:
         problems.append(f"label_generator.condition_dropout must be in [0, 1), not {lg.condition_dropout}")
     for name in ("autoencoder_steps", "autoencoder_batch_size", "steps", "batch_size", "scale_factor_batches",
@@ -304,7 +307,8 @@ def default() -> SynthesizerConfig:
                                              autoencoder_learning_rate=1e-4, autoencoder_batch_size=2,
                                              autoencoder_steps=20000, channels=(64, 128, 256), num_res_blocks=2,
                                              norm_num_groups=32, learning_rate=1e-4, warmup_steps=500,
-                                             batch_size=4, steps=40000, scale_factor_batches=50, guidance=2.0),
+                                             batch_size=4, steps=40000, scale_factor_batches=50, guidance=2.0,
+                                             ema_decay=0.999),
         checkpoint_every=1000,
         montage_cases=8,
     )

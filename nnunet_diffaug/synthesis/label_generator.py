@@ -24,6 +24,7 @@ from torch import nn
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, unprefixed
 from nnunet_diffaug.synthesis.config import DiffusionConfig, LabelGeneratorConfig
+from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.image_generator import build_train_scheduler
 from nnunet_diffaug.synthesis.label_autoencoder import build_label_autoencoder, decode_to_classes
 from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions, padded_shape
@@ -119,7 +120,8 @@ class LabelGenerator:
         ae, _ = load_checkpoint(final_file(folder, "label_autoencoder"), device)
         gen.autoencoder.load_state_dict(unprefixed("label_autoencoder", ae))
         dm, state = load_checkpoint(final_file(folder, "label_diffusion"), device)
-        gen.model.load_state_dict(unprefixed("label_model", dm))
+        ema = ema_weights(dm)  # the EMA samples when the file has one (label_generator.ema_decay > 0)
+        gen.model.load_state_dict(ema if ema is not None else unprefixed("label_model", dm))
         gen.state.update({k: state[k] for k in gen.state})
         return gen
 

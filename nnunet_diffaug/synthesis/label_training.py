@@ -15,6 +15,7 @@ from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.autoencoder import estimate_scale_factor
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData
 from nnunet_diffaug.synthesis.conditioning import one_hot
 from nnunet_diffaug.synthesis.image_generator import diffusion_target
@@ -137,6 +138,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         return True
     model, scheduler = gen.model, gen.train_scheduler
     opt = torch.optim.Adam(model.parameters(), lr=lg.learning_rate)
+    ema = build_ema(model, lg.ema_decay)  # before the DDP wrapper: it averages the plain module's weights
+    modules = {"label_model": model} if ema is None else {"label_model": model, EMA_MODULE: ema}
     train_model = distributed.for_training(model)
     extra: dict = {}
     cpath = folder / "label_diffusion_checkpoint.safetensors"
@@ -173,13 +176,16 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        update_ema(ema, model)
         return {"mse": float(loss.detach())}
 
-    run_stage("label_diffusion", folder, lg.steps, cfg.checkpoint_every, {"label_model": model},
-               {"label_model": opt}, dm_step, extra, ["label_model"], log, progress, stop_after)
+    run_stage("label_diffusion", folder, lg.steps, cfg.checkpoint_every, modules,
+               {"label_model": opt}, dm_step, extra, list(modules), log, progress, stop_after)
     if not final_file(folder, "label_diffusion").is_file():
         return False
     model.eval()
+    if ema is not None:  # the montage samples from the EMA, as loading does
+        gen.model = ema.module.eval()
     if distributed.is_main_process():
         _diffusion_montage(gen, maps, folder, title, spec.num_classes, n_mont, seed)
     return True
