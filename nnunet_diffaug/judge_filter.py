@@ -26,8 +26,8 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json, read_json, remove_stale_temporaries
 from nnunet_diffaug.provenance import CANDIDATES_ROLE, CASE_RECORDS_DIR, SyntheticProvenance, read_provenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
-from nnunet_diffaug.synthetic_sets import (check_synthetic_matches_real, find_synthetic_datasets,
-                                           next_free_dataset_id, synthetic_dataset_name)
+from nnunet_diffaug.synthetic_sets import (check_synthetic_matches_real, output_folder,
+                                           synthetic_dataset_name)
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 
 SUMMARY_FILE = "diffaug_judge_summary.json"
@@ -202,21 +202,6 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     return summary
 
 
-def _filtered_output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
-                            output_id: int | None) -> Path:
-    """``-o`` if given; else the filtered set of an identical earlier request (a rerun continues it); else a new id."""
-    raw = paths.nnunet_raw()
-    if output_id is not None:
-        return raw / synthetic_dataset_name(output_id, dataset_name, fold)
-    for folder in find_synthetic_datasets(raw, dataset_name, fold):
-        try:
-            if read_provenance(folder).to_json() == provenance.to_json():
-                return folder
-        except DiffAugError:
-            continue
-    return raw / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
-
-
 def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep: int, candidates: int,
                         judge: Judge, min_class_dice: float | None = None, output_id: int | None = None,
                         overwrite: bool = False, device: str = "auto", progress: bool = True, **synthesize_kwargs) -> Path:
@@ -242,7 +227,7 @@ def synthesize_filtered(dataset: str | int, configuration: str, fold: int, keep:
                                   role=CANDIDATES_ROLE, **synthesize_kwargs)
     candidate_prov = read_provenance(candidate_folder)
     n_candidates = len(list_cases(candidate_folder))
-    out = _filtered_output_folder(dataset_name, fold, filtered_provenance(
+    out = output_folder(dataset_name, fold, filtered_provenance(
         candidate_prov, judge, candidate_folder, n_candidates, keep, min_class_dice), output_id)
     judge_device = "cuda" if device in ("auto", "cuda") and _cuda() else "cpu"
     filter_synthetic_set(candidate_folder, out, judge, keep, min_class_dice, judge_device, progress, overwrite)

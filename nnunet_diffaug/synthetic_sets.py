@@ -42,6 +42,30 @@ def next_free_dataset_id(start: int = 900) -> int:
     raise DiffAugError(f"No free nnU-Net dataset id between {start} and 999; pass one explicitly.")
 
 
+def output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance, output_id: int | None,
+                  num_parts: int = 1) -> Path:
+    """Where a synthesis request writes: ``-o`` if given (refused if another dataset uses that id); else the
+    set an identical earlier request made (a rerun continues it); else a new set with the next free id."""
+    raw_root = paths.nnunet_raw()
+    if output_id is not None:
+        if not 1 <= output_id <= 999:
+            raise DiffAugError(f"-o {output_id}: nnU-Net dataset ids are 1..999.")
+        name = synthetic_dataset_name(output_id, dataset_name, fold)
+        clash = [p.name for p in raw_root.glob(f"Dataset{output_id:03d}_*") if p.name != name] if raw_root.is_dir() else []
+        if clash:
+            raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
+        return raw_root / name
+    for folder in find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
+        try:
+            if read_provenance(folder).to_json() == provenance.to_json():
+                return folder  # the same request as before: continue that dataset
+        except DiffAugError:
+            continue
+    if num_parts > 1:
+        raise DiffAugError("With -num_parts > 1 pass -o OUTPUT_DATASET_ID, so that all parts write the same dataset.")
+    return raw_root / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
+
+
 def find_synthetic_datasets(raw_root: str | os.PathLike, source_dataset_name: str, fold: int,
                             include_candidates: bool = False) -> list[Path]:
     """Synthetic raw datasets in ``raw_root`` made from ``source_dataset_name``'s fold ``fold``

@@ -22,9 +22,9 @@ import torch
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import folder_lock
-from nnunet_diffaug.provenance import SyntheticProvenance, read_provenance
+from nnunet_diffaug.provenance import SyntheticProvenance
 from nnunet_diffaug.raw_dataset import label_values, list_cases, load_dataset_json
-from nnunet_diffaug.synthetic_sets import find_synthetic_datasets, next_free_dataset_id, synthetic_dataset_name
+from nnunet_diffaug.synthetic_sets import output_folder
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 from nnunet_diffaug.synthesis.checkpoint import weights_sha256
 from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
@@ -112,28 +112,6 @@ def _real_dataset_json(dataset_name: str, data: FoldData) -> dict:
     if (raw / "dataset.json").is_file():
         return load_dataset_json(raw)
     return load_dataset_json(data.folder)  # nnU-Net keeps a copy beside the plans
-
-
-def _output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
-                   output_id: int | None, num_parts: int) -> Path:
-    raw_root = paths.nnunet_raw()
-    if output_id is not None:
-        if not 1 <= output_id <= 999:
-            raise DiffAugError(f"-o {output_id}: nnU-Net dataset ids are 1..999.")
-        name = synthetic_dataset_name(output_id, dataset_name, fold)
-        clash = [p.name for p in raw_root.glob(f"Dataset{output_id:03d}_*") if p.name != name] if raw_root.is_dir() else []
-        if clash:
-            raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
-        return raw_root / name
-    for folder in find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
-        try:
-            if read_provenance(folder).to_json() == provenance.to_json():
-                return folder  # the same request as before: continue that dataset
-        except DiffAugError:
-            continue
-    if num_parts > 1:
-        raise DiffAugError("With -num_parts > 1 pass -o OUTPUT_DATASET_ID, so that all parts write the same dataset.")
-    return raw_root / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
 
 
 MONTAGE_FILE = "diffaug_montage.png"
@@ -354,7 +332,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     label_source = source_kind.open({**label_options, "min_component_voxels": min_component_voxels}, painter,
                                     real_dj, dev)
     provenance.generator.update(label_source.provenance())
-    out_folder = _output_folder(dataset_name, fold, provenance, output_id, num_parts)
+    out_folder = output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
     part_lock = folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
                                     name=f".diffaug.part{part_id}of{num_parts}.lock",
