@@ -246,7 +246,11 @@ def test_windowed_sampling_with_a_real_unet():
         return sample_latents(model, cond, (1, 1, 16, 16), Sampler("ddim", scheduler, 3),
                               torch.Generator().manual_seed(0), window=window)
     torch.testing.assert_close(sample([16, 16]), sample(None))  # the window covers the latent: unchanged
+    seen = []  # bounded memory by construction: the UNet never runs on more than one window
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
     big = sample([8, 8])  # latent 4x the window
+    hook.remove()
+    assert seen and set(seen) == {(8, 8)}
     assert torch.isfinite(big).all() and not torch.allclose(big, sample(None))
 
 
