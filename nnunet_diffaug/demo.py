@@ -90,6 +90,8 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     print(format_table(results))
     print()
     print(explain_noise(results))
+    print("What three seeds with the equal-compute and deformed-real controls show on this example: README, "
+          "section 'Measured' (at this CPU scale the synthetic cases do not pay yet).")
     print(f"\nTable, JSON and plot: {workdir / 'benchmark'} (benchmark_table.md, benchmark_results.json, "
           f"benchmark_plot.png)")
     return results
