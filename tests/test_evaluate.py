@@ -368,8 +368,9 @@ def test_cases_smaller_than_the_patch_are_evaluated_and_a_rerun_reuses_the_segme
         shutil.rmtree(folder)
 
 
-def _inpainted_set(raw, dataset_id, train, feather: bool):
-    """Real training cases with a box repainted at bone intensity and labelled spine: an inpainted set."""
+def _inpainted_set(raw, dataset_id, train, feather: bool, clip: tuple | None = None):
+    """Real training cases with a box repainted at bone intensity and labelled spine: an inpainted set.
+    ``clip``: outside the box, the source as CT normalisation clipped it (what diffaug_synthesize writes)."""
     from scipy import ndimage
     real = list_cases(raw / EXAMPLE_NAME)
     prov = SyntheticProvenance(source_dataset=EXAMPLE_NAME, fold=0, configuration=CONFIG, training_cases=list(train),
@@ -379,6 +380,8 @@ def _inpainted_set(raw, dataset_id, train, feather: bool):
     for i, source in enumerate(train[:2]):
         image, label = sitk.ReadImage(real[source]["images"][0]), sitk.ReadImage(real[source]["label"])
         arr, lab = sitk.GetArrayFromImage(image).astype(np.float32), sitk.GetArrayFromImage(label)
+        if clip is not None:
+            arr = np.clip(arr, *clip)
         box = np.zeros(arr.shape, bool)
         box[:, 20:30, 20:30] = True
         weight = ndimage.gaussian_filter(box.astype(np.float32), (0, 2, 2)) if feather else box.astype(np.float32)
@@ -394,17 +397,22 @@ def _inpainted_set(raw, dataset_id, train, feather: bool):
 
 def test_inpainted_sets_report_the_repainted_share_the_seam_and_fidelity_inside_the_region(judge, tmp_path):
     root, splits, _ = judge
+    properties = json.loads((root / "preprocessed" / EXAMPLE_NAME / f"{PLANS}.json").read_text())[
+        "foreground_intensity_properties_per_channel"]["0"]
+    ct_clip = (properties["percentile_00_5"], properties["percentile_99_5"])
     report = {}
-    for dataset_id, feather in ((952, False), (953, True)):
-        folder = _inpainted_set(root / "raw", dataset_id, splits[0]["train"], feather)
+    for dataset_id, feather, clip in ((952, False, None), (953, True, None), (954, False, ct_clip)):
+        folder = _inpainted_set(root / "raw", dataset_id, splits[0]["train"], feather, clip)
         try:
             inputs = resolve_inputs(EXAMPLE_NAME, 0, synthetic=str(folder), trainer=TRAINER, plans=PLANS,
                                     configuration=CONFIG)
-            report[feather] = evaluate(inputs, tmp_path / str(feather), FAST)["inpainting"]
+            report[dataset_id] = evaluate(inputs, tmp_path / str(dataset_id), FAST)["inpainting"]
         finally:
             shutil.rmtree(folder)
-    hard, soft = report[False], report[True]
+    hard, soft, clipped = report[952], report[953], report[954]
     assert hard["cases"] == 2 and hard["mean_changed_share"] == pytest.approx(100 / (64 * 64), rel=0.05)
+    # air below the CT clipping range was written clipped, as diffaug_synthesize does: not a repainted voxel
+    assert clipped["mean_changed_share"] == pytest.approx(hard["mean_changed_share"], rel=0.05)
     assert soft["mean_changed_share"] > hard["mean_changed_share"]  # the feathered margin is repainted too
     # a hard-edged box is a seam; the feathered blend joins the real image far more smoothly
     assert hard["mean_border_gradient_ratio"] > 2 * soft["mean_border_gradient_ratio"]

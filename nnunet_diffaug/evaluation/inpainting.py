@@ -3,7 +3,9 @@ whether a seam shows at the border of the repainted region, and whether the judg
 inside it.
 
 An inpainted case lies on its source case's grid and equals it outside the repainted region, so the region
-is where the two raw images differ. Per case:
+is where the two raw images differ: outside it the written image is the source as nnU-Net normalised it,
+converted back to raw units, so CT sources are first clipped to the plans' normalisation range (voxels
+beyond it, e.g. air at -3000 HU, would otherwise count as changed) and float rounding is tolerated. Per case:
 
 - ``changed_share``: the share of voxels whose intensity differs from the source case;
 - ``border_gradient_ratio``: mean gradient magnitude on the region's one-voxel outer border in the
@@ -26,13 +28,24 @@ def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
     return np.sqrt(sum(g ** 2 for g in np.gradient(image)))
 
 
-def case_metrics(synthetic_image, source_image, labels, prediction, foreground: list[int]) -> dict:
-    """The three metrics of one case from raw arrays (first channel), all on the source case's grid."""
+# float32 round trip raw -> normalised -> raw: differences far below this share of the intensity range
+ROUNDING_TOLERANCE = 1e-4
+
+
+def case_metrics(synthetic_image, source_image, labels, prediction, foreground: list[int],
+                 clip: tuple[float, float] | None = None) -> dict:
+    """The three metrics of one case from raw arrays (first channel), all on the source case's grid.
+    ``clip``: the (low, high) raw range the first channel was clipped to before normalisation (CT)."""
     from scipy import ndimage
     syn, src = _read(synthetic_image), _read(source_image)
     if syn.shape != src.shape:
         return {"note": f"not on its source case's grid ({syn.shape} vs {src.shape}): not an inpainted case"}
-    region = syn != src
+    tolerance = ROUNDING_TOLERANCE * max(float(np.ptp(src if clip is None else np.clip(src, *clip))), 1.0)
+    region = np.abs(syn - src) > tolerance
+    if clip is not None:  # kept voxels hold the source either as read or as clipped by the normalisation
+        src_clipped = np.clip(src, *clip)
+        region &= np.abs(syn - src_clipped) > tolerance
+        src = np.where(np.abs(syn - src_clipped) <= tolerance, src_clipped, src)  # the image the case was cut from
     out = {"changed_share": float(region.mean()), "changed_voxels": int(region.sum())}
     if not region.any():
         return out
@@ -51,7 +64,7 @@ def case_metrics(synthetic_image, source_image, labels, prediction, foreground: 
 
 
 def inpainting_report(synthetic_cases: dict, source_cases: dict[str, str | None], real_cases: dict,
-                      predictions: dict, foreground: list[int]) -> dict:
+                      predictions: dict, foreground: list[int], clip: tuple[float, float] | None = None) -> dict:
     """Per-case metrics and their means, for the cases whose record names a real source case
     (``source_cases``: synthetic case -> its record's source case)."""
     per_case = {}
@@ -60,7 +73,7 @@ def inpainting_report(synthetic_cases: dict, source_cases: dict[str, str | None]
         if source not in real_cases or cid not in predictions:
             continue
         per_case[cid] = {"source_case": source, **case_metrics(case["images"][0], real_cases[source]["images"][0],
-                                                              case["label"], predictions[cid], foreground)}
+                                                              case["label"], predictions[cid], foreground, clip)}
 
     def mean(key):
         values = [r[key] for r in per_case.values() if r.get(key) is not None]

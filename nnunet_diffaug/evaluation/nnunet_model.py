@@ -52,6 +52,15 @@ class TrainedModel:
     def spatial_dims(self) -> int:
         return len(self.patch_size)
 
+    def ct_clip_range(self) -> tuple[float, float] | None:
+        """The raw (low, high) nnU-Net's CT normalisation clips the first channel to (None for other schemes)."""
+        p = self.predictor
+        if p.configuration_manager.normalization_schemes[0] != "CTNormalization":
+            return None
+        props = p.plans_manager.foreground_intensity_properties_per_channel
+        props = props.get("0", props.get(0))
+        return float(props["percentile_00_5"]), float(props["percentile_99_5"])
+
     def preprocess(self, case_id: str, case: dict) -> PreprocessedCase:
         p = self.predictor
         data, seg, props = self.preprocessor.run_case(case["images"], case["label"], p.plans_manager,

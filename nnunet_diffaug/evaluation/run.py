@@ -148,7 +148,8 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     if inputs.provenance is not None and inputs.provenance.generator.get("label_mode") == "inpaint":
         inpainted = inpainting.inpainting_report(inputs.synthetic_cases,
                                                  {cid: _source_case(inputs, cid) for cid in inputs.synthetic_cases},
-                                                 inputs.real_cases, predictions, model.foreground_labels)
+                                                 inputs.real_cases, predictions, model.foreground_labels,
+                                                 model.ct_clip_range())
 
     features = {k: np.concatenate([model.encoder_features(c.data, s.max_tiles_per_case)
                                    for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
