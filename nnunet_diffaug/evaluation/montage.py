@@ -27,16 +27,20 @@ def _most_changed_slice(synthetic: np.ndarray, source: np.ndarray, syn_label: np
                         src_label: np.ndarray) -> int:
     """The axial slice where the inpainted image differs most from its source (where only labels
     changed, the one where they changed most)."""
-    for changed in (synthetic != source, syn_label != src_label):
+    tolerance = 1e-4 * max(float(np.ptp(source)), 1.0)  # float rounding of the raw -> normalised -> raw trip
+    for changed in (np.abs(synthetic.astype(np.float64) - source) > tolerance, syn_label != src_label):
         counts = changed.reshape(changed.shape[0], -1).sum(1)
         if counts.any():
             return int(np.argmax(counts))
     return _best_slice(syn_label)
 
 
-def _panels(row: dict, same_grid: bool) -> list[tuple]:
-    """(image, label overlay, intensity window, colour map) per column of one row."""
+def _panels(row: dict, same_grid: bool, clip: tuple[float, float] | None = None) -> list[tuple]:
+    """(image, label overlay, intensity window, colour map) per column of one row. ``clip``: the raw range
+    CT normalisation clipped the source to (inpainted cases hold it clipped outside the region)."""
     real_img, real_lab = _read(row["real"]["image"]), _read(row["real"]["label"])
+    if same_grid and clip is not None:
+        real_img = np.clip(real_img, *clip)
     syn_img, syn_lab = _read(row["synthetic"]["image"]), _read(row["synthetic"]["label"])
     window = np.percentile(real_img, [1, 99])  # one window for both: brightness differences stay visible
     if same_grid and syn_img.shape == real_img.shape:
@@ -53,7 +57,8 @@ def _panels(row: dict, same_grid: bool) -> list[tuple]:
             (syn_img[zs], pred, window, "gray")]
 
 
-def write_montage(rows: list[dict], path: Path, n_classes: int, title: str, inpainted: bool = False) -> None:
+def write_montage(rows: list[dict], path: Path, n_classes: int, title: str, inpainted: bool = False,
+                  clip: tuple[float, float] | None = None) -> None:
     """``rows``: dicts with 'real' and 'synthetic' {'name', 'image', 'label'} and optional 'prediction' (files).
     ``inpainted``: the synthetic cases lie on their real (source) case's grid; one slice through both is shown."""
     import matplotlib
@@ -67,7 +72,7 @@ def write_montage(rows: list[dict], path: Path, n_classes: int, title: str, inpa
                ["real: image", "real: label", "synthetic: image", "synthetic: label", "synthetic: nnU-Net reads"])
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        for c, (img, lab, (low, high), colours) in enumerate(_panels(row, inpainted)):
+        for c, (img, lab, (low, high), colours) in enumerate(_panels(row, inpainted, clip)):
             ax = axes[r, c]
             ax.imshow(img, cmap=colours, vmin=low, vmax=high)
             if lab is not None:

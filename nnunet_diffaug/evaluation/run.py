@@ -191,7 +191,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     rows = _montage_rows(inputs, predictions, s.montage_rows)
     write_montage(rows, out / "evaluation_montage.png", len(classes),
                   f"{inputs.synthetic_folder.name} vs {inputs.dataset_name} fold {inputs.fold}",
-                  inpainted=inpainted is not None)
+                  inpainted=inpainted is not None, clip=model.ct_clip_range())
     write_report(result, out)
     result["output_folder"] = str(out)
     return result
