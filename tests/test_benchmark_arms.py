@@ -383,15 +383,23 @@ def test_inpaint_arms_and_synthesis_options_from_an_arms_file_reach_diffaug_synt
     arms_file.write_text(json.dumps({"inpaint_spine": {
         "trainer": "nnUNetTrainerDiffAug", "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.33},
         "synthetic": {"generator": "diffusion", "labels": "inpaint",
-                      "options": {"--classes": "spine", "--edit": "move,scale", "--margin": 3}}}}))
+                      "options": {"--classes": "spine", "--edit": "move,scale", "--margin": 3}}},
+        "calibrated": {"trainer": "nnUNetTrainerDiffAug", "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.33},
+                       "synthetic": {"generator": "diffusion", "labels": "real",
+                                     "options": {"--calibrate-intensity": ""}}}}))
     s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
-                          arms=("inpaint_spine", "diffaug_r33"), arms_file=str(arms_file))
-    runner = FakeRunner({"stock": 0.6, "inpaint_spine": 0.61, "diffaug_r33": 0.62})
+                          arms=("inpaint_spine", "calibrated", "diffaug_r33"), arms_file=str(arms_file))
+    runner = FakeRunner({"stock": 0.6, "inpaint_spine": 0.61, "calibrated": 0.63, "diffaug_r33": 0.62})
     run_benchmark(s, tmp_path / "ws", runner=runner)
     inpaint = [c for c, _ in runner.named("diffaug_synthesize") if _flag(c, "--labels") == "inpaint"]
     assert len(inpaint) == 1
     assert (_flag(inpaint[0], "--classes"), _flag(inpaint[0], "--edit"), _flag(inpaint[0], "--margin")) == \
         ("spine", "move,scale", "3")
+    # a flag without a value (given as "") is passed alone, and its set is another set than plain diffaug_r33's
+    real = [c for c, _ in runner.named("diffaug_synthesize") if _flag(c, "--labels") == "real"]
+    assert sorted("--calibrate-intensity" in c for c in real) == [False, True]
+    flagged = next(c for c in real if "--calibrate-intensity" in c)
+    assert flagged[flagged.index("--calibrate-intensity") + 1:][:1] != [""]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"x": {"trainer": "nnUNetTrainerDiffAug",
                                      "synthetic": {"labels": "inpaint", "options": {"--epochs": 3}}}}))
