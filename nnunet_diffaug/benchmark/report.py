@@ -13,6 +13,7 @@ from nnunet_diffaug.benchmark.workspace import (TIMINGS_FILE, TRAINING_STATS_FIL
                                                 summary_file)
 from nnunet_diffaug.file_io import atomic_path, atomic_write_json, atomic_write_text
 from nnunet_diffaug.raw_dataset import load_dataset_json
+from nnunet_diffaug.trainers.budget import ITERATION_SCALE_ENV, scaled_iterations
 
 
 def _nnunet_log_wall_time(folder: Path, summary: Path) -> float | None:
@@ -47,8 +48,8 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
                 iterations = stats["iterations_vs_stock"] * budget_iterations
             if iterations is None and "DIFFAUG_EQUAL_REAL_EXPOSURE" not in dict(arm.env):
                 # an arm that does not scale its iterations runs the budget; stock_x<PPP> runs it scaled
-                scale = float(dict(arm.env).get("DIFFAUG_ITERATION_SCALE", 1))
-                iterations = s.epochs * round(s.iterations * scale)
+                scale = float(dict(arm.env).get(ITERATION_SCALE_ENV, 1))
+                iterations = s.epochs * scaled_iterations(s.iterations, scale)
             runs.append({"arm": arm.name, "trainer": arm.trainer, "fold": fold, "size": f["size"],
                          "n_train": f["n_train"], "seed": f["seed"], "train_cases": f["train"],
                          "dice": {labels[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in labels},

@@ -32,6 +32,21 @@ def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
 ROUNDING_TOLERANCE = 1e-4
 
 
+def repainted_region(synthetic: np.ndarray, source: np.ndarray,
+                     clip: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(region, kept source) of an inpainted case and its source image, on one grid.
+
+    ``region``: the voxels that differ from the source beyond float rounding. Kept voxels hold the source
+    either as read or, with ``clip`` (the raw range CT normalisation clipped it to), as clipped; the kept
+    source is the source with those clipped values, the image the case was cut from."""
+    synthetic, source = np.asarray(synthetic, np.float64), np.asarray(source, np.float64)
+    clipped = source if clip is None else np.clip(source, *clip)
+    tolerance = ROUNDING_TOLERANCE * max(float(np.ptp(clipped)), 1.0)
+    kept_as_clipped = np.abs(synthetic - clipped) <= tolerance
+    region = (np.abs(synthetic - source) > tolerance) & ~kept_as_clipped
+    return region, np.where(kept_as_clipped, clipped, source)
+
+
 def case_metrics(synthetic_image, source_image, labels, prediction, foreground: list[int],
                  clip: tuple[float, float] | None = None) -> dict:
     """The three metrics of one case from raw arrays (first channel), all on the source case's grid.
@@ -40,12 +55,7 @@ def case_metrics(synthetic_image, source_image, labels, prediction, foreground: 
     syn, src = _read(synthetic_image), _read(source_image)
     if syn.shape != src.shape:
         return {"note": f"not on its source case's grid ({syn.shape} vs {src.shape}): not an inpainted case"}
-    tolerance = ROUNDING_TOLERANCE * max(float(np.ptp(src if clip is None else np.clip(src, *clip))), 1.0)
-    region = np.abs(syn - src) > tolerance
-    if clip is not None:  # kept voxels hold the source either as read or as clipped by the normalisation
-        src_clipped = np.clip(src, *clip)
-        region &= np.abs(syn - src_clipped) > tolerance
-        src = np.where(np.abs(syn - src_clipped) <= tolerance, src_clipped, src)  # the image the case was cut from
+    region, src = repainted_region(syn, src, clip)
     out = {"changed_share": float(region.mean()), "changed_voxels": int(region.sum())}
     if not region.any():
         return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_diffaug.evaluation.inpainting import repainted_region
 from nnunet_diffaug.file_io import atomic_path
 
 
@@ -23,12 +24,10 @@ def _best_slice(label: np.ndarray) -> int:
     return int(np.argmax(counts)) if counts.any() else label.shape[0] // 2
 
 
-def _most_changed_slice(synthetic: np.ndarray, source: np.ndarray, syn_label: np.ndarray,
-                        src_label: np.ndarray) -> int:
-    """The axial slice where the inpainted image differs most from its source (where only labels
-    changed, the one where they changed most)."""
-    tolerance = 1e-4 * max(float(np.ptp(source)), 1.0)  # float rounding of the raw -> normalised -> raw trip
-    for changed in (np.abs(synthetic.astype(np.float64) - source) > tolerance, syn_label != src_label):
+def _most_changed_slice(region: np.ndarray, syn_label: np.ndarray, src_label: np.ndarray) -> int:
+    """The axial slice where most of the inpainted image was repainted (where only labels changed, the one
+    where they changed most)."""
+    for changed in (region, syn_label != src_label):
         counts = changed.reshape(changed.shape[0], -1).sum(1)
         if counts.any():
             return int(np.argmax(counts))
@@ -39,17 +38,17 @@ def _panels(row: dict, same_grid: bool, clip: tuple[float, float] | None = None)
     """(image, label overlay, intensity window, colour map) per column of one row. ``clip``: the raw range
     CT normalisation clipped the source to (inpainted cases hold it clipped outside the region)."""
     real_img, real_lab = _read(row["real"]["image"]), _read(row["real"]["label"])
-    if same_grid and clip is not None:
-        real_img = np.clip(real_img, *clip)
     syn_img, syn_lab = _read(row["synthetic"]["image"]), _read(row["synthetic"]["label"])
-    window = np.percentile(real_img, [1, 99])  # one window for both: brightness differences stay visible
     if same_grid and syn_img.shape == real_img.shape:
-        z = _most_changed_slice(syn_img, real_img, syn_lab, real_lab)
+        region, real_img = repainted_region(syn_img, real_img, clip)  # the source as the case holds it
+        window = np.percentile(real_img, [1, 99])
+        z = _most_changed_slice(region, syn_lab, real_lab)
         diff = syn_img[z].astype(np.float64) - real_img[z]
         half = max(float(np.abs(diff).max()), 1e-6)
         return [(real_img[z], None, window, "gray"), (real_img[z], real_lab[z], window, "gray"),
                 (real_img[z], syn_lab[z], window, "gray"), (syn_img[z], None, window, "gray"),
                 (diff, None, (-half, half), "coolwarm")]
+    window = np.percentile(real_img, [1, 99])  # one window for both: brightness differences stay visible
     zr, zs = _best_slice(real_lab), _best_slice(syn_lab)
     pred = _read(row["prediction"])[zs] if row.get("prediction") else None
     return [(real_img[zr], None, window, "gray"), (real_img[zr], real_lab[zr], window, "gray"),

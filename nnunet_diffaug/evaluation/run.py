@@ -144,12 +144,11 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
                      for cid, case in tqdm(cases.items(), desc=f"preprocessing {name} cases", disable=not s.progress)}
 
     fidelity_result, fid_per_case, predictions = _label_fidelity(model, inputs, pre, out, s)
-    inpainted = None
+    inpainted, clip = None, model.ct_clip_range()
     if inputs.provenance is not None and inputs.provenance.generator.get("label_mode") == "inpaint":
         inpainted = inpainting.inpainting_report(inputs.synthetic_cases,
                                                  {cid: _source_case(inputs, cid) for cid in inputs.synthetic_cases},
-                                                 inputs.real_cases, predictions, model.foreground_labels,
-                                                 model.ct_clip_range())
+                                                 inputs.real_cases, predictions, model.foreground_labels, clip)
 
     features = {k: np.concatenate([model.encoder_features(c.data, s.max_tiles_per_case)
                                    for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
@@ -191,7 +190,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
     rows = _montage_rows(inputs, predictions, s.montage_rows)
     write_montage(rows, out / "evaluation_montage.png", len(classes),
                   f"{inputs.synthetic_folder.name} vs {inputs.dataset_name} fold {inputs.fold}",
-                  inpainted=inpainted is not None, clip=model.ct_clip_range())
+                  inpainted=inpainted is not None, clip=clip)
     write_report(result, out)
     result["output_folder"] = str(out)
     return result

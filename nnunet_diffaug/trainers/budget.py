@@ -23,6 +23,11 @@ BUDGET_ENV = {
 ITERATION_SCALE_ENV = "DIFFAUG_ITERATION_SCALE"
 
 
+def scaled_iterations(iterations_per_epoch: int, scale: float) -> int:
+    """Iterations per epoch under ``DIFFAUG_ITERATION_SCALE`` (the benchmark reports the same number)."""
+    return round(iterations_per_epoch * scale)
+
+
 def env_float(name: str, default: float, low: float, high: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -58,7 +63,7 @@ def apply_budget_from_env(trainer) -> None:
                 raise DiffAugError(f"Environment variable {env_name}={os.environ[env_name]!r} must be an integer.")
             setattr(trainer, attribute, int(value))
     scale = env_float(ITERATION_SCALE_ENV, 1.0, 1.0, 100.0)
-    trainer.num_iterations_per_epoch = round(trainer.num_iterations_per_epoch * scale)
+    trainer.num_iterations_per_epoch = scaled_iterations(trainer.num_iterations_per_epoch, scale)
     if os.environ.get("DIFFAUG_SEED"):
         seed = int(env_float("DIFFAUG_SEED", 0, 0, 2 ** 31 - 1))
         import random
