@@ -396,10 +396,12 @@ def synthesize_entry(argv=None):
                    help="synthesizers trained with class intensity: paint CLASS (label name or value) at this mean, "
                         "in the units of the synthetic raw images (HU for CT; normalised values for z-scored "
                         "channels); MEAN may be M0,M1,.. one per channel")
-    p.add_argument("--calibrate-intensity", action="store_true",
-                   help="--generator diffusion: after painting, move every foreground class's mean intensity to a "
-                        "real case's (the label map's source case, else a random training case; its spread toward "
-                        "that case's, the painted texture kept), so no structure looks like its surroundings")
+    p.add_argument("--calibrate-intensity", action=argparse.BooleanOptionalAction, default=None,
+                   help="--generator diffusion (on by default): after painting, move every foreground class's mean "
+                        "intensity to a real case's (the label map's source case, else a random training case; its "
+                        "spread toward that case's, the painted texture kept), so no structure looks like its "
+                        "surroundings; --no-calibrate-intensity keeps the cases as painted (and continues sets made "
+                        "before this was the default)")
     inpaint = p.add_argument_group(
         "inpainting (--labels inpaint)", "edit one structure of a real case and repaint only the region around it; "
                                          "outside it every voxel is the real case's")

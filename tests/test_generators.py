@@ -197,6 +197,7 @@ def _entries(root: Path) -> set:
     (["--generator", "randomised", "--randomisation", "RANGES"], "unknown key(s) ['noise']"),
     (["--generator", "randomised", "--randomisation", "MISSING"], "no such file"),
     (["--generator", "randomised", "--labels", "generated"], "no synthesizer was trained here"),
+    (["--generator", "randomised", "--calibrate-intensity"], "--calibrate-intensity do(es) not apply"),
 ])
 def test_bad_generator_requests_are_refused_before_anything_is_written(root, tmp_path, capsys, extra, words):
     ranges = tmp_path / "ranges.json"

@@ -178,10 +178,10 @@ def test_synthesized_2d_dataset_is_valid_resumable_and_reproducible(trained_2d, 
     assert not np.array_equal(_case_arrays(out, "synth_00000")[1], _case_arrays(out, "synth_00004")[1])
 
 
-def test_calibrated_intensity_puts_every_structure_at_its_source_cases_intensity(trained_2d, root):
+def test_synthesis_calibrates_every_structure_to_its_source_cases_intensity_by_default(trained_2d, root):
     raw = root / "raw"
     folders = {}
-    for out_id, extra in (("952", []), ("953", ["--calibrate-intensity"])):
+    for out_id, extra in (("952", ["--no-calibrate-intensity"]), ("953", [])):
         cli.synthesize_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-n", "2", "-o", out_id, "--seed", "4",
                               "--labels", "real-aligned", "-device", "cpu", *extra])
         folders[out_id] = raw / f"Dataset{out_id}_ChestCTSlabsSynthF0"
