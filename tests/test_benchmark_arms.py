@@ -232,10 +232,11 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
     results = run_benchmark(dataclasses.replace(s, arms=("diffaug_r33", "patchmix", "diffaug_r50")), ws, runner=runner)
     assert runner.trained() == [("patchmix", 0), ("diffaug_r50", 0)]  # stock and diffaug_r33 are not retrained
     synth = {_flag(c, "--labels"): _flag(c, "-o") for c, _ in runner.named("diffaug_synthesize")}
-    # the new real-aligned set takes the next free id; diffaug_r50 continues the older run's set (id 900)
-    assert synth == {"real-aligned": "901", "real": "900"}
+    # the new arms take new calibrated sets: the older run's set (id 900) was painted without calibration
+    assert synth == {"real-aligned": "901", "real": "902"}
+    assert all("--calibrate-intensity" in c for c, _ in runner.named("diffaug_synthesize"))
     envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}
-    assert envs["diffaug_r50"]["DIFFAUG_SYNTHETIC_DATASET"] == "Dataset900_ToySynthF0"
+    assert envs["diffaug_r50"]["DIFFAUG_SYNTHETIC_DATASET"] == "Dataset902_ToySynthF0"
     assert envs["patchmix"]["DIFFAUG_SYNTHETIC_DATASET"] == "Dataset901_ToySynthF0"
     rows = {r["arm"]: r for r in results["aggregate"]}
     assert rows["diffaug_r33"]["difference_vs_stock"] == pytest.approx(0.1)
@@ -247,7 +248,13 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
     run_benchmark(dataclasses.replace(s, seeds=(0, 1), arms=("diffaug_r33", "patchmix", "diffaug_r50")), ws,
                   runner=more)
     assert more.trained() == [("stock", 1), ("diffaug_r33", 1), ("patchmix", 1), ("diffaug_r50", 1)]
-    assert sorted(_flag(c, "-f") for c, _ in more.named("diffaug_synthesize")) == ["1", "1"]
+    assert sorted(_flag(c, "-f") for c, _ in more.named("diffaug_synthesize")) == ["1", "1", "1"]
+    # diffaug_r33 keeps the meaning it was trained with here (painted), the arms added later are calibrated
+    real_sets = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")
+                 if _flag(c, "--labels") == "real"}
+    envs = {Path(env["nnUNet_results"]).name: env for _, env in more.named("nnUNetv2_train")}
+    assert real_sets[envs["diffaug_r33"]["DIFFAUG_SYNTHETIC_DATASET"][7:10]] is True    # painted
+    assert real_sets[envs["diffaug_r50"]["DIFFAUG_SYNTHETIC_DATASET"][7:10]] is False   # calibrated
     assert len(more.named("diffaug_train_synthesizer")) == 1
 
     # a budget change is still refused; a custom arm reusing a trained arm's name for something else too
@@ -262,6 +269,29 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
     with pytest.raises(DiffAugError, match="trained arm 'patchmix_v2' as .* rename the custom arm"):
         run_benchmark(dataclasses.replace(s, arms=("patchmix_v2",), arms_file=str(arms_file)), ws,
                       runner=FakeRunner({}))
+
+
+def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_path, monkeypatch, capsys):
+    """Before calibration was diffaug_synthesize's default, workspaces recorded diffusion arms without it: adding
+    a seed there must train diffaug_r33 on painted cases again, not mix calibrated ones into its rows."""
+    _user_dataset(tmp_path, monkeypatch)
+    ws = tmp_path / "ws"
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
+                          arms=("diffaug_r33", "diffaug_r50"))
+    run_benchmark(s, ws, runner=FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r50": 0.65}))
+    recorded = json.loads((ws / "benchmark_arms.json").read_text())
+    assert recorded["diffaug_r33"]["synthetic"]["options"] == {"--calibrate-intensity": ""}
+    # rewrite the record as an earlier version left it: diffaug_r33's set as painted
+    recorded["diffaug_r33"]["synthetic"].pop("options")
+    (ws / "benchmark_arms.json").write_text(json.dumps(recorded))
+    more = FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r50": 0.65})
+    run_benchmark(dataclasses.replace(s, seeds=(0, 1)), ws, runner=more)
+    assert "'diffaug_r33' was trained here on synthetic cases as painted" in capsys.readouterr().out
+    commands = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
+                for _, env in more.named("nnUNetv2_train") if "DIFFAUG_SYNTHETIC_DATASET" in env}
+    painted = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")}
+    assert painted == {commands["diffaug_r33"][7:10]: True, commands["diffaug_r50"][7:10]: False}
+    assert json.loads((ws / "benchmark_arms.json").read_text())["diffaug_r33"] == recorded["diffaug_r33"]
 
 
 def test_unknown_arm_is_refused_before_the_workspace_is_made(tmp_path, monkeypatch):
@@ -386,20 +416,32 @@ def test_inpaint_arms_and_synthesis_options_from_an_arms_file_reach_diffaug_synt
                       "options": {"--classes": "spine", "--edit": "move,scale", "--margin": 3}}},
         "calibrated": {"trainer": "nnUNetTrainerDiffAug", "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.33},
                        "synthetic": {"generator": "diffusion", "labels": "real",
-                                     "options": {"--calibrate-intensity": ""}}}}))
+                                     "options": {"--calibrate-intensity": ""}}},
+        "as_painted": {"trainer": "nnUNetTrainerDiffAug", "env": {"DIFFAUG_SYNTHETIC_RATIO": 0.5},
+                       "synthetic": {"generator": "diffusion", "labels": "real",
+                                     "options": {"--no-calibrate-intensity": ""}}}}))
     s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
-                          arms=("inpaint_spine", "calibrated", "diffaug_r33"), arms_file=str(arms_file))
-    runner = FakeRunner({"stock": 0.6, "inpaint_spine": 0.61, "calibrated": 0.63, "diffaug_r33": 0.62})
+                          arms=("inpaint_spine", "calibrated", "diffaug_r33", "as_painted", "diffaug_r33_painted"),
+                          arms_file=str(arms_file))
+    runner = FakeRunner({"stock": 0.6, "inpaint_spine": 0.61, "calibrated": 0.63, "diffaug_r33": 0.62,
+                         "as_painted": 0.5, "diffaug_r33_painted": 0.55})
     run_benchmark(s, tmp_path / "ws", runner=runner)
     inpaint = [c for c, _ in runner.named("diffaug_synthesize") if _flag(c, "--labels") == "inpaint"]
     assert len(inpaint) == 1
     assert (_flag(inpaint[0], "--classes"), _flag(inpaint[0], "--edit"), _flag(inpaint[0], "--margin")) == \
         ("spine", "move,scale", "3")
-    # a flag without a value (given as "") is passed alone, and its set is another set than plain diffaug_r33's
+    # calibration is diffaug_synthesize's default: the custom calibrated arm shares diffaug_r33's set, and the
+    # painted arms (custom --no-calibrate-intensity and built-in _painted) share another; valueless flags pass alone
     real = [c for c, _ in runner.named("diffaug_synthesize") if _flag(c, "--labels") == "real"]
     assert sorted("--calibrate-intensity" in c for c in real) == [False, True]
-    flagged = next(c for c in real if "--calibrate-intensity" in c)
-    assert flagged[flagged.index("--calibrate-intensity") + 1:][:1] != [""]
+    assert sorted("--no-calibrate-intensity" in c for c in real) == [False, True]
+    for flag in ("--calibrate-intensity", "--no-calibrate-intensity"):
+        flagged = next(c for c in real if flag in c)
+        assert flagged[flagged.index(flag) + 1:][:1] != [""]
+    envs = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
+            for _, env in runner.named("nnUNetv2_train") if "DIFFAUG_SYNTHETIC_DATASET" in env}
+    assert envs["calibrated"] == envs["diffaug_r33"] != envs["as_painted"] == envs["diffaug_r33_painted"]
+    assert builtin_arm("deformed_real_r33_painted") is None  # only diffusion cases are painted
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"x": {"trainer": "nnUNetTrainerDiffAug",
                                      "synthetic": {"labels": "inpaint", "options": {"--epochs": 3}}}}))

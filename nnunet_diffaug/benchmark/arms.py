@@ -11,7 +11,9 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   iterations so the arm sees as many real samples as stock, ``_generated`` paints generated label
   maps instead of deformed real ones, ``_inpaint`` repaints a region around one structure of each real
   case (``--labels inpaint``; choose classes and edits in an arms file's synthetic ``options``), ``_judged`` keeps the n of 2n candidates that the fold's stock
-  model (trained on the same real subset) segments best (``diffaug_synthesize --judge``).
+  model (trained on the same real subset) segments best (``diffaug_synthesize --judge``), ``_painted`` trains on
+  the cases as the synthesizer painted them (``--no-calibrate-intensity``; every other diffusion set has its
+  classes calibrated to real intensities, ``diffaug_synthesize``'s default).
 - ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
   synthesized ones (control: is the gain just from more geometric augmentation?).
 - ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
@@ -20,7 +22,11 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
 - ``patchmix[_alpha<NN>]``: ``nnUNetTrainerDiffAugPatchMix`` on a ``real-aligned`` synthetic set.
 
 Custom arms come from a JSON file: ``{"name": {"trainer": ..., "env": {...}, "synthetic":
-{"generator": ..., "labels": ...} or null}}``.
+{"generator": ..., "labels": ..., "options": {...}} or null}}``; a diffusion set is calibrated unless its
+options hold ``"--no-calibrate-intensity": ""``.
+
+Workspaces made before calibration was the default recorded their diffusion arms without it: such an arm
+keeps that meaning in that workspace (see :func:`keep_recorded_meaning`), so adding seeds never mixes the two.
 """
 from __future__ import annotations
 
@@ -39,7 +45,11 @@ GENERATORS = ("diffusion", "randomised", "deformed-real")
 LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
 # diffaug_synthesize flags an arms file may set for its synthetic set (the rest is the benchmark's to set alike)
 SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range", "--resample-jumps",
-                     "--volume", "--guidance", "--intensity-jitter", "--randomisation", "--calibrate-intensity")
+                     "--volume", "--guidance", "--intensity-jitter", "--randomisation", "--calibrate-intensity",
+                     "--no-calibrate-intensity")
+# A calibrated diffusion set carries this option; a set without it is as painted (the benchmark then passes
+# --no-calibrate-intensity), which is what every diffusion set of earlier workspaces was.
+CALIBRATE = ("--calibrate-intensity", "")
 # Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
                 "DIFFAUG_SYNTHETIC_DATASET")
@@ -47,14 +57,15 @@ DEFAULT_ARMS = ("stock", "diffaug_r33")
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
-                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?(?P<judged>_judged)?$")
+                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
+                     r"(?P<judged>_judged)?(?P<painted>_painted)?$")
 _LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
 
 GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
-                "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged), e.g. diffaug_r33, "
-                "diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
+                "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged, _painted), e.g. "
+                "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
 
@@ -65,6 +76,14 @@ class SyntheticSpec:
     labels: str = "real"
     judge: bool = False                  # keep the half of 2n candidates the fold's stock arm reads best
     options: tuple = ()                  # sorted (flag, value) pairs passed to diffaug_synthesize, e.g. --classes
+
+    @property
+    def calibrated(self) -> bool:
+        return CALIBRATE in self.options
+
+    def as_painted(self) -> "SyntheticSpec":
+        """The same set with the cases as painted (no per-class intensity calibration)."""
+        return dataclasses.replace(self, options=tuple(o for o in self.options if o != CALIBRATE))
 
     @property
     def needs_synthesizer(self) -> bool:
@@ -92,6 +111,9 @@ class Arm:
     trainer: str
     env: tuple = ()                      # sorted (variable, value) pairs, values as strings
     synthetic: SyntheticSpec | None = None
+
+    def as_painted(self) -> "Arm":
+        return dataclasses.replace(self, synthetic=None if self.synthetic is None else self.synthetic.as_painted())
 
     def to_json(self) -> dict:
         return {"trainer": self.trainer, "env": dict(self.env),
@@ -131,17 +153,19 @@ def builtin_arm(name: str) -> Arm | None:
             env["DIFFAUG_SYNTHETIC_SCHEDULE"] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
-        if m["inpaint"] and m["source"] != "diffaug":
-            return None  # only the diffusion model repaints a region (the other generators refuse it)
+        if (m["inpaint"] or m["painted"]) and m["source"] != "diffaug":
+            return None  # only the diffusion model repaints a region or has painted cases to calibrate
         labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
-        spec = SyntheticSpec(_SOURCE_GENERATOR[m["source"]], labels, bool(m["judged"]))
+        generator = _SOURCE_GENERATOR[m["source"]]
+        calibrate = (CALIBRATE,) if generator == "diffusion" and not m["painted"] else ()
+        spec = SyntheticSpec(generator, labels, bool(m["judged"]), calibrate)
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:
         env = {} if m["alpha"] is None else {"DIFFAUG_PATCHMIX_ALPHA": int(m["alpha"]) / 100}
         if m["alpha"] is not None and int(m["alpha"]) > 100:
             return None
-        return Arm(name, PATCHMIX_TRAINER, _env(**env), SyntheticSpec("diffusion", "real-aligned"))
+        return Arm(name, PATCHMIX_TRAINER, _env(**env), SyntheticSpec("diffusion", "real-aligned", options=(CALIBRATE,)))
     return None
 
 
@@ -198,10 +222,22 @@ def _custom_arm(name: str, spec, path: Path) -> Arm:
                 isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in options.values()):
             raise DiffAugError(f"{where}: synthetic 'options' must map diffaug_synthesize flags among "
                                f"{list(SYNTHESIS_OPTIONS)} to strings or numbers.")
-        s = SyntheticSpec(synthetic.get("generator", "diffusion"), synthetic.get("labels", "real"),
-                          options=tuple(sorted((k, str(v)) for k, v in options.items())))
-        if s.generator not in GENERATORS:
-            raise DiffAugError(f"{where}: synthetic generator {s.generator!r} is not one of {list(GENERATORS)}.")
+        generator = synthetic.get("generator", "diffusion")
+        if generator not in GENERATORS:
+            raise DiffAugError(f"{where}: synthetic generator {generator!r} is not one of {list(GENERATORS)}.")
+        options = {k: str(v) for k, v in options.items()}
+        if "--calibrate-intensity" in options and "--no-calibrate-intensity" in options:
+            raise DiffAugError(f"{where}: synthetic 'options' hold both --calibrate-intensity and "
+                               f"--no-calibrate-intensity; keep one.")
+        if generator != "diffusion" and "--calibrate-intensity" in options:
+            raise DiffAugError(f"{where}: --calibrate-intensity applies to the diffusion generator only, not "
+                               f"{generator!r}.")
+        # canonical form: calibrated diffusion sets carry CALIBRATE, as painted ones carry nothing
+        painted = options.pop("--no-calibrate-intensity", None) is not None
+        options.pop("--calibrate-intensity", None)
+        if generator == "diffusion" and not painted:
+            options[CALIBRATE[0]] = CALIBRATE[1]
+        s = SyntheticSpec(generator, synthetic.get("labels", "real"), options=tuple(sorted(options.items())))
         if s.labels not in LABEL_MODES:
             raise DiffAugError(f"{where}: synthetic labels {s.labels!r} is not one of {list(LABEL_MODES)}.")
         synthetic = s

@@ -20,7 +20,7 @@ from nnunet_diffaug.paths import console_script
 from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec, builtin_arm
 from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
-                                               settings_arms)
+                                               keep_recorded_meaning, settings_arms)
 from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, fold_folder, make_workspace,
                                                 record_timing, summary_file, write_splits)
 from nnunet_diffaug.errors import DiffAugError
@@ -74,6 +74,8 @@ def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: Synthet
         cmd += ["--sampler", s.sampler, "--steps", str(s.steps)]
     else:  # no synthesizer: the generator reads the preprocessed data of the benchmark's plans
         cmd += ["--generator", spec.generator, "-plans", s.plans]
+    if spec.generator == "diffusion" and not spec.calibrated:
+        cmd += ["--no-calibrate-intensity"]  # diffaug_synthesize calibrates by default
     if spec.judge:
         cmd += ["--judge", str(judge), "--candidates", str(2 * s.n_synthetic)]
     for flag, value in spec.options:
@@ -124,6 +126,7 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     if not (pre / f"{s.plans}.json").is_file():
         raise DiffAugError(f"{pre / (s.plans + '.json')} does not exist: plan and preprocess {s.dataset} first.")
     check_same_arm_settings(workdir / "benchmark_settings.json", s)
+    arms = keep_recorded_meaning(workdir / "benchmark_arms.json", arms)
     definitions = check_arm_definitions(workdir / "benchmark_arms.json", arms)
 
     cases = sorted(list_cases(workdir / "raw" / s.dataset, load_dataset_json(workdir / "raw" / s.dataset)))

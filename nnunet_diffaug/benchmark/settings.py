@@ -5,7 +5,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from nnunet_diffaug.benchmark.arms import DEFAULT_ARMS, Arm, load_arms_file, ratio_arm_name, resolve_arms
+from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, Arm, builtin_arm, load_arms_file, ratio_arm_name,
+                                          resolve_arms)
 from nnunet_diffaug.errors import DiffAugError
 
 
@@ -55,6 +56,37 @@ def check_same_arm_settings(settings_file: Path, s: BenchmarkSettings) -> None:
     if changed:
         raise DiffAugError(f"{settings_file.parent} holds arms trained with other settings ({'; '.join(changed)}): "
                            f"their results would be mixed into one table. Use a new workspace folder (-o).")
+
+
+def _recorded_definitions(arms_file: Path) -> dict:
+    """The arm definitions a workspace recorded; a workspace of the first benchmark versions recorded only its
+    settings (built-in arms, named by --ratios / --arms), and every diffusion set then was as painted."""
+    if arms_file.is_file():
+        return json.loads(arms_file.read_text())
+    settings_file = arms_file.parent / "benchmark_settings.json"
+    if not settings_file.is_file():
+        return {}
+    old = json.loads(settings_file.read_text())
+    names = [*old.get("arms", ()), *(ratio_arm_name(r) for r in old.get("ratios", ())),
+             *(["synthetic_only"] if old.get("synthetic_only") else [])]
+    arms = [builtin_arm(name) for name in names]
+    return {arm.name: arm.as_painted().to_json() for arm in arms if arm is not None}
+
+
+def keep_recorded_meaning(arms_file: Path, arms: list[Arm]) -> list[Arm]:
+    """Arms that a workspace trained before diffusion sets were calibrated by default (recorded as painted, now
+    defined as calibrated) keep the painted meaning in that workspace, so new seeds or sizes never mix the two."""
+    known = _recorded_definitions(arms_file)
+    kept = []
+    for arm in arms:
+        if (arm.name in known and arm.synthetic is not None and arm.synthetic.calibrated
+                and known[arm.name] == arm.as_painted().to_json()):
+            print(f"{arms_file.parent}: arm {arm.name!r} was trained here on synthetic cases as painted (before "
+                  f"per-class intensity calibration was the default) and keeps that meaning in this workspace; "
+                  f"use a new workspace (-o) for the calibrated arm.")
+            arm = arm.as_painted()
+        kept.append(arm)
+    return kept
 
 
 def check_arm_definitions(arms_file: Path, arms: list[Arm]) -> dict:

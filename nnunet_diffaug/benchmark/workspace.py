@@ -139,7 +139,7 @@ class SyntheticSets:
         atomic_write_json(self.file, self.sets)
 
     def _legacy_set(self, fold: int, spec: SyntheticSpec) -> str | None:
-        if spec.generator != "diffusion" or spec.judge:  # earlier versions made plain diffusion sets only
+        if spec.generator != "diffusion" or spec.judge or spec.options:  # earlier versions: plain painted sets only
             return None
         taken = {v["dataset"] for v in self.sets.values()}
         for folder in find_synthetic_datasets(self.workdir / "raw", self.dataset, fold):
