@@ -286,7 +286,7 @@ def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_
     (ws / "benchmark_arms.json").write_text(json.dumps(recorded))
     more = FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r50": 0.65})
     run_benchmark(dataclasses.replace(s, seeds=(0, 1)), ws, runner=more)
-    assert "'diffaug_r33' was trained here on synthetic cases as painted" in capsys.readouterr().out
+    assert "'diffaug_r33' was defined here with synthetic cases as painted" in capsys.readouterr().out
     commands = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
                 for _, env in more.named("nnUNetv2_train") if "DIFFAUG_SYNTHETIC_DATASET" in env}
     painted = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")}

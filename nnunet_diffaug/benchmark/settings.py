@@ -81,9 +81,9 @@ def keep_recorded_meaning(arms_file: Path, arms: list[Arm]) -> list[Arm]:
     for arm in arms:
         if (arm.name in known and arm.synthetic is not None and arm.synthetic.calibrated
                 and known[arm.name] == arm.as_painted().to_json()):
-            print(f"{arms_file.parent}: arm {arm.name!r} was trained here on synthetic cases as painted (before "
+            print(f"{arms_file.parent}: arm {arm.name!r} was defined here with synthetic cases as painted (before "
                   f"per-class intensity calibration was the default) and keeps that meaning in this workspace; "
-                  f"use a new workspace (-o) for the calibrated arm.")
+                  f"for the calibrated arm use a new workspace (-o) or an arms file with another name.")
             arm = arm.as_painted()
         kept.append(arm)
     return kept
