@@ -375,11 +375,16 @@ def test_demo_explains_that_small_one_seed_differences_are_noise():
     from nnunet_diffaug.demo import explain_noise
     results = {"test_cases": ["a", "b", "c"], "runs": [{"seed": 0, "n_train": 5}],
                "aggregate": [{"arm": "stock"}, {"arm": "diffaug_r33", "difference_vs_stock": -0.002},
-                             {"arm": "patchmix", "difference_vs_stock": 0.09}]}
+                             {"arm": "patchmix", "difference_vs_stock": 0.09},
+                             {"arm": "diffaug_r33_equalreal", "difference_vs_stock": 0.12,
+                              "equal_compute_stock_arm": "stock_x150", "difference_vs_equal_compute_stock": 0.01}]}
     text = explain_noise(results)
     assert "1 seed and 3 test cases, differences below about 0.05 Dice are noise" in text
     assert "diffaug_r33: -0.002 (within the noise)" in text and "patchmix: +0.090 (larger" in text
     assert "--seeds 0 1 2 3 4" in text
+    # an arm that trains longer is judged against stock trained as long, not only against stock
+    assert "diffaug_r33_equalreal vs stock_x150 (stock nnU-Net trained as long, the fair comparison): +0.010 " \
+           "(within the noise)" in text
 
 
 def test_a_judged_arm_filters_its_set_with_the_folds_stock_model_trained_first(tmp_path, monkeypatch):

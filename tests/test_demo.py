@@ -17,11 +17,12 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
     proc = run([console_script("diffaug_demo"), "-o", str(out), "-device", "cpu", "--epochs", "1",
                 "--iterations", "2", "--n-synthetic", "2", "--synthesizer-preset", str(config)], env, timeout=1200)
 
-    assert "| 5 | stock |" in proc.stdout and "| 5 | diffaug_r33 |" in proc.stdout  # the table, printed
+    assert all(f"| 5 | {arm} |" in proc.stdout for arm in ("stock", "stock_x150", "diffaug_r33_equalreal"))
     assert "differences below about 0.05 Dice are noise" in proc.stdout  # and what it means
+    assert "diffaug_r33_equalreal vs stock_x150 (stock nnU-Net trained as long" in proc.stdout
     bench = out / "benchmark"
     results = json.loads((bench / "benchmark_results.json").read_text())
-    assert {r["arm"] for r in results["runs"]} == {"stock", "diffaug_r33"}
+    assert {r["arm"] for r in results["runs"]} == {"stock", "stock_x150", "diffaug_r33_equalreal"}
     test_cases = set(results["test_cases"])
     assert len(test_cases) == 3
     for r in results["runs"]:
