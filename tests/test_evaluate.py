@@ -220,7 +220,10 @@ def test_class_intensity_tells_painted_structures_from_noise(results):
     # real between-case sds darker; every other class within 1.8)
     ribs = stand_in["per_class"]["1"]
     assert stand_in["worst_class"] == "1" and ribs["mean"]["synthetic"][0] < ribs["real_mean"][0]
-    assert "Intensity per class" in (Path(results["noise"]["output_folder"]) / "evaluation.md").read_text()
+    assert results["stand_in"]["class_names"]["1"] == "ribs"  # JSON keys stay label values; the report names them
+    report = (Path(results["stand_in"]["output_folder"]) / "evaluation.md").read_text()
+    assert "Intensity per class" in report and "| ribs (1) |" in report
+    assert "mean intensity: ribs (1) |" in report
 
 
 def test_diversity_of_noise_is_high_and_identical_images_have_ms_ssim_one(results):

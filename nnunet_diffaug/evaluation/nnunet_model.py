@@ -48,6 +48,11 @@ class TrainedModel:
         self.foreground_labels = list(self.predictor.label_manager.foreground_labels)
         self.reader_writer = self.predictor.plans_manager.image_reader_writer_class()
 
+    def class_names(self) -> dict[str, str]:
+        """Label value -> dataset.json name of every foreground class (region-based labels keep their values)."""
+        return {str(v): name for name, v in self.predictor.dataset_json["labels"].items()
+                if isinstance(v, int) and v in self.foreground_labels}
+
     @property
     def spatial_dims(self) -> int:
         return len(self.patch_size)

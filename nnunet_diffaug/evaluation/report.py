@@ -39,6 +39,12 @@ def _f(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _class(r: dict, value: str) -> str:
+    """A class as the report shows it: its dataset.json name and label value (the JSON keys stay the values)."""
+    name = r.get("class_names", {}).get(str(value))
+    return f"{name} ({value})" if name else str(value)
+
+
 def _nearest_list(r: dict, cases: list[str]) -> str:
     return ", ".join(f"{c} (~{r['per_synthetic_case'][c]['memorisation_nearest_training_case']})" for c in cases)
 
@@ -70,8 +76,8 @@ def render_markdown(r: dict) -> str:
         f"| label statistics: mean W1 of connected-component counts to validation | "
         f"{_f(lab['mean_components_w1_synthetic_vs_validation'], 2)} | "
         f"{_f(lab['mean_components_w1_training_vs_validation'], 2)} (training) | synthetic close to real |",
-        f"| class intensity: largest standardised difference of a class's mean intensity (class "
-        f"{r['class_intensity']['worst_class']}) | {_f(r['class_intensity']['worst_standardised_difference'], 2)} | "
+        f"| class intensity: largest standardised difference of a class's mean intensity: "
+        f"{_class(r, r['class_intensity']['worst_class'])} | {_f(r['class_intensity']['worst_standardised_difference'], 2)} | "
         f"0 | below ~1 (within the real spread) |",
         f"| memorisation: median distance to the nearest training case | {_f(mem['synthetic_nearest_median'])} | "
         f"{_f(mem['real_nearest_median'])} (training to training) | synthetic not far below real |",
@@ -97,7 +103,7 @@ def render_markdown(r: dict) -> str:
     ]
     for c, row in lab["per_class"].items():
         fm, cm = row["fraction_mean"], row["components_mean"]
-        lines.append(f"| {c} | {_f(fid['synthetic']['mean_dice_per_class'].get(c))} | "
+        lines.append(f"| {_class(r, c)} | {_f(fid['synthetic']['mean_dice_per_class'].get(c))} | "
                      f"{_f(fid['validation']['mean_dice_per_class'].get(c))} | "
                      f"{_f(fm['synthetic'], 4)} / {_f(fm['training'], 4)} / {_f(fm['validation'], 4)} | "
                      f"{_f(cm['synthetic'], 1)} / {_f(cm['training'], 1)} / {_f(cm['validation'], 1)} |")
@@ -109,7 +115,7 @@ def render_markdown(r: dict) -> str:
         "|---|---|---|---|",
     ]
     for c, row in r["class_intensity"]["per_class"].items():
-        lines.append(f"| {c} | {_f(row['mean']['synthetic'][0])} | {_f(row['real_mean'][0])} ± "
+        lines.append(f"| {_class(r, c)} | {_f(row['mean']['synthetic'][0])} | {_f(row['real_mean'][0])} ± "
                      f"{_f(row['real_sd'][0])} | {_f(row['standardised_difference'][0], 2)} |")
     if r.get("inpainting"):
         inp = r["inpainting"]
