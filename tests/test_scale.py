@@ -305,13 +305,31 @@ def test_rflow_10_steps_match_50_step_ddim_of_a_v_prediction_model():
     assert errors["rflow"] <= 1.1 * errors["ddpm"], errors  # measured: 0.070 vs 0.094
 
 
-def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
+def _benchmark_module(name: str):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    bench = _benchmark_module("bench_gpu")
     bench.run(tmp_path, ["tiny"], True, torch.device("cpu"), 1, ["rflow:1"], ["2d"])
     rows = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
     assert [r["what"] for r in rows[:3]] == ["train", "train (grad. checkpointing)", "sample rflow 1 steps"]
     assert all(r.get("s_per_step", r.get("s_per_case", 0)) > 0 and r["peak_mib"] > 0 for r in rows)
     assert "| tiny | 64x64 | sample rflow 1 steps |" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_a_volume_4x_the_training_patch_samples_within_one_windows_memory():
+    """Peak RSS of one generate call, each case in a fresh process (tiny preset, 3D, patch 32^3)."""
+    bench = _benchmark_module("bench_window_memory")
+    rows = bench.measure("tiny", 3, "cpu", steps=1)
+    one, windowed, whole = (rows[case] for case in ("one window", "4x volume, windowed", "4x volume, whole latent"))
+    assert windowed["shape"] == "64x64x32" and one["shape"] == one["training_patch"] == "32x32x32"
+    assert windowed["peak_mib"] <= 1.5 * one["peak_mib"], rows
+    # what sampling itself holds: the windows keep it near one window's (measured 1.5x: the 4x volume's own
+    # label map, condition and output buffers), where the whole latent needs about 4x
+    assert windowed["peak_growth_mib"] <= 2 * one["peak_growth_mib"], rows
+    assert whole["peak_growth_mib"] >= 1.5 * windowed["peak_growth_mib"], rows
