@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,11 +36,15 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_one(preset: str, dims: int, grow: int, windows: bool, device_name: str, steps: int) -> dict:
-    """In this process: the peak-memory growth of generating one case of (grow x P) along the first two axes."""
+def measure_one(preset: str, dims: int, grow: int, windows: bool, device_name: str, steps: int,
+                threads: int | None = None) -> dict:
+    """In this process: the peak-memory growth of generating one case of (grow x P) along the first two axes.
+    ``threads``: CPU threads (per-thread scratch buffers make small measurements vary with the thread count)."""
     import numpy as np
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from nnunet_diffaug.synthesis.config import load_config
     from nnunet_diffaug.synthesis.data import DataSpec
     from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
@@ -69,12 +74,15 @@ def measure_one(preset: str, dims: int, grow: int, windows: bool, device_name: s
             "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
 
 
-def measure(preset: str, dims: int, device: str, steps: int = 2) -> dict[str, dict]:
+def measure(preset: str, dims: int, device: str, steps: int = 2, threads: int | None = None) -> dict[str, dict]:
     """Every case, each in a fresh process (peak RSS only grows, so one process per measurement)."""
     out = {}
     for name, (grow, windows) in CASES.items():
-        cmd = [sys.executable, __file__, "--child", json.dumps([preset, dims, grow, windows, device, steps])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--child", json.dumps([preset, dims, grow, windows, device, steps, threads])]
+        # large blocks straight from mmap and back on free: the peak RSS then follows live memory, not how
+        # glibc's adaptive threshold happened to keep freed blocks in the heap
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -98,13 +106,14 @@ def main(argv=None) -> None:
     p.add_argument("--dims", type=int, choices=[2, 3], default=3)
     p.add_argument("--steps", type=int, default=2, help="sampler steps (memory does not grow with them)")
     p.add_argument("-device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("-o", "--out", type=Path, default=None, help="JSON file for the measurements")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(measure_one(*json.loads(a.child))))
         return
-    rows = measure(a.preset, a.dims, a.device, a.steps)
+    rows = measure(a.preset, a.dims, a.device, a.steps, a.threads)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
     print(markdown(rows, a.preset))

