@@ -20,20 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 CASES = {"one window": (1, True), "4x volume, windowed": (2, True), "4x volume, whole latent": (2, False)}
-
-
-def _peak_mib(device) -> float:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_one(preset: str, dims: int, grow: int, windows: bool, device_name: str, steps: int,
@@ -45,33 +36,29 @@ def measure_one(preset: str, dims: int, grow: int, windows: bool, device_name: s
 
     if threads:
         torch.set_num_threads(threads)
+    from bench_gpu import _peak_mib, _reset_peak, _synthesizer  # this folder: the child runs as a script here
+
     from nnunet_diffaug.synthesis.config import load_config
-    from nnunet_diffaug.synthesis.data import DataSpec
-    from nnunet_diffaug.synthesis.synthesizer import Synthesizer, resolve_device
+    from nnunet_diffaug.synthesis.synthesizer import resolve_device
 
     torch.manual_seed(0)
     device = resolve_device(device_name)
     cfg = load_config(preset)
-    cfg.sampling.diffusion_windows = windows
     patch = list(cfg.data.patch_size_3d if dims == 3 else cfg.data.patch_size_2d)
-    spec = DataSpec("Dataset000_Bench", f"{dims}d", "nnUNetPlans", 0, ["a"], dims, 1, [0, 1, 2],
-                    ["ZScoreNormalization"], [-3.0], [3.0], patch)
-    syn = Synthesizer(cfg, spec, device)
+    syn = _synthesizer(preset, tuple(patch), "ddpm", device)
+    syn.config.sampling.diffusion_windows = windows
     syn.model.eval()
     shape = [p * grow if axis < 2 else p for axis, p in enumerate(patch)]
     labels = np.random.default_rng(0).integers(0, 3, size=(1, *shape))
     # a first call on a small map loads what any call loads once (kernels, thread pools, lazy imports)
     syn.generate(labels[(slice(None), *[slice(0, max(16, p // 2)) for p in patch])], syn.sampler("ddim", 1),
                  torch.Generator().manual_seed(0))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    before = _peak_mib(device)
+    _reset_peak(device)
+    before, _ = _peak_mib(device)
     syn.generate(labels, syn.sampler("ddim", steps), torch.Generator().manual_seed(0))
-    peak = _peak_mib(device)
+    peak, kind = _peak_mib(device)
     return {"shape": "x".join(map(str, shape)), "training_patch": "x".join(map(str, patch)),
-            "diffusion_windows": windows, "peak_mib": peak, "peak_growth_mib": peak - before,
-            "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+            "diffusion_windows": windows, "peak_mib": peak, "peak_growth_mib": peak - before, "memory": kind}
 
 
 def measure(preset: str, dims: int, device: str, steps: int = 2, threads: int | None = None) -> dict[str, dict]:
