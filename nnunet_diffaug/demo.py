@@ -19,6 +19,7 @@ from pathlib import Path
 from nnunet_diffaug.benchmark import BenchmarkSettings, format_table, run_benchmark
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.paths import console_script
+from nnunet_diffaug.shared_cpu import set_shared_cpu_defaults
 
 EXAMPLE_ID = 990
 
@@ -68,9 +69,7 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     for k, v in env_paths.items():
         v.mkdir(parents=True, exist_ok=True)
         os.environ[k] = str(v)
-    # nnU-Net's export pools default to 8 processes; on a small CPU machine their start-up dominates
-    os.environ.setdefault("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 1)))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_shared_cpu_defaults(os.environ)
 
     print(f"[1/3] Example dataset (chest CT from slicerio) -> {env_paths['nnUNet_raw']}")
     build_example_dataset(env_paths["nnUNet_raw"], EXAMPLE_ID, slab_slices=4, in_plane_size=64)

@@ -150,6 +150,7 @@ def _flag(cmd, flag):
 def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp_path, monkeypatch):
     _user_dataset(tmp_path, monkeypatch)
     monkeypatch.setenv("DIFFAUG_SYNTHETIC_SCHEDULE", "linear")  # left in the user's shell: must not leak into arms
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # (the test session sets it)
     s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
                           arms=("diffaug_r33", "diffaug_r33_cutoff50", "diffaug_r50_equalreal", "patchmix",
                                 "deformed_real_r33", "randomised_r33"))
@@ -178,6 +179,7 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
     assert envs["diffaug_r33_cutoff50"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "cutoff:0.5"
     for env in envs.values():  # same budget and seed for every arm
         assert (env["DIFFAUG_NUM_EPOCHS"], env["DIFFAUG_ITERATIONS_PER_EPOCH"], env["DIFFAUG_SEED"]) == ("4", "5", "0")
+    assert all(env["OMP_WAIT_POLICY"] == "PASSIVE" for _, _, env in runner.calls)  # no spinning OpenMP threads
 
     rows = {r["arm"]: r for r in results["aggregate"]}
     assert rows["diffaug_r50_equalreal"]["iterations_vs_stock"] == pytest.approx(1.5)
@@ -194,10 +196,12 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
 
 def test_only_controls_without_a_trained_synthesizer(tmp_path, monkeypatch):
     _user_dataset(tmp_path, monkeypatch)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting wins over the CPU default
     s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0, 1), arms=("deformed_real_r33",))
     runner = FakeRunner({"stock": 0.6, "deformed_real_r33": 0.6})
     run_benchmark(s, tmp_path / "ws", runner=runner)
     assert runner.named("diffaug_train_synthesizer") == []
+    assert {env["OMP_WAIT_POLICY"] for _, _, env in runner.calls} == {"ACTIVE"}
     assert [_flag(c, "-f") for c, _ in runner.named("diffaug_synthesize")] == ["0", "1"]  # one set per fold
 
 

@@ -26,6 +26,7 @@ from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, dra
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+from nnunet_diffaug.shared_cpu import set_shared_cpu_defaults
 from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
 
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"
@@ -51,7 +52,7 @@ class SubprocessRunner:
 def step_env(workdir: Path, results: str, extra: dict) -> dict:
     """The environment of one step: the workspace's nnU-Net folders, our trainers, and only the DIFFAUG_
     variables this step sets (one left in the user's shell would change some arms and not others)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFAUG_")}
+    env = set_shared_cpu_defaults({k: v for k, v in os.environ.items() if not k.startswith("DIFFAUG_")})
     env.update({"nnUNet_raw": str(workdir / "raw"), "nnUNet_preprocessed": str(workdir / "preprocessed"),
                 "nnUNet_results": str(workdir / "results" / results),
                 "nnUNet_extTrainer": ensure_trainer_discoverable()})
