@@ -2,8 +2,9 @@
 
 nnU-Net trains with data-augmentation worker processes beside the main process, and a benchmark often runs
 beside other jobs. OpenMP threads that busy-wait for work then take the cores those processes need: on this
-project's 2-core machines a `2d` benchmark epoch took 17.0 s with OpenMP's default waiting and 5.4 s with
-``OMP_WAIT_POLICY=PASSIVE`` under the same load. The user's own settings always win.
+project's 2-core machines, shared by two benchmarks and a test run, a `2d` benchmark epoch took 17.0 s with
+OpenMP's default waiting and 5.4 s once both benchmarks ran with ``OMP_WAIT_POLICY=PASSIVE`` (mean of 60+
+epochs each). The user's own settings always win.
 """
 from __future__ import annotations
 
