@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, nnunet_folders, run,  # noqa: E402
-                     write_splits)
+from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, console_script, nnunet_env, nnunet_folders,  # noqa: E402
+                     private_copy_of_example, run, write_splits)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +32,21 @@ def planned_example(tmp_path_factory):
     with nnunet_folders(root):
         write_small_plans(EXAMPLE_NAME)
     return root, splits
+
+
+@pytest.fixture(scope="session")
+def judged_example(planned_example, tmp_path_factory):
+    """The planned example with a tiny nnU-Net (``support.JUDGE``: trainer, plans, configuration) trained on the
+    real training cases of fold 0, the judge of the evaluation and judge-filter tests. Trained once per session;
+    modules take a private copy with ``support.private_copy_of_example(..., with_results=True)``.
+
+    Returns the root whose results folder holds the model.
+    """
+    src, _ = planned_example
+    root = private_copy_of_example(src, tmp_path_factory.mktemp("judged_example"))
+    trainer, plans, configuration = JUDGE
+    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
+              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+    run([console_script("nnUNetv2_train"), EXAMPLE_NAME, configuration, "0", "-tr", trainer, "-p", plans,
+         "-device", "cpu"], nnunet_env(root, **budget))
+    return root

@@ -53,11 +53,16 @@ def nnunet_folders(root: Path):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def private_copy_of_example(source_root: Path, destination: Path) -> Path:
-    """A copy of the planned example's raw and preprocessed data (results empty) that a test may change."""
-    for sub in ("raw", "preprocessed"):
+# the real-trained nnU-Net of the ``judged_example`` fixture: trainer, plans, configuration
+JUDGE = ("nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres")
+
+
+def private_copy_of_example(source_root: Path, destination: Path, with_results: bool = False) -> Path:
+    """A copy of the planned example's raw and preprocessed data that a test may change; its results folder is
+    empty, or with ``with_results`` a copy of the source's trained models."""
+    for sub in ("raw", "preprocessed") + (("results",) if with_results else ()):
         shutil.copytree(source_root / sub / EXAMPLE_NAME, destination / sub / EXAMPLE_NAME)
-    (destination / "results").mkdir()
+    (destination / "results").mkdir(exist_ok=True)
     return destination
 
 

@@ -22,11 +22,11 @@ from nnunet_diffaug.evaluation import Settings, evaluate, resolve_inputs
 from nnunet_diffaug.provenance import SyntheticProvenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
-from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
-                     private_copy_of_example, run)
+from support import (EXAMPLE_NAME, JUDGE, make_stand_in_synthetic_set, nnunet_folders,
+                     private_copy_of_example)
 
 pytestmark = pytest.mark.slow
-TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
+TRAINER, PLANS, CONFIG = JUDGE
 FAST = Settings(device="cpu", use_mirroring=False, progress=False)
 
 
@@ -81,19 +81,15 @@ def _painted(raw, source, rng):
 
 
 @pytest.fixture(scope="module")
-def judge(planned_example, tmp_path_factory):
+def judge(planned_example, judged_example, tmp_path_factory):
     """A private copy of the example with a tiny real-trained nnU-Net (fold 0) and three probe sets."""
-    src, splits = planned_example
-    root = private_copy_of_example(src, tmp_path_factory.mktemp("evaluate"))
+    _, splits = planned_example
+    root = private_copy_of_example(judged_example, tmp_path_factory.mktemp("evaluate"), with_results=True)
     with nnunet_folders(root):
         yield from _judge(root, splits)
 
 
 def _judge(root, splits):
-    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
-              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
-    run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
-        nnunet_env(root, **budget))
     raw, train = root / "raw", splits[0]["train"]
     rng = np.random.default_rng(0)
     sets = {

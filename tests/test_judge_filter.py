@@ -22,11 +22,11 @@ from nnunet_diffaug.provenance import CASE_RECORDS_DIR, read_provenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import find_synthetic_datasets
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
-from support import (EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
-                     private_copy_of_example, run)
+from support import (EXAMPLE_NAME, JUDGE, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
+                     private_copy_of_example)
 
 pytestmark = pytest.mark.slow
-TRAINER, PLANS, CONFIG = "nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres"
+TRAINER, PLANS, CONFIG = JUDGE
 N_GOOD = 4
 
 
@@ -46,14 +46,10 @@ def _add_noise_cases(folder, raw, sources, rng):
 
 
 @pytest.fixture(scope="module")
-def judged(planned_example, tmp_path_factory):
-    src, splits = planned_example
-    root = private_copy_of_example(src, tmp_path_factory.mktemp("judge"))
+def judged(planned_example, judged_example, tmp_path_factory):
+    _, splits = planned_example
+    root = private_copy_of_example(judged_example, tmp_path_factory.mktemp("judge"), with_results=True)
     with nnunet_folders(root):
-        budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
-                  "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
-        run([console_script("nnUNetv2_train"), EXAMPLE_NAME, CONFIG, "0", "-tr", TRAINER, "-p", PLANS,
-             "-device", "cpu"], nnunet_env(root, **budget))
         raw, train = root / "raw", splits[0]["train"]
         candidates = make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 0, train, N_GOOD, dataset_id=971)
         _add_noise_cases(candidates, raw, train[:N_GOOD], np.random.default_rng(0))
