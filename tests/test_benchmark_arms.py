@@ -338,6 +338,29 @@ def test_longer_trained_arms_are_also_paired_with_the_stock_arm_trained_as_long(
     assert "equal-compute" not in plain  # no such column where no arm has a partner
 
 
+def test_synthetic_arms_are_paired_with_the_deformed_real_control_that_mixes_the_same_way():
+    arms = ["stock", "diffaug_r33", "deformed_real_r33", "randomised_r33", "diffaug_r50", "diffaug_r33_equalreal",
+            "diffaug_r33_equalreal_painted", "deformed_real_r33_equalreal"]
+    values = {"stock": [0.60, 0.55, 0.70], "diffaug_r33": [0.64, 0.60, 0.71], "deformed_real_r33": [0.62, 0.61, 0.69],
+              "randomised_r33": [0.50, 0.52, 0.58], "diffaug_r50": [0.65, 0.61, 0.70],
+              "diffaug_r33_equalreal": [0.70, 0.66, 0.74], "diffaug_r33_equalreal_painted": [0.66, 0.60, 0.70],
+              "deformed_real_r33_equalreal": [0.69, 0.63, 0.75]}
+    rows = {r["arm"]: r for r in aggregate(_runs(values), arms, {a: builtin_arm(a).to_json() for a in arms})}
+    expected = {"diffaug_r33": "deformed_real_r33", "randomised_r33": "deformed_real_r33",
+                "diffaug_r33_equalreal": "deformed_real_r33_equalreal",
+                "diffaug_r33_equalreal_painted": "deformed_real_r33_equalreal"}
+    assert {a: r["control_arm"] for a, r in rows.items() if "control_arm" in r} == expected  # r50 has none
+    for arm, control in expected.items():
+        assert rows[arm]["difference_vs_control"] == pytest.approx(np.mean(np.subtract(values[arm], values[control])))
+        assert rows[arm]["control_paired_t_p_value"] == pytest.approx(
+            stats.ttest_rel(values[arm], values[control]).pvalue)
+    table = format_table({"classes": ["liver", "tumour"], "aggregate": list(rows.values())})
+    assert table.splitlines()[0].endswith("Δ vs deformed-real control (p) |")
+    assert "| -0.107 vs deformed_real_r33 (p " in next(line for line in table.splitlines() if "randomised" in line)
+    without = format_table({"classes": ["liver", "tumour"], "aggregate": aggregate(_runs(values), arms)})
+    assert "control" not in without  # arm definitions unknown: no pairing is guessed from names
+
+
 def test_paired_difference_and_p_value_match_scipy_and_one_seed_has_neither_p_nor_sd():
     stock, arm = [0.61, 0.55, 0.70, 0.64], [0.66, 0.58, 0.71, 0.70]
     rows = {r["arm"]: r for r in aggregate(_runs({"stock": stock, "patchmix": arm}), ["stock", "patchmix"])}

@@ -58,7 +58,7 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
                          "total_iterations": iterations, "training_stats": stats or None})
     return {"settings": dataclasses.asdict(s), "test_cases": folds[0]["val"] if folds else [],
             "arms": {a.name: a.to_json() for a in arms}, "classes": list(labels.values()), "runs": runs,
-            "aggregate": aggregate(runs, [a.name for a in arms])}
+            "aggregate": aggregate(runs, [a.name for a in arms], {a.name: a.to_json() for a in arms})}
 
 
 def _paired(rs: list[dict], stock: list[dict], value) -> tuple[float | None, float | None]:
@@ -81,8 +81,10 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
-    """Per (size, arm): mean and sd over seeds, the paired difference to stock (p across seeds), cost."""
+def aggregate(runs: list[dict], arm_names: list[str], definitions: dict[str, dict] | None = None) -> list[dict]:
+    """Per (size, arm): mean and sd over seeds, the paired difference to stock (p across seeds), cost.
+    ``definitions`` (arm name -> ``Arm.to_json()``) lets each synthetic arm be paired with its deformed-real
+    control as well."""
     rows = []
     for n_train in sorted({r["n_train"] for r in runs}):
         by_arm = {a: sorted((r for r in runs if r["arm"] == a and r["n_train"] == n_train), key=lambda r: r["seed"])
@@ -116,6 +118,7 @@ def aggregate(runs: list[dict], arm_names: list[str]) -> list[dict]:
                     for c in classes}
             rows.append(row)
         _add_equal_compute_differences([r for r in rows if r["n_train"] == n_train], by_arm)
+        _add_control_differences([r for r in rows if r["n_train"] == n_train], by_arm, definitions or {})
     return rows
 
 
@@ -144,6 +147,30 @@ def _add_equal_compute_differences(rows: list[dict], by_arm: dict[str, list[dict
                 by_arm[row["arm"]], by_arm[match["arm"]], lambda r: r["mean_foreground_dice"])
 
 
+CONTROL_GENERATOR = "deformed-real"
+
+
+def _add_control_differences(rows: list[dict], by_arm: dict[str, list[dict]], definitions: dict[str, dict]) -> None:
+    """A synthetic arm is also paired with the deformed-real control that mixes the same way (same trainer and
+    trainer settings), when the workspace has one: what the generator adds over deformed copies of the real
+    cases, which is the question a diffusion model has to answer."""
+    def generator(arm):
+        return ((definitions.get(arm) or {}).get("synthetic") or {}).get("generator")
+
+    def mixing(arm):
+        return definitions[arm]["trainer"], definitions[arm]["env"]
+
+    controls = [r["arm"] for r in rows if generator(r["arm"]) == CONTROL_GENERATOR]
+    for row in rows:
+        if generator(row["arm"]) in (None, CONTROL_GENERATOR):
+            continue
+        control = next((c for c in controls if mixing(c) == mixing(row["arm"])), None)
+        if control is not None:
+            row["control_arm"] = control
+            row["difference_vs_control"], row["control_paired_t_p_value"] = _paired(
+                by_arm[row["arm"]], by_arm[control], lambda r: r["mean_foreground_dice"])
+
+
 def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
     return f"{mean:.3f}" + (one_seed if sd is None else f" ± {sd:.3f}")
 
@@ -151,8 +178,10 @@ def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
 def format_table(results: dict) -> str:
     classes = results["classes"]
     equal_compute = any("equal_compute_stock_arm" in row for row in results["aggregate"])
+    control = any("control_arm" in row for row in results["aggregate"])
     head = ["n_train", "arm", "seeds", "mean fg Dice (± sd)", *classes, "Δ vs stock", "paired p", "wall min",
-            "iterations vs stock", *(["Δ vs equal-compute stock (p)"] if equal_compute else [])]
+            "iterations vs stock", *(["Δ vs equal-compute stock (p)"] if equal_compute else []),
+            *(["Δ vs deformed-real control (p)"] if control else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["aggregate"]:
         delta, p = row.get("difference_vs_stock"), row.get("paired_t_p_value")
@@ -164,15 +193,18 @@ def format_table(results: dict) -> str:
             *[_mean_sd(row["per_class_mean"][c], class_sd.get(c)) for c in classes],
             "" if delta is None else f"{delta:+.3f}", "" if p is None else f"{p:.3g}",
             "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×",
-            *([_equal_compute_cell(row)] if equal_compute else [])]) + " |")
+            *([_paired_cell(row, "equal_compute_stock_arm", "difference_vs_equal_compute_stock",
+                            "equal_compute_paired_t_p_value")] if equal_compute else []),
+            *([_paired_cell(row, "control_arm", "difference_vs_control", "control_paired_t_p_value")]
+              if control else [])]) + " |")
     return "\n".join(lines)
 
 
-def _equal_compute_cell(row: dict) -> str:
-    if "equal_compute_stock_arm" not in row:
+def _paired_cell(row: dict, partner: str, difference: str, p_value: str) -> str:
+    if partner not in row:
         return ""
-    delta, p = row["difference_vs_equal_compute_stock"], row["equal_compute_paired_t_p_value"]
-    return f"{delta:+.3f} vs {row['equal_compute_stock_arm']}" + ("" if p is None else f" (p {p:.3g})")
+    delta, p = row[difference], row[p_value]
+    return f"{delta:+.3f} vs {row[partner]}" + ("" if p is None else f" (p {p:.3g})")
 
 
 def _plot(results: dict, path: Path) -> None:
