@@ -361,6 +361,35 @@ def test_synthetic_arms_are_paired_with_the_deformed_real_control_that_mixes_the
     assert "control" not in without  # arm definitions unknown: no pairing is guessed from names
 
 
+def _case(tp_fp_fn: dict) -> dict:
+    return {"metrics": {k: {"TP": tp, "FP": fp, "FN": fn, "n_ref": tp + fn, "n_pred": tp + fp}
+                        for k, (tp, fp, fn) in tp_fp_fn.items()}}
+
+
+def test_pooled_dice_is_not_swung_by_stray_voxels_of_a_class_a_test_case_lacks():
+    from nnunet_diffaug.benchmark.report import pooled_dice
+    labels = {"1": "liver", "2": "tumour"}
+    # case 2 has no tumour: 3 stray voxels make nnU-Net's per-case Dice 0 there (none would make it NaN, left out)
+    summary = {"metric_per_case": [_case({"1": (900, 50, 50), "2": (95, 5, 0)}), _case({"1": (800, 0, 100),
+                                                                                     "2": (0, 3, 0)})]}
+    pooled = pooled_dice(summary, labels)
+    assert pooled["liver"] == pytest.approx(2 * 1700 / (2 * 1700 + 50 + 150))
+    assert pooled["tumour"] == pytest.approx(2 * 95 / (2 * 95 + 8))  # 0.96, where the per-case mean is 0.49
+    assert pooled_dice({"metric_per_case": []}, labels) is None  # older summaries: no counts, no pooled Dice
+
+    runs = _runs({"stock": [0.60, 0.55, 0.70], "patchmix": [0.66, 0.58, 0.71]})
+    for r, v in zip(runs, [0.80, 0.75, 0.85, 0.82, 0.79, 0.86]):
+        r["pooled_mean_foreground_dice"] = v
+    rows = {r["arm"]: r for r in aggregate(runs, ["stock", "patchmix"])}
+    assert rows["patchmix"]["pooled_mean_foreground_dice"] == pytest.approx(np.mean([0.82, 0.79, 0.86]))
+    assert rows["patchmix"]["pooled_difference_vs_stock"] == pytest.approx(np.mean([0.02, 0.04, 0.01]))
+    assert rows["patchmix"]["pooled_paired_t_p_value"] == pytest.approx(
+        stats.ttest_rel([0.82, 0.79, 0.86], [0.80, 0.75, 0.85]).pvalue)
+    lines = format_table({"classes": ["liver", "tumour"], "aggregate": list(rows.values())}).splitlines()
+    assert lines[0].endswith("pooled fg Dice (± sd) | pooled Δ vs stock (p) |")
+    assert lines[3].endswith("| 0.823 ± 0.035 | +0.023 (0.118) |")
+
+
 def test_paired_difference_and_p_value_match_scipy_and_one_seed_has_neither_p_nor_sd():
     stock, arm = [0.61, 0.55, 0.70, 0.64], [0.66, 0.58, 0.71, 0.70]
     rows = {r["arm"]: r for r in aggregate(_runs({"stock": stock, "patchmix": arm}), ["stock", "patchmix"])}
