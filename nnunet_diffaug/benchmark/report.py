@@ -69,12 +69,13 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
                 scale = float(dict(arm.env).get(ITERATION_SCALE_ENV, 1))
                 iterations = s.epochs * scaled_iterations(s.iterations, scale)
             pooled = pooled_dice(summary, labels)
+            pooled_mean = None if pooled is None else float(np.nanmean(list(pooled.values())))
             runs.append({"arm": arm.name, "trainer": arm.trainer, "fold": fold, "size": f["size"],
                          "n_train": f["n_train"], "seed": f["seed"], "train_cases": f["train"],
                          "dice": {labels[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in labels},
                          "mean_foreground_dice": float(summary["foreground_mean"]["Dice"]),
                          "pooled_dice": pooled,
-                         "pooled_mean_foreground_dice": None if pooled is None else float(np.nanmean(list(pooled.values()))),
+                         "pooled_mean_foreground_dice": pooled_mean,
                          "wall_time_s": wall, "wall_time_source": None if wall is None else source,
                          "total_iterations": iterations, "training_stats": stats or None})
     return {"settings": dataclasses.asdict(s), "test_cases": folds[0]["val"] if folds else [],
