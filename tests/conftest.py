@@ -13,6 +13,14 @@ from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, console_script, nnunet_env
                      private_copy_of_example, run, write_splits)
 
 
+def pytest_configure(config):
+    # pytest-xdist workers share the cores: each takes its share of torch's threads, not all of them
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def planned_example(tmp_path_factory):
     """The built-in chest CT example (8 slab cases, 64x64 in-plane), planned and preprocessed by nnU-Net's
