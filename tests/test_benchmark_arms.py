@@ -355,7 +355,7 @@ def test_synthetic_arms_are_paired_with_the_deformed_real_control_that_mixes_the
         assert rows[arm]["control_paired_t_p_value"] == pytest.approx(
             stats.ttest_rel(values[arm], values[control]).pvalue)
     table = format_table({"classes": ["liver", "tumour"], "aggregate": list(rows.values())})
-    assert table.splitlines()[0].endswith("Δ vs deformed-real control (p) |")
+    assert "Δ vs deformed-real control (p)" in table.splitlines()[0]
     assert "| -0.107 vs deformed_real_r33 (p " in next(line for line in table.splitlines() if "randomised" in line)
     without = format_table({"classes": ["liver", "tumour"], "aggregate": aggregate(_runs(values), arms)})
     assert "control" not in without  # arm definitions unknown: no pairing is guessed from names
@@ -377,17 +377,36 @@ def test_pooled_dice_is_not_swung_by_stray_voxels_of_a_class_a_test_case_lacks()
     assert pooled["tumour"] == pytest.approx(2 * 95 / (2 * 95 + 8))  # 0.96, where the per-case mean is 0.49
     assert pooled_dice({"metric_per_case": []}, labels) is None  # older summaries: no counts, no pooled Dice
 
-    runs = _runs({"stock": [0.60, 0.55, 0.70], "patchmix": [0.66, 0.58, 0.71]})
-    for r, v in zip(runs, [0.80, 0.75, 0.85, 0.82, 0.79, 0.86]):
-        r["pooled_mean_foreground_dice"] = v
-    rows = {r["arm"]: r for r in aggregate(runs, ["stock", "patchmix"])}
-    assert rows["patchmix"]["pooled_mean_foreground_dice"] == pytest.approx(np.mean([0.82, 0.79, 0.86]))
-    assert rows["patchmix"]["pooled_difference_vs_stock"] == pytest.approx(np.mean([0.02, 0.04, 0.01]))
-    assert rows["patchmix"]["pooled_paired_t_p_value"] == pytest.approx(
+    # the pooled reading is the table's headline, and the paired comparisons are made in it too
+    arms = ["stock", "stock_x150", "diffaug_r33_equalreal"]
+    runs = _runs({"stock": [0.60, 0.55, 0.70], "stock_x150": [0.62, 0.57, 0.70],
+                  "diffaug_r33_equalreal": [0.66, 0.58, 0.71]},
+                 iterations={"stock_x150": 152, "diffaug_r33_equalreal": 148})
+    pooled_values = {"stock": [0.80, 0.75, 0.85], "stock_x150": [0.81, 0.78, 0.85],
+                     "diffaug_r33_equalreal": [0.82, 0.79, 0.86]}
+    for r in runs:
+        v = pooled_values[r["arm"]][r["seed"]]
+        r["pooled_mean_foreground_dice"], r["pooled_dice"] = v, {"liver": v + 0.05, "tumour": v - 0.05}
+    rows = {r["arm"]: r for r in aggregate(runs, arms)}
+    equal = rows["diffaug_r33_equalreal"]
+    assert equal["pooled_mean_foreground_dice"] == pytest.approx(np.mean([0.82, 0.79, 0.86]))
+    assert equal["pooled_per_class_mean"]["liver"] == pytest.approx(np.mean([0.87, 0.84, 0.91]))
+    assert equal["pooled_difference_vs_stock"] == pytest.approx(np.mean([0.02, 0.04, 0.01]))
+    assert equal["pooled_paired_t_p_value"] == pytest.approx(
         stats.ttest_rel([0.82, 0.79, 0.86], [0.80, 0.75, 0.85]).pvalue)
+    assert equal["pooled_difference_vs_equal_compute_stock"] == pytest.approx(np.mean([0.01, 0.01, 0.01]))
+    assert equal["difference_vs_equal_compute_stock"] == pytest.approx(np.mean([0.04, 0.01, 0.01]))  # per case
     lines = format_table({"classes": ["liver", "tumour"], "aggregate": list(rows.values())}).splitlines()
-    assert lines[0].endswith("pooled fg Dice (± sd) | pooled Δ vs stock (p) |")
-    assert lines[3].endswith("| 0.823 ± 0.035 | +0.023 (0.118) |")
+    assert lines[0].startswith("| n_train | arm | seeds | fg Dice (± sd) | liver | tumour | Δ vs stock (p) |")
+    assert "| per-case fg Dice (± sd) | per-case Δ vs stock (p) |" in lines[0]
+    assert lines[4].startswith("| 3 | diffaug_r33_equalreal | 3 | 0.823 ± 0.035 | 0.873 ± 0.035 | 0.773 ± 0.035 "
+                               "| +0.023 (p 0.118) | +0.010 vs stock_x150 |")
+    assert "| 0.650 ± 0.066 | +0.033 (p " in lines[4]  # nnU-Net's per-case mean, next to it
+    assert lines[-1].startswith("Dice: pooled over the held-out cases")
+    # without the counts (older summaries) the table falls back to nnU-Net's per-case mean and says so
+    plain = format_table({"classes": ["liver", "tumour"], "aggregate": aggregate(_runs({"stock": [0.6, 0.7]}),
+                                                                                  ["stock"])}).splitlines()
+    assert "per-case" not in plain[0] and plain[-1].startswith("Dice: nnU-Net's per-case Dice, mean over")
 
 
 def test_paired_difference_and_p_value_match_scipy_and_one_seed_has_neither_p_nor_sd():
@@ -413,8 +432,8 @@ def test_table_has_a_row_per_arm_with_seeds_wall_time_and_iterations(tmp_path):
     results = {"settings": {"dataset": DATASET, "configuration": "3d_fullres"}, "classes": ["liver", "tumour"],
                "aggregate": aggregate(runs, arms)}
     lines = format_table(results).splitlines()
-    assert "wall min" in lines[0] and "iterations vs stock" in lines[0] and "paired p" in lines[0]
-    body = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert "wall min" in lines[0] and "iterations vs stock" in lines[0] and "Δ vs stock (p)" in lines[0]
+    body = {line.split(" | ")[1]: line for line in lines[2:] if line.startswith("|")}
     assert list(body) == arms
     assert "| 3 | diffaug_r33 | 2 | 0.655 ± 0.007 |" in body["diffaug_r33"]
     assert " 3.0 | 1.00× |" in body["diffaug_r33"] and " 2.0 | 1.00× |" in body["stock"]
@@ -441,6 +460,14 @@ def test_demo_explains_that_small_one_seed_differences_are_noise():
     # an arm that trains longer is judged against stock trained as long, not only against stock
     assert "diffaug_r33_equalreal vs stock_x150 (stock nnU-Net trained as long, the fair comparison): +0.010 " \
            "(within the noise)" in text
+    # with pooled Dice in every row (nnU-Net's summaries have the counts), the verdict is made in pooled Dice
+    for row, pooled in zip(results["aggregate"], (0.8, 0.79, 0.82, 0.81)):
+        row.update({"pooled_mean_foreground_dice": pooled, "pooled_difference_vs_stock": round(pooled - 0.8, 3)})
+    results["aggregate"][3]["pooled_difference_vs_equal_compute_stock"] = -0.07
+    text = explain_noise(results)
+    assert "'fg Dice' is Dice pooled over the held-out cases" in text
+    assert "diffaug_r33: -0.010 (within the noise)" in text and "patchmix: +0.020 (within the noise)" in text
+    assert "the fair comparison): -0.070 (larger than one seed's noise, but still one seed)" in text
 
 
 def test_a_judged_arm_filters_its_set_with_the_folds_stock_model_trained_first(tmp_path, monkeypatch):

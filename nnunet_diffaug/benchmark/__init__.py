@@ -12,7 +12,7 @@ subsets, shared synthetic sets), ``run`` (the steps), ``report`` (statistics, ta
 """
 from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, DIFFAUG_TRAINER, STOCK_TRAINER, Arm, SyntheticSpec,
                                            builtin_arm, load_arms_file, resolve_arms)
-from nnunet_diffaug.benchmark.report import aggregate, collect_results, format_table, write_report
+from nnunet_diffaug.benchmark.report import aggregate, collect_results, format_table, headline_reading, write_report
 from nnunet_diffaug.benchmark.run import run_benchmark
 from nnunet_diffaug.benchmark.settings import (ARM_DEFINING_SETTINGS, BenchmarkSettings, check_same_arm_settings,
                                                settings_arms)
@@ -20,5 +20,5 @@ from nnunet_diffaug.benchmark.workspace import check_inputs, draw_subsets, make_
 
 __all__ = ["ARM_DEFINING_SETTINGS", "DEFAULT_ARMS", "DIFFAUG_TRAINER", "STOCK_TRAINER", "Arm", "BenchmarkSettings",
            "SyntheticSpec", "aggregate", "builtin_arm", "check_inputs", "check_same_arm_settings", "collect_results",
-           "draw_subsets", "format_table", "load_arms_file", "make_workspace", "resolve_arms", "run_benchmark",
+           "draw_subsets", "format_table", "headline_reading", "load_arms_file", "make_workspace", "resolve_arms", "run_benchmark",
            "settings_arms", "write_report"]

@@ -103,10 +103,59 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+# Two readings of a run's Dice, whose aggregate fields differ by this prefix: nnU-Net's mean over the test cases
+# ("", the run fields "dice" and "mean_foreground_dice") and Dice pooled over them ("pooled_", from
+# ``pooled_dice``). Pooled Dice is the headline: with a handful of test cases the per-case mean swings with a
+# few stray voxels on a case that lacks a class.
+READINGS = ("pooled_", "")
+
+
+def headline_reading(rows: list[dict]) -> str:
+    """The pooled reading where every row has it (summaries written by nnU-Net do), else nnU-Net's per-case mean."""
+    return "pooled_" if rows and all("pooled_mean_foreground_dice" in r for r in rows) else ""
+
+
+def _has_reading(rs: list[dict], reading: str) -> bool:
+    return bool(rs) and all(r.get(f"{reading}mean_foreground_dice") is not None and r.get(f"{reading}dice")
+                            for r in rs)
+
+
+def _reading_fields(rs: list[dict], stock: list[dict], reading: str) -> dict:
+    """One reading's aggregate of an arm over its seeds and, given stock's runs (none for stock itself), its
+    paired difference to stock, overall and per class."""
+    def value(r):
+        return r[f"{reading}mean_foreground_dice"]
+
+    values = np.array([value(r) for r in rs])
+    per_class = {c: np.array([r[f"{reading}dice"][c] for r in rs], dtype=float) for c in rs[0][f"{reading}dice"]}
+    out = {f"{reading}mean_foreground_dice": float(values.mean()),
+           f"{reading}sd": float(values.std(ddof=1)) if len(values) > 1 else None,  # one seed has no spread
+           f"{reading}per_class_mean": {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
+                                       for c, v in per_class.items()},
+           f"{reading}per_class_sd": {c: float(np.nanstd(v, ddof=1)) if np.sum(~np.isnan(v)) > 1 else None
+                                     for c, v in per_class.items()}}
+    if _has_reading(stock, reading):
+        out[f"{reading}difference_vs_stock"], out[f"{reading}paired_t_p_value"] = _paired(rs, stock, value)
+        out[f"{reading}per_class_difference_vs_stock"] = {
+            c: dict(zip(("difference", "paired_t_p_value"),
+                        _paired(rs, stock, lambda r, c=c: r[f"{reading}dice"][c]))) for c in per_class}
+    return out
+
+
+def _paired_with(row: dict, partner_field: str, partner: str, fields: tuple[str, str],
+                 rs: list[dict], partner_rs: list[dict]) -> None:
+    """Names the partner arm in ``row`` and adds, per reading both arms have, the paired difference to it."""
+    row[partner_field] = partner
+    for reading in READINGS:
+        if _has_reading(rs, reading) and _has_reading(partner_rs, reading):
+            row[f"{reading}{fields[0]}"], row[f"{reading}{fields[1]}"] = _paired(
+                rs, partner_rs, lambda r, reading=reading: r[f"{reading}mean_foreground_dice"])
+
+
 def aggregate(runs: list[dict], arm_names: list[str], definitions: dict[str, dict] | None = None) -> list[dict]:
-    """Per (size, arm): mean and sd over seeds, the paired difference to stock (p across seeds), cost.
-    ``definitions`` (arm name -> ``Arm.to_json()``) lets each synthetic arm be paired with its deformed-real
-    control as well."""
+    """Per (size, arm), in each reading of Dice (``READINGS``): mean and sd over seeds and the paired difference to
+    stock (p across seeds); and the cost. ``definitions`` (arm name -> ``Arm.to_json()``) lets each synthetic arm
+    be paired with its deformed-real control as well."""
     rows = []
     for n_train in sorted({r["n_train"] for r in runs}):
         by_arm = {a: sorted((r for r in runs if r["arm"] == a and r["n_train"] == n_train), key=lambda r: r["seed"])
@@ -117,34 +166,15 @@ def aggregate(runs: list[dict], arm_names: list[str], definitions: dict[str, dic
             rs = by_arm[arm]
             if not rs:
                 continue
-            values = np.array([r["mean_foreground_dice"] for r in rs])
-            classes = list(rs[0]["dice"])
-            per_class = {c: np.array([r["dice"][c] for r in rs], dtype=float) for c in classes}
             wall = _mean(r.get("wall_time_s") for r in rs)
             iterations = _mean(r.get("total_iterations") for r in rs)
             row = {"n_train": n_train, "arm": arm, "n_seeds": len(rs),
-                   "mean_foreground_dice": float(values.mean()),
-                   "sd": float(values.std(ddof=1)) if len(values) > 1 else None,  # one seed has no spread
-                   "per_class_mean": {c: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan")
-                                      for c, v in per_class.items()},
-                   "per_class_sd": {c: float(np.nanstd(v, ddof=1)) if np.sum(~np.isnan(v)) > 1 else None
-                                    for c, v in per_class.items()},
                    "wall_time_min": None if wall is None else wall / 60,
                    "iterations_vs_stock": (iterations / stock_iterations
                                            if iterations is not None and stock_iterations else None)}
-            pooled = [r.get("pooled_mean_foreground_dice") for r in rs]
-            if all(v is not None for v in pooled):
-                row["pooled_mean_foreground_dice"] = float(np.mean(pooled))
-                row["pooled_sd"] = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else None
-                if arm != "stock" and all(q.get("pooled_mean_foreground_dice") is not None for q in stock):
-                    row["pooled_difference_vs_stock"], row["pooled_paired_t_p_value"] = _paired(
-                        rs, stock, lambda r: r["pooled_mean_foreground_dice"])
-            if arm != "stock":
-                row["difference_vs_stock"], row["paired_t_p_value"] = _paired(
-                    rs, stock, lambda r: r["mean_foreground_dice"])
-                row["per_class_difference_vs_stock"] = {
-                    c: dict(zip(("difference", "paired_t_p_value"), _paired(rs, stock, lambda r, c=c: r["dice"][c])))
-                    for c in classes}
+            for reading in READINGS:
+                if _has_reading(rs, reading):
+                    row.update(_reading_fields(rs, stock if arm != "stock" else [], reading))
             rows.append(row)
         _add_equal_compute_differences([r for r in rows if r["n_train"] == n_train], by_arm)
         _add_control_differences([r for r in rows if r["n_train"] == n_train], by_arm, definitions or {})
@@ -171,9 +201,9 @@ def _add_equal_compute_differences(rows: list[dict], by_arm: dict[str, list[dict
             continue
         match = min(stock_like, key=lambda s: abs(s["iterations_vs_stock"] - iters), default=None)
         if match is not None and abs(match["iterations_vs_stock"] - iters) / iters < EQUAL_COMPUTE_TOLERANCE:
-            row["equal_compute_stock_arm"] = match["arm"]
-            row["difference_vs_equal_compute_stock"], row["equal_compute_paired_t_p_value"] = _paired(
-                by_arm[row["arm"]], by_arm[match["arm"]], lambda r: r["mean_foreground_dice"])
+            _paired_with(row, "equal_compute_stock_arm", match["arm"],
+                         ("difference_vs_equal_compute_stock", "equal_compute_paired_t_p_value"),
+                         by_arm[row["arm"]], by_arm[match["arm"]])
 
 
 CONTROL_GENERATOR = "deformed-real"
@@ -195,56 +225,62 @@ def _add_control_differences(rows: list[dict], by_arm: dict[str, list[dict]], de
             continue
         control = next((c for c in controls if mixing(c) == mixing(row["arm"])), None)
         if control is not None:
-            row["control_arm"] = control
-            row["difference_vs_control"], row["control_paired_t_p_value"] = _paired(
-                by_arm[row["arm"]], by_arm[control], lambda r: r["mean_foreground_dice"])
+            _paired_with(row, "control_arm", control, ("difference_vs_control", "control_paired_t_p_value"),
+                         by_arm[row["arm"]], by_arm[control])
 
 
 def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
     return f"{mean:.3f}" + (one_seed if sd is None else f" ± {sd:.3f}")
 
 
+def _difference(delta: float | None, p: float | None) -> str:
+    return "" if delta is None else f"{delta:+.3f}" + ("" if p is None else f" (p {p:.3g})")
+
+
+READING_NAMES = {"pooled_": "pooled over the held-out cases (2ΣTP / (2ΣTP + ΣFP + ΣFN) per class)",
+                 "": "nnU-Net's per-case Dice, mean over the held-out cases"}
+
+
 def format_table(results: dict) -> str:
-    classes = results["classes"]
-    equal_compute = any("equal_compute_stock_arm" in row for row in results["aggregate"])
-    control = any("control_arm" in row for row in results["aggregate"])
-    pooled = any("pooled_mean_foreground_dice" in row for row in results["aggregate"])
-    head = ["n_train", "arm", "seeds", "mean fg Dice (± sd)", *classes, "Δ vs stock", "paired p", "wall min",
-            "iterations vs stock", *(["Δ vs equal-compute stock (p)"] if equal_compute else []),
+    """Markdown: one row per (size, arm) in the headline reading of Dice, with its paired differences to stock,
+    to stock trained as long and to the deformed-real control where the workspace has them, then nnU-Net's
+    per-case mean (when the headline is pooled), wall time and compute; a last line says which reading it is."""
+    rows, classes = results["aggregate"], results["classes"]
+    h = headline_reading(rows)
+    equal_compute = any("equal_compute_stock_arm" in row for row in rows)
+    control = any("control_arm" in row for row in rows)
+    head = ["n_train", "arm", "seeds", "fg Dice (± sd)", *classes, "Δ vs stock (p)",
+            *(["Δ vs equal-compute stock (p)"] if equal_compute else []),
             *(["Δ vs deformed-real control (p)"] if control else []),
-            *(["pooled fg Dice (± sd)", "pooled Δ vs stock (p)"] if pooled else [])]
+            *(["per-case fg Dice (± sd)", "per-case Δ vs stock (p)"] if h else []),
+            "wall min", "iterations vs stock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in results["aggregate"]:
-        delta, p = row.get("difference_vs_stock"), row.get("paired_t_p_value")
+    for row in rows:
         wall, iters = row.get("wall_time_min"), row.get("iterations_vs_stock")
-        class_sd = row.get("per_class_sd", {})
+        class_sd = row.get(f"{h}per_class_sd", {})
         lines.append("| " + " | ".join([
             str(row["n_train"]), row["arm"], str(row.get("n_seeds", "")),
-            _mean_sd(row["mean_foreground_dice"], row["sd"], " (1 seed)"),
-            *[_mean_sd(row["per_class_mean"][c], class_sd.get(c)) for c in classes],
-            "" if delta is None else f"{delta:+.3f}", "" if p is None else f"{p:.3g}",
-            "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×",
-            *([_paired_cell(row, "equal_compute_stock_arm", "difference_vs_equal_compute_stock",
-                            "equal_compute_paired_t_p_value")] if equal_compute else []),
-            *([_paired_cell(row, "control_arm", "difference_vs_control", "control_paired_t_p_value")]
+            _mean_sd(row[f"{h}mean_foreground_dice"], row[f"{h}sd"], " (1 seed)"),
+            *[_mean_sd(row[f"{h}per_class_mean"][c], class_sd.get(c)) for c in classes],
+            _difference(row.get(f"{h}difference_vs_stock"), row.get(f"{h}paired_t_p_value")),
+            *([_partner_cell(row, h, "equal_compute_stock_arm", "difference_vs_equal_compute_stock",
+                             "equal_compute_paired_t_p_value")] if equal_compute else []),
+            *([_partner_cell(row, h, "control_arm", "difference_vs_control", "control_paired_t_p_value")]
               if control else []),
-            *(_pooled_cells(row) if pooled else [])]) + " |")
+            *([_mean_sd(row["mean_foreground_dice"], row["sd"]),
+               _difference(row.get("difference_vs_stock"), row.get("paired_t_p_value"))] if h else []),
+            "" if wall is None else f"{wall:.1f}", "" if iters is None else f"{iters:.2f}×"]) + " |")
+    lines.append("")
+    lines.append(f"Dice: {READING_NAMES[h]}; mean and sd over seeds; Δ: mean paired difference over seeds, "
+                 f"p: paired t-test.")
     return "\n".join(lines)
 
 
-def _pooled_cells(row: dict) -> list[str]:
-    if "pooled_mean_foreground_dice" not in row:
-        return ["", ""]
-    delta, p = row.get("pooled_difference_vs_stock"), row.get("pooled_paired_t_p_value")
-    return [_mean_sd(row["pooled_mean_foreground_dice"], row["pooled_sd"]),
-            "" if delta is None else f"{delta:+.3f}" + ("" if p is None else f" ({p:.3g})")]
-
-
-def _paired_cell(row: dict, partner: str, difference: str, p_value: str) -> str:
+def _partner_cell(row: dict, reading: str, partner: str, difference: str, p_value: str) -> str:
     if partner not in row:
         return ""
-    delta, p = row[difference], row[p_value]
-    return f"{delta:+.3f} vs {row[partner]}" + ("" if p is None else f" (p {p:.3g})")
+    return f"{row[f'{reading}{difference}']:+.3f} vs {row[partner]}" + (
+        "" if row.get(f"{reading}{p_value}") is None else f" (p {row[f'{reading}{p_value}']:.3g})")
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -252,14 +288,15 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["aggregate"]
+    h = headline_reading(rows)
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     sizes = sorted({r["n_train"] for r in rows})
     if len(sizes) > 1:  # Dice against training-set size, one line per arm
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm in arms:
             rs = [r for r in rows if r["arm"] == arm]
-            ax.errorbar([r["n_train"] for r in rs], [r["mean_foreground_dice"] for r in rs],
-                        yerr=[r["sd"] or 0.0 for r in rs], marker="o", capsize=3, label=arm)
+            ax.errorbar([r["n_train"] for r in rs], [r[f"{h}mean_foreground_dice"] for r in rs],
+                        yerr=[r[f"{h}sd"] or 0.0 for r in rs], marker="o", capsize=3, label=arm)
         ax.set_xlabel("real training cases")
     else:  # one size: grouped bars per class (and the foreground mean), one bar per arm, seed sd as error bar
         groups = ["mean fg", *results["classes"]]
@@ -267,15 +304,15 @@ def _plot(results: dict, path: Path) -> None:
         width = 0.8 / max(1, len(arms))
         for i, arm in enumerate(arms):
             r = next(r for r in rows if r["arm"] == arm)
-            heights = [r["mean_foreground_dice"], *[r["per_class_mean"][c] for c in results["classes"]]]
-            sds = [r["sd"], *[r.get("per_class_sd", {}).get(c) for c in results["classes"]]]
+            heights = [r[f"{h}mean_foreground_dice"], *[r[f"{h}per_class_mean"][c] for c in results["classes"]]]
+            sds = [r[f"{h}sd"], *[r.get(f"{h}per_class_sd", {}).get(c) for c in results["classes"]]]
             x = np.arange(len(groups)) + (i - (len(arms) - 1) / 2) * width
             ax.bar(x, np.nan_to_num(heights), width, yerr=[sd or 0.0 for sd in sds], capsize=2,
                    label=f"{arm} ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''})")
         ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_xlabel(f"{sizes[0] if sizes else ''} real training cases; error bars: sd over seeds")
-    ax.set_ylabel("Dice on held-out real cases")
+    ax.set_ylabel(("pooled " if h else "") + "Dice on held-out real cases")
     ax.set_title(f"{results['settings']['dataset']} {results['settings']['configuration']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
