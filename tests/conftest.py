@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,40 +23,62 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built by the first test process that asks for it: under pytest-xdist the
+    workers of one run share it (each would otherwise plan or train the same thing again). ``build(folder)``
+    fills the folder; a build that failed midway is redone."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder = base / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def _plan_example(root: Path) -> None:
+    from nnunet_diffaug.example_data import build_example_dataset
+    from nnunet_diffaug.small_plans import write_small_plans
+    build_example_dataset(root / "raw", EXAMPLE_ID, slab_slices=4, in_plane_size=64)
+    run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID), "-c", "2d", "3d_fullres",
+         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], nnunet_env(root))
+    write_splits(root / "preprocessed" / EXAMPLE_NAME, [f"chest_{i:03d}" for i in range(8)], n_folds=2)
+    with nnunet_folders(root):
+        write_small_plans(EXAMPLE_NAME)
+
+
 @pytest.fixture(scope="session")
 def planned_example(tmp_path_factory):
     """The built-in chest CT example (8 slab cases, 64x64 in-plane), planned and preprocessed by nnU-Net's
     own console script for 2d and 3d_fullres, with small plans 'nnUNetPlansDiffAugSmall' and 2-fold splits.
+    Shared by every test of the run: a test that writes into it takes a private copy
+    (``support.private_copy_of_example``).
 
     Returns (root, splits): nnU-Net folders under root/{raw,preprocessed,results}.
     """
-    from nnunet_diffaug.example_data import build_example_dataset
-    from nnunet_diffaug.small_plans import write_small_plans
-
-    root = tmp_path_factory.mktemp("nnunet")
-    env = nnunet_env(root)
-    build_example_dataset(root / "raw", EXAMPLE_ID, slab_slices=4, in_plane_size=64)
-    run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID), "-c", "2d", "3d_fullres",
-         "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
-    splits = write_splits(root / "preprocessed" / EXAMPLE_NAME, [f"chest_{i:03d}" for i in range(8)], n_folds=2)
-    with nnunet_folders(root):
-        write_small_plans(EXAMPLE_NAME)
-    return root, splits
+    root = _built_once(tmp_path_factory, "planned_example", _plan_example)
+    return root, json.loads((root / "preprocessed" / EXAMPLE_NAME / "splits_final.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def judged_example(planned_example, tmp_path_factory):
     """The planned example with a tiny nnU-Net (``support.JUDGE``: trainer, plans, configuration) trained on the
-    real training cases of fold 0, the judge of the evaluation and judge-filter tests. Trained once per session;
+    real training cases of fold 0, the judge of the evaluation and judge-filter tests. Trained once per run;
     modules take a private copy with ``support.private_copy_of_example(..., with_results=True)``.
 
     Returns the root whose results folder holds the model.
     """
-    src, _ = planned_example
-    root = private_copy_of_example(src, tmp_path_factory.mktemp("judged_example"))
-    trainer, plans, configuration = JUDGE
-    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
-              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
-    run([console_script("nnUNetv2_train"), EXAMPLE_NAME, configuration, "0", "-tr", trainer, "-p", plans,
-         "-device", "cpu"], nnunet_env(root, **budget))
-    return root
+    def train_judge(root: Path) -> None:
+        private_copy_of_example(planned_example[0], root)
+        trainer, plans, configuration = JUDGE
+        budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
+                  "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+        run([console_script("nnUNetv2_train"), EXAMPLE_NAME, configuration, "0", "-tr", trainer, "-p", plans,
+             "-device", "cpu"], nnunet_env(root, **budget))
+
+    return _built_once(tmp_path_factory, "judged_example", train_judge)

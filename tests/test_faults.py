@@ -108,7 +108,7 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
     config.write_text(json.dumps(MICRO_SYNTHESIZER))
     run([console_script("diffaug_train_synthesizer"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-p", str(config),
          "-device", "cpu"], env)
-    cmd = [console_script("diffaug_synthesize"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-n", "20", "-o", "970",
+    cmd = [console_script("diffaug_synthesize"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-n", "8", "-o", "970",
            "--sampler", "ddim", "--steps", "8", "-device", "cpu"]
     folder = root / "raw" / "Dataset970_ChestCTSlabsSynthF1"
 
@@ -120,7 +120,7 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     done = _labels(folder)
-    assert 2 <= len(done) < 20
+    assert 2 <= len(done) < 8
     images = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))
     assert images == [n.replace(".nii.gz", "_0000.nii.gz") for n in done]  # no half case is visible
 
@@ -133,9 +133,9 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == before
 
     run(cmd, env)  # the same command resumes
-    assert _labels(folder) == [f"synth_{i:05d}.nii.gz" for i in range(20)]
+    assert _labels(folder) == [f"synth_{i:05d}.nii.gz" for i in range(8)]
     assert not [p for p in folder.iterdir() if p.name.startswith(".partial-")]
-    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 20
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 8
     verify_dataset_integrity(str(folder), num_processes=1)
 
 

@@ -10,7 +10,7 @@ import pytest
 from nnunet_diffaug.file_io import _HOST_TAG, temporary_name
 from nnunet_diffaug.raw_dataset import image_file, label_file, load_dataset_json
 from nnunet_diffaug.trainers.preprocess import MARKER_SUFFIX, preprocess_synthetic_cases
-from support import EXAMPLE_NAME, make_stand_in_synthetic_set, set_nnunet_env
+from support import EXAMPLE_NAME, make_stand_in_synthetic_set, private_copy_of_example, set_nnunet_env
 
 
 def _mtimes(folder):
@@ -19,16 +19,15 @@ def _mtimes(folder):
 
 @pytest.fixture
 def setup(planned_example, tmp_path, monkeypatch):
-    root, splits = planned_example
+    source, splits = planned_example
+    root = private_copy_of_example(source, tmp_path / "nnunet")  # the synthetic set it adds stays its own
     set_nnunet_env(monkeypatch, root)
     raw = root / "raw"
     synth = make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 0, splits[0]["train"], 3, dataset_id=950)
     plans = json.loads((root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans.json").read_text())
     real_json = load_dataset_json(raw / EXAMPLE_NAME)
     out = tmp_path / "synthetic_preprocessed"
-    yield synth, plans, real_json, out, root
-    import shutil
-    shutil.rmtree(synth)
+    return synth, plans, real_json, out, root
 
 
 def test_incremental_preprocessing_with_the_real_plans(setup):
