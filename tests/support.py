@@ -81,6 +81,22 @@ def run(cmd: list[str], env: dict, timeout: int = 900, expect_ok: bool = True) -
 
 
 
+def write_raw_dataset(folder: Path, cases: dict, channel: str, labels: dict[str, int]) -> Path:
+    """A one-channel nnU-Net raw dataset from arrays: ``cases`` maps case id -> (image, label, spacing), arrays in
+    (z, y, x) order, spacing in SimpleITK's (x, y, z) order."""
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for case_id, (image, label, spacing) in cases.items():
+        for array, path in ((image, folder / "imagesTr" / f"{case_id}_0000.nii.gz"),
+                            (label, folder / "labelsTr" / f"{case_id}.nii.gz")):
+            itk = sitk.GetImageFromArray(array)
+            itk.SetSpacing(spacing)
+            sitk.WriteImage(itk, str(path))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": channel}, "labels": labels,
+                                                     "numTraining": len(cases), "file_ending": ".nii.gz"}))
+    return folder
+
+
 def write_splits(preprocessed_dataset_folder: Path, case_ids: list[str], n_folds: int = 2) -> list[dict]:
     """Deterministic k-fold splits (nnU-Net needs >= 5 cases for its own automatic split)."""
     ids = sorted(case_ids)

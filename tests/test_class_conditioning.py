@@ -19,7 +19,7 @@ import scipy.ndimage as ndi
 import SimpleITK as sitk
 import torch
 
-from support import console_script, nnunet_env, nnunet_folders, run, write_splits
+from support import console_script, nnunet_env, nnunet_folders, run, write_raw_dataset, write_splits
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -39,26 +39,17 @@ WITH_OPTION = {"base": "tiny", "diffusion": {"class_intensity": True}}
 
 
 def build_toy_dataset(raw_root: Path) -> Path:
-    folder = raw_root / TOY_NAME
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
     brightness = rng.permutation(np.linspace(0.4, 3.0, N_CASES))
     yy, xx = np.mgrid[:64, :64]
+    cases = {}
     for i in range(N_CASES):
         cy, cx = rng.integers(20, 44, 2)
         r = int(rng.integers(9, 14))
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         image = np.where(disc, brightness[i], 0.0)[None].repeat(4, 0) + rng.normal(0, 0.1, (4, 64, 64))
-        for array, path in ((image.astype(np.float32), folder / "imagesTr" / f"toy_{i:03d}_0000.nii.gz"),
-                            (disc.astype(np.uint8)[None].repeat(4, 0), folder / "labelsTr" / f"toy_{i:03d}.nii.gz")):
-            itk = sitk.GetImageFromArray(array)
-            itk.SetSpacing((1.0, 1.0, 3.0))
-            sitk.WriteImage(itk, str(path))
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "noNorm"},
-                                                     "labels": {"background": 0, "disc": 1},
-                                                     "numTraining": N_CASES, "file_ending": ".nii.gz"}))
-    return folder
+        cases[f"toy_{i:03d}"] = (image.astype(np.float32), disc.astype(np.uint8)[None].repeat(4, 0), (1.0, 1.0, 3.0))
+    return write_raw_dataset(raw_root / TOY_NAME, cases, "noNorm", {"background": 0, "disc": 1})
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import scipy.ndimage as ndi
 import SimpleITK as sitk
 import torch
 
-from support import console_script, nnunet_env, nnunet_folders, run, write_splits
+from support import console_script, nnunet_env, nnunet_folders, run, write_raw_dataset, write_splits
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -55,10 +55,8 @@ def _toy_case(rng: np.random.Generator, size: int = 64, slices: int = 4):
 
 
 def build_toy_dataset(raw_root: Path, n_cases: int = 8, coarse_factor: int = 4) -> Path:
-    folder = raw_root / TOY_NAME
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
+    cases = {}
     for i in range(n_cases):
         case_id = f"toy_{i:03d}"
         image, label = _toy_case(rng)
@@ -69,15 +67,8 @@ def build_toy_dataset(raw_root: Path, n_cases: int = 8, coarse_factor: int = 4) 
             image = image.reshape(z, h // f, f, w // f, f).mean(axis=(2, 4))
             label = label[:, f // 2::f, f // 2::f]
             spacing = (float(f), float(f), 3.0)
-        for array, path in ((image.astype(np.float32), folder / "imagesTr" / f"{case_id}_0000.nii.gz"),
-                            (label, folder / "labelsTr" / f"{case_id}.nii.gz")):
-            itk = sitk.GetImageFromArray(array)
-            itk.SetSpacing(spacing)
-            sitk.WriteImage(itk, str(path))
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"},
-                                                     "labels": {"background": 0, "disc": 1},
-                                                     "numTraining": n_cases, "file_ending": ".nii.gz"}))
-    return folder
+        cases[case_id] = (image.astype(np.float32), label, spacing)
+    return write_raw_dataset(raw_root / TOY_NAME, cases, "MR", {"background": 0, "disc": 1})
 
 
 @pytest.fixture(scope="module")

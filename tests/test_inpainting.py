@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import console_script, nnunet_env, nnunet_folders, run, write_splits
+from support import console_script, nnunet_env, nnunet_folders, run, write_raw_dataset, write_splits
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -47,19 +47,9 @@ def _toy_case(rng: np.random.Generator, size: int = 64, slices: int = 4):
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("inpaint")
-    folder = root / "raw" / TOY_NAME
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
-    for i in range(8):
-        image, label = _toy_case(rng)
-        for array, path in ((image, folder / "imagesTr" / f"toy_{i:03d}_0000.nii.gz"),
-                            (label, folder / "labelsTr" / f"toy_{i:03d}.nii.gz")):
-            itk = sitk.GetImageFromArray(array)
-            itk.SetSpacing((1.0, 1.0, 3.0))
-            sitk.WriteImage(itk, str(path))
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
-                                                     "numTraining": 8, "file_ending": ".nii.gz"}))
+    write_raw_dataset(root / "raw" / TOY_NAME, {f"toy_{i:03d}": (*_toy_case(rng), (1.0, 1.0, 3.0)) for i in range(8)},
+                      "CT", LABELS)
     run([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(TOY_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
         nnunet_env(root))
     write_splits(root / "preprocessed" / TOY_NAME, [f"toy_{i:03d}" for i in range(8)])
