@@ -20,5 +20,5 @@ from nnunet_diffaug.benchmark.workspace import check_inputs, draw_subsets, make_
 
 __all__ = ["ARM_DEFINING_SETTINGS", "DEFAULT_ARMS", "DIFFAUG_TRAINER", "STOCK_TRAINER", "Arm", "BenchmarkSettings",
            "SyntheticSpec", "aggregate", "builtin_arm", "check_inputs", "check_same_arm_settings", "collect_results",
-           "draw_subsets", "format_table", "headline_reading", "load_arms_file", "make_workspace", "resolve_arms", "run_benchmark",
-           "settings_arms", "write_report"]
+           "draw_subsets", "format_table", "headline_reading", "load_arms_file", "make_workspace", "resolve_arms",
+           "run_benchmark", "settings_arms", "write_report"]

@@ -233,8 +233,10 @@ def _mean_sd(mean: float, sd: float | None, one_seed: str = "") -> str:
     return f"{mean:.3f}" + (one_seed if sd is None else f" ± {sd:.3f}")
 
 
-def _difference(delta: float | None, p: float | None) -> str:
-    return "" if delta is None else f"{delta:+.3f}" + ("" if p is None else f" (p {p:.3g})")
+def _difference(delta: float | None, p: float | None, partner: str = "") -> str:
+    """A table cell: the paired difference (to ``partner``, when named) and its p."""
+    return "" if delta is None else f"{delta:+.3f}" + (f" vs {partner}" if partner else "") + (
+        "" if p is None else f" (p {p:.3g})")
 
 
 READING_NAMES = {"pooled_": "pooled over the held-out cases (2ΣTP / (2ΣTP + ΣFP + ΣFN) per class)",
@@ -279,8 +281,7 @@ def format_table(results: dict) -> str:
 def _partner_cell(row: dict, reading: str, partner: str, difference: str, p_value: str) -> str:
     if partner not in row:
         return ""
-    return f"{row[f'{reading}{difference}']:+.3f} vs {row[partner]}" + (
-        "" if row.get(f"{reading}{p_value}") is None else f" (p {row[f'{reading}{p_value}']:.3g})")
+    return _difference(row[f"{reading}{difference}"], row.get(f"{reading}{p_value}"), row[partner])
 
 
 def _plot(results: dict, path: Path) -> None:
