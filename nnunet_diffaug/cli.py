@@ -367,6 +367,11 @@ def synthesize_entry(argv=None):
                         "'deformed-real' = the source case's real image deformed with its labels (a control)")
     p.add_argument("--randomisation", default=None, metavar="RANGES.json",
                    help="--generator randomised: JSON object overriding the default ranges (see README)")
+    p.add_argument("--class-prior", default=None, choices=["uniform", "real"],
+                   help="--generator randomised: 'uniform' (default) draws each class's intensity from wide ranges, "
+                        "any contrast (SynthSeg); 'real' draws it around the class mean and sd of the label map's "
+                        "source case, so the dataset's contrast between structures stays (bone stays brighter than "
+                        "soft tissue); wins over the ranges file's class_prior")
     p.add_argument("-p", "-plans", dest="plans", default=None,
                    help="nnU-Net plans identifier for randomised/deformed-real (default nnUNetPlans); diffusion "
                         "uses its synthesizer's")
@@ -450,6 +455,7 @@ def synthesize_entry(argv=None):
     common = dict(labels=args.labels, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=args.guidance,
                   volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
                   generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
+                  class_prior=args.class_prior,
                   intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose,
                   classes=args.classes, host=args.host, edit=args.edit, margin=args.margin,
                   scale_range=args.scale_range, resample_jumps=args.resample_jumps,

@@ -40,6 +40,10 @@ def test_builtin_arms_name_their_trainer_env_and_synthetic_set():
     assert deformed.env == randomised.env == r33.env  # the controls change only the synthetic source
     assert deformed.synthetic.generator == "deformed-real" and not deformed.synthetic.needs_synthesizer
     assert randomised.synthetic.generator == "randomised" and not randomised.synthetic.needs_synthesizer
+    informed = builtin_arm("randomised_informed_r33_equalreal")  # the same painting around real class intensities
+    assert informed.env == builtin_arm("randomised_r33_equalreal").env and informed.synthetic.options == (
+        ("--class-prior", "real"),) and informed.synthetic.key != builtin_arm("randomised_r33_equalreal").synthetic.key
+    assert builtin_arm("randomised_informed_r33_painted") is None  # nothing painted by a diffusion model to keep
     assert builtin_arm("diffaug_r33_generated").synthetic.labels == "generated"
     assert builtin_arm("synthetic_only").name == "diffaug_r100"
     assert builtin_arm("diffaug_r0").synthetic is None  # r = 0 draws no synthetic case
@@ -153,8 +157,8 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # (the test session sets it)
     s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
                           arms=("diffaug_r33", "diffaug_r33_cutoff50", "diffaug_r50_equalreal", "patchmix",
-                                "deformed_real_r33", "randomised_r33"))
-    runner = FakeRunner({"stock": 0.6, "diffaug_r33": 0.65, "diffaug_r33_cutoff50": 0.62,
+                                "deformed_real_r33", "randomised_r33", "randomised_informed_r33"))
+    runner = FakeRunner({"randomised_informed_r33": 0.55, "stock": 0.6, "diffaug_r33": 0.65, "diffaug_r33_cutoff50": 0.62,
                          "diffaug_r50_equalreal": 0.7, "patchmix": 0.6, "deformed_real_r33": 0.63,
                          "randomised_r33": 0.5})
     results = run_benchmark(s, tmp_path / "ws", runner=runner)
@@ -163,15 +167,18 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
     kinds = sorted((c[c.index("--generator") + 1] if "--generator" in c else "diffusion", _flag(c, "--labels"))
                    for c, _ in synth)
     assert kinds == [("deformed-real", "real"), ("diffusion", "real"), ("diffusion", "real-aligned"),
-                     ("randomised", "real")]  # four arms share the diffusion set: made once
+                     ("randomised", "real"), ("randomised", "real")]  # four arms share the diffusion set: made once
+    priors = [_flag(c, "--class-prior") if "--class-prior" in c else "uniform" for c, _ in synth if "randomised" in c]
+    assert sorted(priors) == ["real", "uniform"]  # the informed set is its own, told its prior
     ids = [int(_flag(c, "-o")) for c, _ in synth]
-    assert len(set(ids)) == 4 and all(i >= 900 for i in ids)
+    assert len(set(ids)) == 5 and all(i >= 900 for i in ids)
     assert len(runner.named("diffaug_train_synthesizer")) == 1  # trained once per fold, only for diffusion sets
     sets = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_DATASET") for _, env in
             runner.named("nnUNetv2_train")}
     assert sets["stock"] is None
     assert sets["diffaug_r33"] == sets["diffaug_r33_cutoff50"] == sets["diffaug_r50_equalreal"]
-    assert len({sets["diffaug_r33"], sets["patchmix"], sets["deformed_real_r33"], sets["randomised_r33"]}) == 4
+    assert len({sets["diffaug_r33"], sets["patchmix"], sets["deformed_real_r33"], sets["randomised_r33"],
+                sets["randomised_informed_r33"]}) == 5
     aligned = next(int(_flag(c, "-o")) for c, _ in synth if _flag(c, "--labels") == "real-aligned")
     assert sets["patchmix"] == f"Dataset{aligned:03d}_ToySynthF0"
     envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}

@@ -90,6 +90,49 @@ def test_whole_volumes_of_2d_configurations_are_painted_slice_by_slice():
     assert not np.array_equal(a[:, 1], c[:, 1])  # without freezing, blur crosses slices
 
 
+def test_real_class_prior_keeps_the_real_contrast_between_classes_yet_varies_it():
+    lab = _blocks()
+    # a real case's classes: background dark, class 1 soft tissue, class 2 bright bone, class 3 absent (NaN)
+    prior = np.array([[-1.5, 0.1], [0.2, 0.2], [2.5, 0.3], [np.nan, np.nan], [-2.0, 0.0]])[:, None, :]
+    informed = RandomisationRanges(class_prior="real")
+    errors = {"real": [], "uniform": []}
+    means = []
+    for case in range(8):
+        for name, ranges in (("real", informed), ("uniform", RandomisationRanges())):
+            image, drawn = paint_randomised(lab, 5, CLIP, ranges, np.random.default_rng([1, case]), prior=prior)
+            m = _class_means(image[0], lab, 3)
+            errors[name].append(np.abs(m - prior[:3, 0, 0]))
+            if name == "real":
+                means.append(m)
+                assert m[2] > m[1] > m[0], m  # bone brighter than soft tissue brighter than background, every case
+                assert _explained_variance(image[0], lab) > 0.5
+                assert np.isfinite(image).all() and np.isfinite(drawn["channels"][0]["class_means"][3])
+    # near the real intensities (bias, gamma and noise still move them), far nearer than any-contrast painting
+    assert np.median(errors["real"]) < 0.5 < np.median(errors["uniform"]), errors
+    assert np.median(errors["real"]) < 0.5 * np.median(errors["uniform"])
+    assert np.std(np.array(means), axis=0).min() > 0.05  # still a new appearance per case
+    with pytest.raises(ValueError, match="real class statistics"):
+        paint_randomised(lab, 5, CLIP, informed, np.random.default_rng(0))  # no statistics: refused
+
+
+def test_class_prior_in_ranges_files_and_in_recorded_sets(tmp_path):
+    path = tmp_path / "ranges.json"
+    path.write_text(json.dumps({"class_prior": "real", "prior_mean_shift": 0.5, "prior_sd_scale": [1, 2]}))
+    r = RandomisationRanges.from_json_file(path)
+    assert (r.class_prior, r.prior_mean_shift, r.prior_sd_scale) == ("real", 0.5, (1.0, 2.0))
+    assert r.to_json()["class_prior"] == "real"
+    # a uniform-prior set records its ranges as sets made before the prior existed did, so those still resume
+    assert not {"class_prior", "prior_mean_shift", "prior_sd_scale"} & set(RandomisationRanges().to_json())
+    for content, words in (({"class_prior": "measured"}, "'class_prior' must be one of ['uniform', 'real']"),
+                           ({"prior_mean_shift": -1}, "'prior_mean_shift' must not be negative")):
+        path.write_text(json.dumps(content))
+        with pytest.raises(DiffAugError, match="must"):
+            RandomisationRanges.from_json_file(path)
+        with pytest.raises(DiffAugError) as e:
+            RandomisationRanges.from_json_file(path)
+        assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+
+
 def test_ranges_file_sets_a_subset_and_refuses_unknown_keys_and_bad_values(tmp_path):
     good = tmp_path / "ranges.json"
     good.write_text(json.dumps({"mean": [-1, 1], "noise_sd": [0, 0], "clip": [-3, 3]}))
@@ -150,6 +193,28 @@ def test_randomised_set_without_a_synthesizer_is_accepted_by_the_trainer(root):
     control = synthesize(EXAMPLE_ID, "3d_fullres", 0, 2, generator="deformed-real", seed=1, progress=False)
     assert control != out and read_provenance(control).generator["kind"] == "deformed_real"
     assert len(trainer_accepts(control, "3d_fullres", root)) == 2
+
+
+def test_real_class_prior_paints_each_case_in_its_source_cases_contrast(root):
+    out = synthesize(EXAMPLE_ID, "3d_fullres", 0, 3, generator="randomised", class_prior="real", seed=2,
+                     output_id=962, progress=False)
+    assert read_provenance(out).generator["randomisation"]["class_prior"] == "real"
+    values = sorted(load_dataset_json(root / "raw" / EXAMPLE_NAME)["labels"].values())
+    for i in range(3):
+        record = json.loads((out / "diffaug_cases" / f"synth_{i:05d}.json").read_text())
+        source = record["source_case"]
+        assert record["randomisation"]["prior_case"] == source
+        image, labels = _array(out / "imagesTr" / f"synth_{i:05d}_0000.nii.gz"), _array(out / "labelsTr" / f"synth_{i:05d}.nii.gz")
+        real = _array(root / "raw" / EXAMPLE_NAME / "imagesTr" / f"{source}_0000.nii.gz")
+        real_labels = _array(root / "raw" / EXAMPLE_NAME / "labelsTr" / f"{source}.nii.gz")
+        # foreground only: the raw background holds the scanner's padding, which no painting reproduces
+        shared = [v for v in values if v > 0 and (labels == v).any() and (real_labels == v).any()]
+        painted = [image[labels == v].mean() for v in shared]
+        measured = [real[real_labels == v].mean() for v in shared]
+        # HU per class follow the source case's (lungs dark, bone bright), not a random contrast
+        assert len(shared) >= 4 and np.corrcoef(painted, measured)[0, 1] > 0.9, (shared, painted, measured)
+    with pytest.raises(DiffAugError, match="--class-prior"):
+        synthesize(EXAMPLE_ID, "3d_fullres", 0, 1, generator="deformed-real", class_prior="real", progress=False)
 
 
 def test_randomised_real_aligned_keeps_each_training_case_on_its_grid(root):

@@ -18,6 +18,8 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   synthesized ones (control: is the gain just from more geometric augmentation?).
 - ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
   real label maps (control: does the learned appearance matter, or does any new image do?).
+  ``randomised_informed_r<NN>[...]`` draws each class's intensity around the real case's instead of from any
+  contrast (``--class-prior real``).
 - ``synthetic_only``: an alias of ``diffaug_r100`` (trained on synthetic cases only, validated on real).
 - ``patchmix[_alpha<NN>]``: ``nnUNetTrainerDiffAugPatchMix`` on a ``real-aligned`` synthetic set.
 
@@ -45,7 +47,8 @@ GENERATORS = ("diffusion", "randomised", "deformed-real")
 LABEL_MODES = ("real", "generated", "real-aligned", "inpaint")
 # diffaug_synthesize flags an arms file may set for its synthetic set (the rest is the benchmark's to set alike)
 SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range", "--resample-jumps",
-                     "--volume", "--guidance", "--intensity-jitter", "--randomisation", "--calibrate-intensity",
+                     "--volume", "--guidance", "--intensity-jitter", "--randomisation", "--class-prior",
+                     "--calibrate-intensity",
                      "--no-calibrate-intensity")
 # A calibrated diffusion set carries this option; a set without it is as painted (the benchmark then passes
 # --no-calibrate-intensity), which is what every diffusion set of earlier workspaces was.
@@ -56,14 +59,17 @@ RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_V
 DEFAULT_ARMS = ("stock", "diffaug_r33")
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised)_r(?P<ratio>\d{1,3})"
+_MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised_informed|randomised)_r(?P<ratio>\d{1,3})"
                      r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
                      r"(?P<judged>_judged)?(?P<painted>_painted)?$")
 _LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
-_SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised"}
+_SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised",
+                     "randomised_informed": "randomised"}
+INFORMED = ("--class-prior", "real")  # the option of a randomised_informed set
 
-GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, randomised_r<NN> (NN = synthetic share in %, "
+GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, "
+                "randomised_r<NN>, randomised_informed_r<NN> (NN = synthetic share in %, "
                 "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged, _painted), e.g. "
                 "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
@@ -157,8 +163,10 @@ def builtin_arm(name: str) -> Arm | None:
             return None  # only the diffusion model repaints a region or has painted cases to calibrate
         labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
         generator = _SOURCE_GENERATOR[m["source"]]
-        calibrate = (CALIBRATE,) if generator == "diffusion" and not m["painted"] else ()
-        spec = SyntheticSpec(generator, labels, bool(m["judged"]), calibrate)
+        options = (CALIBRATE,) if generator == "diffusion" and not m["painted"] else ()
+        if m["source"] == "randomised_informed":
+            options = (INFORMED,)
+        spec = SyntheticSpec(generator, labels, bool(m["judged"]), options)
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:

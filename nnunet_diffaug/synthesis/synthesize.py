@@ -275,7 +275,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                volume: list[str] | None = None,
                min_component_voxels: int = DEFAULT_MIN_COMPONENT_VOXELS, spacing: list[float] | None = None,
                generator: str = "diffusion", plans_identifier: str | None = None,
-               randomisation: str | None = None, role: str | None = None,
+               randomisation: str | None = None, class_prior: str | None = None, role: str | None = None,
                intensity_jitter: float = 0.0, class_intensity: list[str] | None = None, classes: str | None = None,
                host: str | None = None, edit: str | None = None, margin: int | None = None,
                scale_range: str | None = None, resample_jumps: int | None = None,
@@ -284,7 +284,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
     ``plans_identifier``: the preprocessed data of generators without a synthesizer (default nnUNetPlans).
-    ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``).
+    ``randomisation``: JSON file of :class:`RandomisationRanges` (``generator="randomised"``); ``class_prior``
+    (``"uniform"`` or ``"real"``) overrides its class intensity prior.
     ``intensity_jitter``, ``class_intensity``: per-class appearance (synthesizers trained with class
     intensity): random shifts in units of the fold's between-case sd, and ``CLASS=MEAN`` requests.
     ``role``: recorded in the provenance; ``provenance.CANDIDATES_ROLE`` hides the set from trainers (judge candidates).
@@ -325,6 +326,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     dataset_name = paths.resolve_dataset_name(dataset)
     request = SynthesisRequest(dataset_name, configuration, fold, labels, plans_identifier, device, options={
         "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation,
+        "--class-prior": class_prior,
         "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None,
         "--resample-jumps": resample_jumps, "--calibrate-intensity": calibrate_intensity or None})
     kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading

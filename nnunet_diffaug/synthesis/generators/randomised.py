@@ -5,7 +5,12 @@ retraining" (Medical Image Analysis, 2023): every case gets a new random appeara
 trained on it cannot rely on any one contrast. Per case and channel, in nnU-Net's normalised units:
 
 1. Gaussian mixture: each class (background and nnU-Net's 'outside' class included) draws a mean and
-   a standard deviation; every voxel draws from its class's Gaussian.
+   a standard deviation; every voxel draws from its class's Gaussian. ``class_prior="uniform"`` (default)
+   draws them uniformly from wide ranges: any contrast, SynthSeg's contrast-agnostic training.
+   ``class_prior="real"`` draws them around a real training case's class statistics (the label map's
+   source case), the data-informed priors SynthSeg's generator also offers when the target contrast is
+   known: the contrast between classes stays (bright bone stays bright), bias, blur, noise and gamma
+   still vary it.
 2. Bias field: ``x * exp(m) + a`` with ``m``, ``a`` smooth random fields (Gaussian noise on a coarse
    grid, upsampled linearly).
 3. Resolution loss: Gaussian blur, then (with some probability) down- and up-sampling by a random
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,11 @@ from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
 
 INTENSITY_RANGE_SEED = 0  # the clip range reads whole training cases; a fixed order keeps it reproducible
+CLASS_PRIORS = ("uniform", "real")
+PRIOR_FIELDS = ("class_prior", "prior_mean_shift", "prior_sd_scale")
+# SynthSeg's strong gamma serves any-contrast training; around real intensities a mild one keeps the contrast
+# (nnU-Net's own augmentation adds gamma 0.7-1.5 to a share of the samples anyway)
+DEFAULT_GAMMA_LOG_SD = {"uniform": 0.4, "real": 0.1}
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,20 @@ class RandomisationRanges:
     downsample_probability: float = 0.5                # chance of down-up sampling
     downsample_factor: tuple[float, float] = (1.0, 3.0)  # per axis
     noise_sd: tuple[float, float] = (0.0, 0.15)        # additive Gaussian noise
-    gamma_log_sd: float = 0.4                          # gamma = exp(N(0, this)) on the clip range
+    gamma_log_sd: float | None = None                  # gamma = exp(N(0, this)) on the clip range; None: 0.4, or
+                                                       # 0.1 with the real prior (which keeps the real contrast)
     clip: tuple[float, float] | None = None            # None: the fold's training range, per channel
+    class_prior: str = "uniform"                       # "uniform": `mean`, `sd` above; "real": around a real case's
+    prior_mean_shift: float = 0.25                     # "real": sd of each class mean's Gaussian shift
+    prior_sd_scale: tuple[float, float] = (0.5, 1.5)   # "real": factor on the real class sd
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        out["gamma_log_sd"] = self.gamma_sd
+        if self.class_prior == "uniform":  # sets recorded before the prior existed still compare equal
+            for name in PRIOR_FIELDS:
+                del out[name]
+        return out
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "RandomisationRanges":
@@ -77,7 +97,10 @@ class RandomisationRanges:
         values = {}
         for name, value in obj.items():
             pair = isinstance(cls.__dataclass_fields__[name].default, tuple) or name == "clip"
-            if pair and not (name == "clip" and value is None):
+            if name == "class_prior":
+                if value not in CLASS_PRIORS:
+                    raise DiffAugError(f"{where}: 'class_prior' must be one of {list(CLASS_PRIORS)}, not {value!r}.")
+            elif pair and not (name == "clip" and value is None):
                 if (not isinstance(value, list) or len(value) != 2
                         or not all(_is_number(v) for v in value) or value[0] > value[1]):
                     raise DiffAugError(f"{where}: {name!r} must be [low, high] with low <= high, not {value!r}.")
@@ -89,13 +112,23 @@ class RandomisationRanges:
         ranges._check(where)
         return ranges
 
+    @property
+    def gamma_sd(self) -> float:
+        if self.gamma_log_sd is not None:
+            return self.gamma_log_sd
+        return DEFAULT_GAMMA_LOG_SD[self.class_prior]
+
     def _check(self, where: str) -> None:
         problems = []
         for name in ("sd", "blur_sigma", "noise_sd"):
             if getattr(self, name)[0] < 0:
                 problems.append(f"{name!r} must not be negative")
-        for name in ("bias_log_sd", "bias_additive_sd", "gamma_log_sd"):
-            if getattr(self, name) < 0:
+        if self.class_prior not in CLASS_PRIORS:
+            problems.append(f"'class_prior' must be one of {list(CLASS_PRIORS)}")
+        if self.prior_sd_scale[0] < 0:
+            problems.append("'prior_sd_scale' must not be negative")
+        for name in ("bias_log_sd", "bias_additive_sd", "gamma_log_sd", "prior_mean_shift"):
+            if (getattr(self, name) or 0) < 0:
                 problems.append(f"{name!r} must not be negative")
         if not 0 <= self.downsample_probability <= 1:
             problems.append("'downsample_probability' must lie in [0, 1]")
@@ -135,18 +168,35 @@ def _lose_resolution(image: np.ndarray, factors: list[float]) -> np.ndarray:
     return F.interpolate(t, size=image.shape, mode=mode, align_corners=False)[0, 0].numpy()
 
 
+def _class_gaussians(r: RandomisationRanges, num_classes: int, prior: np.ndarray | None,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One channel's class means and sds. ``prior`` (classes, 2): real mean and sd per class (NaN: unknown,
+    drawn as with the uniform prior)."""
+    means = rng.uniform(*r.mean, size=num_classes)
+    sds = rng.uniform(*r.sd, size=num_classes)
+    if r.class_prior == "real":
+        known = np.isfinite(prior[:num_classes]).all(axis=1)
+        shifted = prior[:num_classes, 0] + rng.normal(0.0, r.prior_mean_shift, size=num_classes)
+        scaled = prior[:num_classes, 1] * rng.uniform(*r.prior_sd_scale, size=num_classes)
+        means, sds = np.where(known, shifted, means), np.where(known, scaled, sds)
+    return means, sds
+
+
 def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[float, float]], ranges: RandomisationRanges,
-                     rng: np.random.Generator, frozen_axes: int = 0) -> tuple[np.ndarray, dict]:
+                     rng: np.random.Generator, frozen_axes: int = 0,
+                     prior: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Class indices (*spatial) -> (image (C, *spatial) float32, the parameters drawn per channel).
 
     ``clip``: (low, high) per channel. ``frozen_axes``: leading axes left unblurred and unresampled.
+    ``prior``: (classes, C, 2) real class mean and sd per channel, needed by ``class_prior="real"``.
     """
     from scipy.ndimage import gaussian_filter
     r = ranges
+    if r.class_prior == "real" and (prior is None or prior.shape[1] != len(clip)):
+        raise ValueError("class_prior 'real' needs the real class statistics (classes, channels, 2) of every channel")
     channels, drawn = [], []
-    for lo, hi in clip:
-        means = rng.uniform(*r.mean, size=num_classes)
-        sds = rng.uniform(*r.sd, size=num_classes)
+    for c, (lo, hi) in enumerate(clip):
+        means, sds = _class_gaussians(r, num_classes, None if prior is None else prior[:, c], rng)
         x = means[labels] + sds[labels] * rng.standard_normal(labels.shape)
         x = x * np.exp(_smooth_field(labels.shape, r.bias_grid, r.bias_log_sd, rng, frozen_axes)) \
             + _smooth_field(labels.shape, r.bias_grid, r.bias_additive_sd, rng, frozen_axes)
@@ -158,7 +208,7 @@ def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[floa
             x = _lose_resolution(x, factors)
         noise = float(rng.uniform(*r.noise_sd))
         x = x + noise * rng.standard_normal(labels.shape)
-        gamma = float(np.exp(rng.normal(0.0, r.gamma_log_sd)))
+        gamma = float(np.exp(rng.normal(0.0, r.gamma_sd)))
         unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
         channels.append((lo + (hi - lo) * unit ** gamma).astype(np.float32))
         drawn.append({"class_means": np.round(means, 4).tolist(), "class_sds": np.round(sds, 4).tolist(),
@@ -171,7 +221,7 @@ def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[floa
 class RandomisedGenerator(Generator):
     kind = "randomised"
     label_modes = ("real", "real-aligned", "generated")
-    options = ("--randomisation",)
+    options = ("--randomisation", "--class-prior")
     label_mode_reasons = {"inpaint": "repainting a region of a real case needs the trained diffusion model's "
                                      "latent sampler (--generator diffusion)"}
 
@@ -184,11 +234,23 @@ class RandomisedGenerator(Generator):
         else:
             lo, hi = data.intensity_range(np.random.default_rng(INTENSITY_RANGE_SEED))
             self.clip = [(round(float(a), 4), round(float(b), 4)) for a, b in zip(lo, hi)]
+        self.case_stats: dict[str, np.ndarray] = {}
+        if ranges.class_prior == "real":
+            self.case_stats = {c: data.class_intensity_stats(c) for c in data.training_cases}
+            with warnings.catch_warnings():  # a class absent from every case stays NaN: drawn uniformly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.fold_stats = np.nanmean(np.stack(list(self.case_stats.values())), axis=0)
 
     @classmethod
     def load_ranges(cls, request: SynthesisRequest) -> RandomisationRanges:
         path = request.options.get("--randomisation")
-        return RandomisationRanges() if path is None else RandomisationRanges.from_json_file(path)
+        ranges = RandomisationRanges() if path is None else RandomisationRanges.from_json_file(path)
+        prior = request.options.get("--class-prior")
+        if prior is not None:  # the flag wins over the file
+            if prior not in CLASS_PRIORS:
+                raise DiffAugError(f"--class-prior {prior!r}: choose one of {list(CLASS_PRIORS)}.")
+            ranges = dataclasses.replace(ranges, class_prior=prior)
+        return ranges
 
     @classmethod
     def check_request(cls, request: SynthesisRequest) -> None:
@@ -216,5 +278,11 @@ class RandomisedGenerator(Generator):
     def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         # a whole volume of a 2D configuration: its slices are nnU-Net's samples, keep them apart
         frozen = 1 if draw.labels.ndim == 3 and self.data.spatial_dims == 2 else 0
-        image, drawn = paint_randomised(draw.labels, self.num_classes, self.clip, self.ranges, rng, frozen)
-        return image, {"randomisation": drawn}
+        prior, record = None, {}
+        if self.case_stats:
+            # the label map's own case: its classes' contrast belongs to this anatomy; generated maps: any case
+            case = draw.source if draw.source in self.case_stats else str(rng.choice(sorted(self.case_stats)))
+            stats = self.case_stats[case]
+            prior, record = np.where(np.isfinite(stats), stats, self.fold_stats), {"prior_case": case}
+        image, drawn = paint_randomised(draw.labels, self.num_classes, self.clip, self.ranges, rng, frozen, prior)
+        return image, {"randomisation": {**drawn, **record}}
