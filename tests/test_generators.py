@@ -107,9 +107,9 @@ def test_real_class_prior_keeps_the_real_contrast_between_classes_yet_varies_it(
                 assert m[2] > m[1] > m[0], m  # bone brighter than soft tissue brighter than background, every case
                 assert _explained_variance(image[0], lab) > 0.5
                 assert np.isfinite(image).all() and np.isfinite(drawn["channels"][0]["class_means"][3])
-    # near the real intensities (bias, gamma and noise still move them), far nearer than any-contrast painting
-    assert np.median(errors["real"]) < 0.5 < np.median(errors["uniform"]), errors
-    assert np.median(errors["real"]) < 0.5 * np.median(errors["uniform"])
+    # each class ends near its real intensity (shifted by the drawn prior), far nearer than any-contrast painting
+    assert np.median(errors["real"]) < 0.3 < np.median(errors["uniform"]), errors
+    assert np.median(errors["real"]) < 0.3 * np.median(errors["uniform"])
     assert np.std(np.array(means), axis=0).min() > 0.05  # still a new appearance per case
     with pytest.raises(ValueError, match="real class statistics"):
         paint_randomised(lab, 5, CLIP, informed, np.random.default_rng(0))  # no statistics: refused

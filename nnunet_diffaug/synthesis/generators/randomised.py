@@ -10,13 +10,15 @@ trained on it cannot rely on any one contrast. Per case and channel, in nnU-Net'
    ``class_prior="real"`` draws them around a real training case's class statistics (the label map's
    source case), the data-informed priors SynthSeg's generator also offers when the target contrast is
    known: the contrast between classes stays (bright bone stays bright), bias, blur, noise and gamma
-   still vary it.
+   still vary the texture, and each class is finally moved back to its drawn mean and sd (step 5).
 2. Bias field: ``x * exp(m) + a`` with ``m``, ``a`` smooth random fields (Gaussian noise on a coarse
    grid, upsampled linearly).
 3. Resolution loss: Gaussian blur, then (with some probability) down- and up-sampling by a random
    factor per axis.
 4. Gaussian noise, then a random gamma on the clip range, then clipping to it (default: the fold's
    training intensity range per channel, the range the diffusion decoder is clamped to).
+5. ``class_prior="real"`` only: per class, the affine moment matching of ``--calibrate-intensity``
+   back to the drawn mean and sd, clipped again.
 
 2D configurations never blur or resample across the first (slice) axis of a whole volume.
 """
@@ -182,6 +184,17 @@ def _class_gaussians(r: RandomisationRanges, num_classes: int, prior: np.ndarray
     return means, sds
 
 
+def _pin_class_moments(x: np.ndarray, labels: np.ndarray, means: np.ndarray, sds: np.ndarray, lo: float,
+                       hi: float) -> np.ndarray:
+    """Moves every class back to its drawn mean (its spread toward its drawn sd): blur and resolution loss
+    pull a thin bright class toward its neighbours, and bias and gamma shift it, so without this a rib
+    painted at the real rib intensity ends up half as bright. The corruptions still shape the texture."""
+    from nnunet_diffaug.synthesis.intensity_calibration import calibrate_class_intensity
+    target = np.stack([means, sds], axis=-1)[:, None, :]
+    pinned, _ = calibrate_class_intensity(x[None], labels, target, list(range(len(means))))
+    return np.clip(pinned[0], lo, hi)
+
+
 def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[float, float]], ranges: RandomisationRanges,
                      rng: np.random.Generator, frozen_axes: int = 0,
                      prior: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
@@ -210,7 +223,10 @@ def paint_randomised(labels: np.ndarray, num_classes: int, clip: list[tuple[floa
         x = x + noise * rng.standard_normal(labels.shape)
         gamma = float(np.exp(rng.normal(0.0, r.gamma_sd)))
         unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-        channels.append((lo + (hi - lo) * unit ** gamma).astype(np.float32))
+        x = lo + (hi - lo) * unit ** gamma
+        if r.class_prior == "real":
+            x = _pin_class_moments(x, labels, means, sds, lo, hi)
+        channels.append(x.astype(np.float32))
         drawn.append({"class_means": np.round(means, 4).tolist(), "class_sds": np.round(sds, 4).tolist(),
                       "blur_sigma": [round(s, 4) for s in sigma],
                       "downsample_factors": None if factors is None else [round(f, 4) for f in factors],
