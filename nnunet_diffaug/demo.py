@@ -108,7 +108,8 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
           "section 'Measured'): synthetic cases as painted cost Dice; calibrated to real intensities, the default "
           "used here, at 5 training cases and equal real exposure they tie stock trained as long (2d: +0.003 "
           "pooled Dice, p 0.68; 3d_fullres: +0.03 in nnU-Net's per-case mean) and, in 2d, the deformed-real "
-          "control; at stock's own budget they gain +0.04 over stock (2d, pooled, p 0.36). None of it is "
+          "control; at stock's own budget they gain +0.04 over stock (2d, pooled, p 0.36). With 2 training slabs "
+          "in 2d no synthetic arm beats stock (equal exposure −0.02, stock's budget −0.035, pooled). None of it is "
           "significant over 3 seeds.")
     print(f"\nTable, JSON and plot: {workdir / 'benchmark'} (benchmark_table.md, benchmark_results.json, "
           f"benchmark_plot.png)")
