@@ -126,8 +126,6 @@ def test_class_prior_in_ranges_files_and_in_recorded_sets(tmp_path):
     for content, words in (({"class_prior": "measured"}, "'class_prior' must be one of ['uniform', 'real']"),
                            ({"prior_mean_shift": -1}, "'prior_mean_shift' must not be negative")):
         path.write_text(json.dumps(content))
-        with pytest.raises(DiffAugError, match="must"):
-            RandomisationRanges.from_json_file(path)
         with pytest.raises(DiffAugError) as e:
             RandomisationRanges.from_json_file(path)
         assert str(path) in str(e.value) and words in str(e.value), str(e.value)

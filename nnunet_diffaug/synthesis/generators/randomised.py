@@ -100,8 +100,7 @@ class RandomisationRanges:
         for name, value in obj.items():
             pair = isinstance(cls.__dataclass_fields__[name].default, tuple) or name == "clip"
             if name == "class_prior":
-                if value not in CLASS_PRIORS:
-                    raise DiffAugError(f"{where}: 'class_prior' must be one of {list(CLASS_PRIORS)}, not {value!r}.")
+                pass  # a word, not a number: checked with the rest in _check
             elif pair and not (name == "clip" and value is None):
                 if (not isinstance(value, list) or len(value) != 2
                         or not all(_is_number(v) for v in value) or value[0] > value[1]):
@@ -263,9 +262,8 @@ class RandomisedGenerator(Generator):
         ranges = RandomisationRanges() if path is None else RandomisationRanges.from_json_file(path)
         prior = request.options.get("--class-prior")
         if prior is not None:  # the flag wins over the file
-            if prior not in CLASS_PRIORS:
-                raise DiffAugError(f"--class-prior {prior!r}: choose one of {list(CLASS_PRIORS)}.")
             ranges = dataclasses.replace(ranges, class_prior=prior)
+            ranges._check(f"--class-prior {prior!r}")
         return ranges
 
     @classmethod
