@@ -159,9 +159,10 @@ def benchmark_entry(argv=None):
     p.add_argument("--epochs", type=POSITIVE_INT, default=50, help="nnU-Net epochs per arm")
     p.add_argument("--iterations", type=POSITIVE_INT, default=50, help="training iterations per epoch")
     p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
-                   help="arms to run besides stock (always run): e.g. diffaug_r33 diffaug_r33_linear "
+                   help="arms to run besides stock (always run): e.g. diffaug_r33 (constant share) "
+                        "diffaug_r33_auto (the trainer's default schedule) diffaug_r33_linear "
                         "diffaug_r33_cutoff50 diffaug_r33_equalreal patchmix synthetic_only deformed_real_r33 "
-                        "randomised_r33 (grammar in README section 4); default: diffaug_r33, or none when "
+                        "randomised_r33 (grammar in README section 4); default: diffaug_r33_auto, or none when "
                         "--ratios/--synthetic-only are given")
     p.add_argument("--arms-file", default=None,
                    help="JSON file of custom arms: name -> {trainer, env, synthetic: {generator, labels} or null}")

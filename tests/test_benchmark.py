@@ -75,7 +75,7 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
     results = json.loads((out / "benchmark_results.json").read_text())
     assert (out / "benchmark_plot.png").stat().st_size > 1000
     table = (out / "benchmark_table.md").read_text()
-    assert "| 2 | stock |" in table and "| 2 | diffaug_r33 |" in table
+    assert "| 2 | stock |" in table and "| 2 | diffaug_r33_auto |" in table
     classes = ["ribs", "spine", "right_lung", "left_lung", "soft_tissue"]
     assert results["classes"] == classes
     assert len(results["runs"]) == 4
@@ -88,17 +88,19 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
     splits = json.loads((out / "preprocessed" / EXAMPLE_NAME / "splits_final.json").read_text())
     for fold in (0, 1):
         pair = [r for r in results["runs"] if r["fold"] == fold]
-        assert {r["arm"] for r in pair} == {"stock", "diffaug_r33"}
+        assert {r["arm"] for r in pair} == {"stock", "diffaug_r33_auto"}
         assert pair[0]["train_cases"] == pair[1]["train_cases"] == splits[fold]["train"]
         assert pair[0]["seed"] == pair[1]["seed"]
         budgets = []
-        for arm, trainer in (("stock", "nnUNetTrainerBudget"), ("diffaug_r33", "nnUNetTrainerDiffAug")):
+        for arm, trainer in (("stock", "nnUNetTrainerBudget"), ("diffaug_r33_auto", "nnUNetTrainerDiffAug")):
             fold_dir = (out / "results" / arm / EXAMPLE_NAME / f"{trainer}__nnUNetPlansDiffAugSmall__3d_fullres"
                         / f"fold_{fold}")
             debug = json.loads((fold_dir / "debug.json").read_text())
             budgets.append((debug["num_epochs"], debug["num_iterations_per_epoch"], debug["batch_size"]))
             log = sorted(fold_dir.glob("training_log_*.txt"))[-1].read_text()
             assert re.search(r"This split has 2 training and 2 validation cases", log)
+            if arm != "stock":  # the default arm is the trainer's default: with 2 real cases, finish on real data
+                assert "DiffAug: schedule auto -> cutoff:0.75 (2 real training case(s)" in log
             validated = sorted(p.name[:-7] for p in (fold_dir / "validation").glob("*.nii.gz"))
             assert validated == sorted(splits[fold]["val"])
         assert budgets[0] == budgets[1] == ("2", "4", "2") or budgets[0] == budgets[1] == (2, 4, 2)

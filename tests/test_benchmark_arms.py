@@ -31,8 +31,11 @@ def test_builtin_arms_name_their_trainer_env_and_synthetic_set():
     assert combo == {"DIFFAUG_SYNTHETIC_RATIO": "0.5", "DIFFAUG_SYNTHETIC_SCHEDULE": "cutoff:0.75",
                      "DIFFAUG_EQUAL_REAL_EXPOSURE": "1"}
     assert dict(builtin_arm("diffaug_r33_linear").env)["DIFFAUG_SYNTHETIC_SCHEDULE"] == "linear"
-    assert builtin_arm("diffaug_r33_cutoff50").env == builtin_arm("diffaug_r33").env + (
-        ("DIFFAUG_SYNTHETIC_SCHEDULE", "cutoff:0.5"),)
+    # a name without a schedule is a constant share, pinned so that it keeps meaning that whatever the default
+    assert dict(r33.env)["DIFFAUG_SYNTHETIC_SCHEDULE"] == "constant"
+    assert dict(builtin_arm("diffaug_r33_auto").env)["DIFFAUG_SYNTHETIC_SCHEDULE"] == "auto"
+    assert {**dict(builtin_arm("diffaug_r33").env), "DIFFAUG_SYNTHETIC_SCHEDULE": "cutoff:0.5"} == \
+        dict(builtin_arm("diffaug_r33_cutoff50").env)
     patchmix = builtin_arm("patchmix")
     assert patchmix.trainer == "nnUNetTrainerDiffAugPatchMix" and patchmix.synthetic.labels == "real-aligned"
     assert dict(builtin_arm("patchmix_alpha80").env) == {"DIFFAUG_PATCHMIX_ALPHA": "0.8"}
@@ -182,7 +185,9 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
     aligned = next(int(_flag(c, "-o")) for c, _ in synth if _flag(c, "--labels") == "real-aligned")
     assert sets["patchmix"] == f"Dataset{aligned:03d}_ToySynthF0"
     envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}
-    assert "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["stock"] and "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["diffaug_r33"]
+    assert "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["stock"]
+    assert envs["diffaug_r33"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "constant"  # not the shell's 'linear'
+    assert "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["patchmix"]
     assert envs["diffaug_r33_cutoff50"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "cutoff:0.5"
     for env in envs.values():  # same budget and seed for every arm
         assert (env["DIFFAUG_NUM_EPOCHS"], env["DIFFAUG_ITERATIONS_PER_EPOCH"], env["DIFFAUG_SEED"]) == ("4", "5", "0")
@@ -303,6 +308,34 @@ def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_
     painted = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")}
     assert painted == {commands["diffaug_r33"][7:10]: True, commands["diffaug_r50"][7:10]: False}
     assert json.loads((ws / "benchmark_arms.json").read_text())["diffaug_r33"] == recorded["diffaug_r33"]
+
+
+def test_arms_recorded_before_the_auto_default_keep_their_constant_share(tmp_path, monkeypatch):
+    """Workspaces recorded diffaug_r33 without a schedule while the trainer's default was a constant share: adding
+    a seed there trains it with a constant share again (the trainer's default is now 'auto')."""
+    _user_dataset(tmp_path, monkeypatch)
+    ws = tmp_path / "ws"
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
+                          arms=("diffaug_r33", "diffaug_r33_auto"))
+    run_benchmark(s, ws, runner=FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r33_auto": 0.72}))
+    recorded = json.loads((ws / "benchmark_arms.json").read_text())
+    assert recorded["diffaug_r33_auto"]["env"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "auto"
+    recorded["diffaug_r33"]["env"].pop("DIFFAUG_SYNTHETIC_SCHEDULE")  # as an earlier version recorded it
+    (ws / "benchmark_arms.json").write_text(json.dumps(recorded))
+    more = FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r33_auto": 0.72})
+    run_benchmark(dataclasses.replace(s, seeds=(0, 1)), ws, runner=more)
+    assert more.trained() == [("stock", 1), ("diffaug_r33", 1), ("diffaug_r33_auto", 1)]
+    schedules = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_SCHEDULE")
+                 for _, env in more.named("nnUNetv2_train")}
+    assert schedules == {"stock": None, "diffaug_r33": "constant", "diffaug_r33_auto": "auto"}
+    assert json.loads((ws / "benchmark_arms.json").read_text())["diffaug_r33"]["env"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == \
+        "constant"
+    # only names that mean a constant share read a record without a schedule as constant
+    recorded = json.loads((ws / "benchmark_arms.json").read_text())
+    recorded["diffaug_r33_auto"]["env"].pop("DIFFAUG_SYNTHETIC_SCHEDULE")
+    (ws / "benchmark_arms.json").write_text(json.dumps(recorded))
+    with pytest.raises(DiffAugError, match="trained arm 'diffaug_r33_auto' as"):
+        run_benchmark(dataclasses.replace(s, seeds=(0, 1)), ws, runner=FakeRunner({}))
 
 
 def test_unknown_arm_is_refused_before_the_workspace_is_made(tmp_path, monkeypatch):

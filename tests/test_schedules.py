@@ -13,7 +13,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
-from nnunet_diffaug.trainers.schedule import equal_exposure_iterations, parse_schedule
+from nnunet_diffaug.trainers.schedule import FEW_REAL_CASES, equal_exposure_iterations, parse_schedule
 from nnunet_diffaug.trainers.training_stats import STATS_FILE
 from support import EXAMPLE_NAME, make_stand_in_synthetic_set, private_copy_of_example, set_nnunet_env
 
@@ -30,6 +30,15 @@ def test_schedules_give_the_documented_share_per_epoch():
     assert [parse_schedule("cutoff:1", "x").ratio(r, e, n) for e in range(n)] == [r] * n
     assert parse_schedule("linear", "x").ratio(r, 0, 1) == r  # a one-epoch run mixes, it does not divide by 0
     assert str(parse_schedule(" Cutoff:0.50 ", "x")) == "cutoff:0.5"
+
+
+def test_auto_chooses_the_cutoff_with_few_real_cases_and_a_constant_share_with_more():
+    auto = parse_schedule("auto", "x")
+    assert [str(auto.resolve(n)) for n in (1, 2, FEW_REAL_CASES, FEW_REAL_CASES + 1, 100)] == \
+        ["cutoff:0.75"] * 3 + ["constant"] * 2
+    assert parse_schedule("linear", "x").resolve(2) == parse_schedule("linear", "x")  # only 'auto' is chosen
+    with pytest.raises(ValueError, match="resolve"):
+        auto.ratio(0.3, 0, 4)  # an unresolved 'auto' has no share: the trainer must resolve it first
 
 
 @pytest.mark.parametrize("text", ["exponential", "cutoff", "cutoff:0", "cutoff:1.5", "cutoff:-0.2", "cutoff:half",
@@ -207,6 +216,28 @@ def test_trainer_follows_cutoff_schedule_with_equal_real_exposure(example_with_s
     assert re.findall(r"synthetic share drawn this epoch: ([0-9.]+) \((\d+)/(\d+) samples", log) == \
         [("0.500", "6", "12"), ("0.000", "0", "6")]
     assert "9 training iterations (stock budget 6, x1.500); 12 real samples (stock 12), 6 synthetic samples" in log
+
+
+@pytest.mark.slow
+def test_default_trainer_finishes_on_real_data_when_the_fold_has_few_real_cases(planned_example, tmp_path,
+                                                                              monkeypatch):
+    """The default schedule 'auto': a fold of 2 real training cases trains with the 75 % cut-off."""
+    torch.set_num_threads(1)
+    source, splits = planned_example
+    root = private_copy_of_example(source, tmp_path)
+    few = splits[0]["train"][:2]
+    (root / "preprocessed" / EXAMPLE_NAME / "splits_final.json").write_text(
+        json.dumps(splits + [{"train": few, "val": splits[0]["val"]}]))
+    make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 2, few, 4, dataset_id=922)
+    trainer = _in_process_trainer(root, "nnUNetTrainerDiffAug", 2, monkeypatch, DIFFAUG_NUM_EPOCHS=4,
+                                  DIFFAUG_SYNTHETIC_RATIO=0.5)
+    trainer.run_training()
+    stats = json.loads((Path(trainer.output_folder) / STATS_FILE).read_text())
+    assert stats["schedule"] == "cutoff:0.75"
+    assert stats["target_ratio_per_epoch"] == [0.5, 0.5, 0.5, 0.0]
+    assert stats["synthetic_samples_per_epoch"][3] == 0 and sum(stats["synthetic_samples_per_epoch"][:3]) > 0
+    log = sorted(Path(trainer.output_folder).glob("training_log_*.txt"))[-1].read_text()
+    assert "DiffAug: schedule auto -> cutoff:0.75 (2 real training case(s)" in log
 
 
 @pytest.mark.slow

@@ -5,9 +5,11 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
 - ``stock``: nnU-Net's own trainer (``nnUNetTrainerBudget``: only the training length and seed set).
 - ``stock_x<PPP>``: the same with PPP/100 times the iterations per epoch, e.g. ``stock_x150``: the
   equal-compute control of ``diffaug_r33_equalreal`` (which trains 1.5x the iterations at r = 1/3).
-- ``diffaug_r<NN>[_linear|_cutoff<FF>][_equalreal][_generated]``: ``nnUNetTrainerDiffAug`` with
+- ``diffaug_r<NN>[_auto|_linear|_cutoff<FF>][_equalreal][_generated]``: ``nnUNetTrainerDiffAug`` with
   synthetic share NN/100 (r33 and r67 mean 1/3 and 2/3) of diffusion-synthesized cases;
-  ``_linear`` / ``_cutoff<FF>`` set the synthetic-share schedule, ``_equalreal`` scales the
+  the share is constant over the epochs unless ``_auto`` (the trainer's default: a cut-off with few real cases),
+  ``_linear`` or ``_cutoff<FF>`` sets the schedule (a name always means the same schedule, whatever the
+  trainer's default), ``_equalreal`` scales the
   iterations so the arm sees as many real samples as stock, ``_generated`` paints generated label
   maps instead of deformed real ones, ``_inpaint`` repaints a region around one structure of each real
   case (``--labels inpaint``; choose classes and edits in an arms file's synthetic ``options``), ``_judged`` keeps the n of 2n candidates that the fold's stock
@@ -56,11 +58,12 @@ CALIBRATE = ("--calibrate-intensity", "")
 # Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
                 "DIFFAUG_SYNTHETIC_DATASET")
-DEFAULT_ARMS = ("stock", "diffaug_r33")
+DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
+SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised_informed|randomised)_r(?P<ratio>\d{1,3})"
-                     r"(?:_(?P<linear>linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
+                     r"(?:_(?P<schedule>auto|linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
                      r"(?P<judged>_judged)?(?P<painted>_painted)?$")
 _LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
@@ -70,7 +73,7 @@ INFORMED = ("--class-prior", "real")  # the option of a randomised_informed set
 
 GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, "
                 "randomised_r<NN>, randomised_informed_r<NN> (NN = synthetic share in %, "
-                "then optional _linear or _cutoff<FF>, _equalreal, _generated or _inpaint, _judged, _painted), e.g. "
+                "then optional _auto, _linear or _cutoff<FF> (else a constant share), _equalreal, _generated or _inpaint, _judged, _painted), e.g. "
                 "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
@@ -149,14 +152,12 @@ def builtin_arm(name: str) -> Arm | None:
         ratio = _ratio(m["ratio"])
         if ratio > 1:
             return None
-        env = {"DIFFAUG_SYNTHETIC_RATIO": ratio}
-        if m["linear"]:
-            env["DIFFAUG_SYNTHETIC_SCHEDULE"] = "linear"
+        env = {"DIFFAUG_SYNTHETIC_RATIO": ratio, SCHEDULE_ENV: m["schedule"] or "constant"}
         if m["cutoff"]:
             cutoff = int(m["cutoff"])
             if not 0 < cutoff <= 100:
                 return None
-            env["DIFFAUG_SYNTHETIC_SCHEDULE"] = f"cutoff:{cutoff / 100:g}"
+            env[SCHEDULE_ENV] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
         if (m["inpaint"] or m["painted"]) and m["source"] != "diffaug":

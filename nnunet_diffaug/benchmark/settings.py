@@ -5,7 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, Arm, builtin_arm, load_arms_file, ratio_arm_name,
+from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, SCHEDULE_ENV, Arm, builtin_arm, load_arms_file, ratio_arm_name,
                                           resolve_arms)
 from nnunet_diffaug.errors import DiffAugError
 
@@ -58,11 +58,25 @@ def check_same_arm_settings(settings_file: Path, s: BenchmarkSettings) -> None:
                            f"their results would be mixed into one table. Use a new workspace folder (-o).")
 
 
+def _with_pinned_schedule(recorded: dict) -> dict:
+    """Built-in mixing arms were recorded without a schedule while the trainer's default was a constant share;
+    they are now recorded with it, so the same name keeps its meaning (and its definition compares equal)."""
+    upgraded = {}
+    for name, definition in recorded.items():
+        arm = builtin_arm(name)
+        pinned = None if arm is None else dict(arm.env).get(SCHEDULE_ENV)
+        if (pinned == "constant" and definition.get("trainer") == arm.trainer
+                and SCHEDULE_ENV not in definition.get("env", {})):
+            definition = {**definition, "env": {**definition["env"], SCHEDULE_ENV: pinned}}
+        upgraded[name] = definition
+    return upgraded
+
+
 def _recorded_definitions(arms_file: Path) -> dict:
     """The arm definitions a workspace recorded; a workspace of the first benchmark versions recorded only its
     settings (built-in arms, named by --ratios / --arms), and every diffusion set then was as painted."""
     if arms_file.is_file():
-        return json.loads(arms_file.read_text())
+        return _with_pinned_schedule(json.loads(arms_file.read_text()))
     settings_file = arms_file.parent / "benchmark_settings.json"
     if not settings_file.is_file():
         return {}
@@ -92,7 +106,7 @@ def keep_recorded_meaning(arms_file: Path, arms: list[Arm]) -> list[Arm]:
 def check_arm_definitions(arms_file: Path, arms: list[Arm]) -> dict:
     """Refuses an arm whose name the workspace already used for another trainer, env or synthetic set;
     returns every definition the workspace has seen (earlier arms stay recorded when not rerun)."""
-    known = json.loads(arms_file.read_text()) if arms_file.is_file() else {}
+    known = _with_pinned_schedule(json.loads(arms_file.read_text())) if arms_file.is_file() else {}
     for arm in arms:
         if arm.name in known and known[arm.name] != arm.to_json():
             raise DiffAugError(f"{arms_file.parent} trained arm {arm.name!r} as {known[arm.name]}, now defined as "

@@ -10,8 +10,9 @@ What changes against the stock ``nnUNetTrainer``:
 
 The ratio r: class attribute ``synthetic_ratio`` (variants ``_r0`` ... ``_r100``), overridden by the
 environment variable ``DIFFAUG_SYNTHETIC_RATIO``. r = 0 trains exactly like the stock trainer.
-Its schedule over epochs (``schedule.py``): class attribute ``synthetic_schedule`` (variants
-``_linear``, ``_cutoff50``, ``_cutoff75``), overridden by ``DIFFAUG_SYNTHETIC_SCHEDULE``.
+Its schedule over epochs (``schedule.py``): class attribute ``synthetic_schedule``, by default ``auto``
+(a cut-off at 75 % of the epochs with at most 3 real training cases, a constant share with more; variants
+``_constant``, ``_linear``, ``_cutoff50``, ``_cutoff75``), overridden by ``DIFFAUG_SYNTHETIC_SCHEDULE``.
 Equal real exposure (``equal_real_exposure``, variant ``_equalreal``, ``DIFFAUG_EQUAL_REAL_EXPOSURE=1``)
 scales each epoch's iterations by 1 / (1 - r_epoch), so the run sees as many real samples as the
 stock trainer with the same budget. What was drawn goes to ``diffaug_training_stats.json``.
@@ -38,7 +39,7 @@ from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_syn
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-from nnunet_diffaug.trainers.schedule import equal_exposure_iterations, parse_schedule
+from nnunet_diffaug.trainers.schedule import FEW_REAL_CASES, equal_exposure_iterations, parse_schedule
 from nnunet_diffaug.trainers.synthetic_source import (locate_synthetic_dataset, real_image_dimension,
                                                       validate_synthetic_dataset)
 from nnunet_diffaug.trainers.training_stats import TrainingStats
@@ -47,7 +48,8 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_
            "nnUNetTrainerDiffAug_r25", "nnUNetTrainerDiffAug_r50", "nnUNetTrainerDiffAug_r75",
            "nnUNetTrainerDiffAug_r100", "nnUNetTrainerDiffAugPatchMix", "nnUNetTrainerDiffAugPatchMix_alpha80",
            "nnUNetTrainerDiffAugPatchMix_alpha100", "nnUNetTrainerDiffAug_5epochs", "nnUNetTrainerDiffAug_linear",
-           "nnUNetTrainerDiffAug_cutoff50", "nnUNetTrainerDiffAug_cutoff75", "nnUNetTrainerDiffAug_equalreal"]
+           "nnUNetTrainerDiffAug_cutoff50", "nnUNetTrainerDiffAug_cutoff75", "nnUNetTrainerDiffAug_equalreal",
+           "nnUNetTrainerDiffAug_constant"]
 
 RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
 SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"
@@ -70,7 +72,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
 
 class nnUNetTrainerDiffAug(nnUNetTrainer):
     synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
-    synthetic_schedule: str = "constant"
+    synthetic_schedule: str = "auto"
     equal_real_exposure: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -124,8 +126,18 @@ class nnUNetTrainerDiffAug(nnUNetTrainer):
                                f"(preprocessed in {output})")
         return nnUNetDatasetBlosc2(str(output), identifiers)
 
+    def _resolve_schedule(self, real_training_cases: int):
+        """Fixes an 'auto' schedule from the size of this fold's real training set (logged with the reason)."""
+        resolved = self.synthetic_schedule.resolve(real_training_cases)
+        if resolved != self.synthetic_schedule:
+            self.print_to_log_file(f"DiffAug: schedule {self.synthetic_schedule} -> {resolved} "
+                                   f"({real_training_cases} real training case(s); 'auto' cuts the synthetic "
+                                   f"cases off at {FEW_REAL_CASES} or fewer)")
+            self.synthetic_schedule = resolved
+
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._resolve_schedule(len(dataset_tr.identifiers))
         if self.synthetic_ratio > 0:
             synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
             dataset_tr = MixedDataset(dataset_tr, synthetic)
@@ -275,6 +287,11 @@ class nnUNetTrainerDiffAug_r100(nnUNetTrainerDiffAug):
 
 # ---- schedules of the synthetic share, equal real exposure -------------------------------------
 
+class nnUNetTrainerDiffAug_constant(nnUNetTrainerDiffAug):
+    """The share r in every epoch, whatever the number of real training cases (the default before 'auto')."""
+    synthetic_schedule = "constant"
+
+
 class nnUNetTrainerDiffAug_linear(nnUNetTrainerDiffAug):
     """r at the first epoch, decaying linearly to 0 at the last."""
     synthetic_schedule = "linear"
@@ -314,6 +331,7 @@ class nnUNetTrainerDiffAugPatchMix(nnUNetTrainerDiffAug):
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = nnUNetTrainer.get_tr_and_val_datasets(self)
+        self._resolve_schedule(len(dataset_tr.identifiers))
         synthetic = self._prepare_synthetic_dataset(list(dataset_val.identifiers))
         variants = aligned_variants(self.synthetic_dataset_folder, synthetic.identifiers)
         self.print_to_log_file(f"DiffAug PatchMix: alpha = {self.patch_mix_alpha:.2f} (share of real patches), "

@@ -4,7 +4,12 @@ Spelled as one string:
 - ``constant``: r in every epoch;
 - ``linear``: r at epoch 0, decaying linearly to 0 at the last epoch;
 - ``cutoff:F`` (F in (0, 1]): r in the first fraction F of the epochs, then 0 (pre-train on the
-  mix, finish on real data only).
+  mix, finish on real data only);
+- ``auto`` (the trainer's default): ``cutoff:0.75`` when the fold trains on at most ``FEW_REAL_CASES`` real
+  cases, ``constant`` otherwise. Measured on the built-in example (100 x 25 iterations, 3 seeds, Dice pooled
+  over held-out cases): with 2 real training cases the cut-off was ahead of the constant share in every seed,
+  in 2d and 3d_fullres; with 5 the constant share was ahead. Sizes 3 and 4 were not measured: the threshold
+  sits between the two measured sizes.
 
 Pure functions, no nnU-Net: the trainer asks for the share of each epoch.
 """
@@ -15,16 +20,28 @@ from dataclasses import dataclass
 
 from nnunet_diffaug.errors import DiffAugError
 
-SCHEDULE_SPELLINGS = "'constant', 'linear' or 'cutoff:F' with F in (0, 1], e.g. 'cutoff:0.5'"
+SCHEDULE_SPELLINGS = "'auto', 'constant', 'linear' or 'cutoff:F' with F in (0, 1], e.g. 'cutoff:0.5'"
+FEW_REAL_CASES = 3   # 'auto' cuts the synthetic cases off late in training at this many real training cases or fewer
+FEW_CASES_CUTOFF = 0.75
 
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str                     # 'constant', 'linear' or 'cutoff'
+    kind: str                     # 'auto', 'constant', 'linear' or 'cutoff'
     fraction: float | None = None  # cutoff only: share of the epochs that mix synthetic cases
+
+    def resolve(self, real_training_cases: int) -> "Schedule":
+        """The schedule to train with on a fold of ``real_training_cases`` real cases ('auto' chooses)."""
+        if self.kind != "auto":
+            return self
+        if real_training_cases <= FEW_REAL_CASES:
+            return Schedule("cutoff", FEW_CASES_CUTOFF)
+        return Schedule("constant")
 
     def ratio(self, base_ratio: float, epoch: int, num_epochs: int) -> float:
         """Target synthetic share of ``epoch`` (0-based) in a run of ``num_epochs`` epochs."""
+        if self.kind == "auto":
+            raise ValueError("an 'auto' schedule has no share until resolve() has seen the number of real cases")
         if not 0 <= epoch < num_epochs:
             raise ValueError(f"epoch {epoch} outside a run of {num_epochs} epochs")
         if self.kind == "constant":
@@ -40,7 +57,7 @@ class Schedule:
 def parse_schedule(text: str, source: str) -> Schedule:
     """``source`` names where the text came from (an environment variable, a class attribute), for the error."""
     spelled = str(text).strip().lower()
-    if spelled in ("constant", "linear"):
+    if spelled in ("auto", "constant", "linear"):
         return Schedule(spelled)
     kind, _, value = spelled.partition(":")
     if kind == "cutoff":
