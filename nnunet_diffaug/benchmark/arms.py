@@ -73,7 +73,8 @@ INFORMED = ("--class-prior", "real")  # the option of a randomised_informed set
 
 GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, "
                 "randomised_r<NN>, randomised_informed_r<NN> (NN = synthetic share in %, "
-                "then optional _auto, _linear or _cutoff<FF> (else a constant share), _equalreal, _generated or _inpaint, _judged, _painted), e.g. "
+                "then optional _auto, _linear or _cutoff<FF> (else a constant share), _equalreal, "
+                "_generated or _inpaint, _judged, _painted), e.g. "
                 "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 

@@ -5,8 +5,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, SCHEDULE_ENV, Arm, builtin_arm, load_arms_file, ratio_arm_name,
-                                          resolve_arms)
+from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, SCHEDULE_ENV, Arm, builtin_arm, load_arms_file,
+                                          ratio_arm_name, resolve_arms)
 from nnunet_diffaug.errors import DiffAugError
 
 
