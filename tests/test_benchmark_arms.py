@@ -287,15 +287,19 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
                       runner=FakeRunner({}))
 
 
+def _workspace_with_arms(tmp_path, monkeypatch, dice: dict):
+    """A workspace where stock and the arms of ``dice`` trained one seed; returns it, its settings and record."""
+    _user_dataset(tmp_path, monkeypatch)
+    ws = tmp_path / "ws"
+    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5, arms=tuple(dice))
+    run_benchmark(s, ws, runner=FakeRunner({"stock": 0.6, **dice}))
+    return ws, s, json.loads((ws / "benchmark_arms.json").read_text())
+
+
 def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_path, monkeypatch, capsys):
     """Before calibration was diffaug_synthesize's default, workspaces recorded diffusion arms without it: adding
     a seed there must train diffaug_r33 on painted cases again, not mix calibrated ones into its rows."""
-    _user_dataset(tmp_path, monkeypatch)
-    ws = tmp_path / "ws"
-    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
-                          arms=("diffaug_r33", "diffaug_r50"))
-    run_benchmark(s, ws, runner=FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r50": 0.65}))
-    recorded = json.loads((ws / "benchmark_arms.json").read_text())
+    ws, s, recorded = _workspace_with_arms(tmp_path, monkeypatch, {"diffaug_r33": 0.7, "diffaug_r50": 0.65})
     assert recorded["diffaug_r33"]["synthetic"]["options"] == {"--calibrate-intensity": ""}
     # rewrite the record as an earlier version left it: diffaug_r33's set as painted
     recorded["diffaug_r33"]["synthetic"].pop("options")
@@ -313,12 +317,7 @@ def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_
 def test_arms_recorded_before_the_auto_default_keep_their_constant_share(tmp_path, monkeypatch):
     """Workspaces recorded diffaug_r33 without a schedule while the trainer's default was a constant share: adding
     a seed there trains it with a constant share again (the trainer's default is now 'auto')."""
-    _user_dataset(tmp_path, monkeypatch)
-    ws = tmp_path / "ws"
-    s = BenchmarkSettings(dataset=DATASET, train_sizes=(3,), seeds=(0,), epochs=4, iterations=5,
-                          arms=("diffaug_r33", "diffaug_r33_auto"))
-    run_benchmark(s, ws, runner=FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "diffaug_r33_auto": 0.72}))
-    recorded = json.loads((ws / "benchmark_arms.json").read_text())
+    ws, s, recorded = _workspace_with_arms(tmp_path, monkeypatch, {"diffaug_r33": 0.7, "diffaug_r33_auto": 0.72})
     assert recorded["diffaug_r33_auto"]["env"]["DIFFAUG_SYNTHETIC_SCHEDULE"] == "auto"
     recorded["diffaug_r33"]["env"].pop("DIFFAUG_SYNTHETIC_SCHEDULE")  # as an earlier version recorded it
     (ws / "benchmark_arms.json").write_text(json.dumps(recorded))
