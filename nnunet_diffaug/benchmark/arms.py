@@ -40,6 +40,7 @@ import re
 from pathlib import Path
 
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainers.schedule import SCHEDULE_ENV
 
 STOCK_TRAINER = "nnUNetTrainerBudget"      # the stock trainer, only its training length and seed set
 DIFFAUG_TRAINER = "nnUNetTrainerDiffAug"
@@ -59,7 +60,6 @@ CALIBRATE = ("--calibrate-intensity", "")
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
                 "DIFFAUG_SYNTHETIC_DATASET")
 DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
-SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised_informed|randomised)_r(?P<ratio>\d{1,3})"

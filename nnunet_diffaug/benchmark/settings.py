@@ -67,7 +67,7 @@ def _with_pinned_schedule(recorded: dict) -> dict:
         pinned = None if arm is None else dict(arm.env).get(SCHEDULE_ENV)
         if (pinned == "constant" and definition.get("trainer") == arm.trainer
                 and SCHEDULE_ENV not in definition.get("env", {})):
-            definition = {**definition, "env": {**definition["env"], SCHEDULE_ENV: pinned}}
+            definition = {**definition, "env": {**definition.get("env", {}), SCHEDULE_ENV: pinned}}
         upgraded[name] = definition
     return upgraded
 

@@ -39,7 +39,8 @@ from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_syn
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-from nnunet_diffaug.trainers.schedule import FEW_REAL_CASES, equal_exposure_iterations, parse_schedule
+from nnunet_diffaug.trainers.schedule import (FEW_REAL_CASES, SCHEDULE_ENV, equal_exposure_iterations,
+                                              parse_schedule)
 from nnunet_diffaug.trainers.synthetic_source import (locate_synthetic_dataset, real_image_dimension,
                                                       validate_synthetic_dataset)
 from nnunet_diffaug.trainers.training_stats import TrainingStats
@@ -52,7 +53,6 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_
            "nnUNetTrainerDiffAug_constant"]
 
 RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
-SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"
 EQUAL_EXPOSURE_ENV = "DIFFAUG_EQUAL_REAL_EXPOSURE"
 ALPHA_ENV = "DIFFAUG_PATCHMIX_ALPHA"
 PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
