@@ -174,6 +174,9 @@ def benchmark_entry(argv=None):
     p.add_argument("--sampler", default="dpmpp", help="diffusion sampler for synthesis")
     p.add_argument("--steps", type=POSITIVE_INT, default=20, help="sampler steps")
     p.add_argument("--small-plans", action="store_true", help="use a small network/patch copy of the plans (CPU)")
+    p.add_argument("--no-mirroring", action="store_true",
+                   help="every arm trains and predicts without nnU-Net's mirroring (as nnUNetTrainerNoMirroring): "
+                        "for labels that name a side (left/right lung, kidney), which mirroring makes a coin flip")
     p.add_argument("-device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
     p.add_argument("--verbose", action="store_true", help="show the output of every step")
     args = p.parse_args(argv)
@@ -192,7 +195,8 @@ def benchmark_entry(argv=None):
         epochs=args.epochs, iterations=args.iterations, arms=tuple(arms), arms_file=arms_file,
         ratios=tuple(args.ratios), synthetic_only=args.synthetic_only,
         n_synthetic=args.n_synthetic, synthesizer_preset=args.synthesizer_preset, sampler=args.sampler,
-        steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans)
+        steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans,
+        mirroring=not args.no_mirroring)
     out = args.o or nnunet_results() / dataset / f"diffaug_benchmark__{args.c}"
     results = run_benchmark(settings, out, verbose=args.verbose)
     print(format_table(results))

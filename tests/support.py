@@ -18,6 +18,7 @@ from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 
 EXAMPLE_ID = 990
 EXAMPLE_NAME = "Dataset990_ChestCTSlabs"
+SMALL_PLANS = "nnUNetPlansDiffAugSmall"  # written by the planned_example fixture
 
 
 def nnunet_env(root: Path, **extra) -> dict:
@@ -54,7 +55,7 @@ def nnunet_folders(root: Path):
 
 
 # the real-trained nnU-Net of the ``judged_example`` fixture: trainer, plans, configuration
-JUDGE = ("nnUNetTrainerBudget", "nnUNetPlansDiffAugSmall", "3d_fullres")
+JUDGE = ("nnUNetTrainerBudget", SMALL_PLANS, "3d_fullres")
 
 
 def private_copy_of_example(source_root: Path, destination: Path, with_results: bool = False) -> Path:
@@ -70,6 +71,23 @@ def set_nnunet_env(monkeypatch, root: Path) -> None:
     for k, v in nnunet_env(root).items():
         if k.startswith("nnUNet_"):
             monkeypatch.setenv(k, v)
+
+
+def in_process_trainer(root: Path, trainer_name: str, fold: int, monkeypatch, configuration: str = "3d_fullres",
+                       **env):
+    """One of this package's trainers, built in this process on the planned example's small plans, with a tiny
+    budget (2 epochs x 3 iterations, no worker processes) and the environment overrides given."""
+    import torch
+    from nnunet_diffaug.trainers import nnUNetTrainerDiffAug as module
+    set_nnunet_env(monkeypatch, root)
+    for key, value in {"nnUNet_n_proc_DA": 0, "DIFFAUG_NUM_EPOCHS": 2, "DIFFAUG_ITERATIONS_PER_EPOCH": 3,
+                       "DIFFAUG_VAL_ITERATIONS": 1, "DIFFAUG_SEED": 0, **env}.items():
+        monkeypatch.setenv(key, str(value))
+    pre = root / "preprocessed" / EXAMPLE_NAME
+    plans = json.loads((pre / f"{SMALL_PLANS}.json").read_text())
+    plans["continue_training"] = False  # nnUNetv2_train sets it from its --c flag
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    return getattr(module, trainer_name)(plans, configuration, fold, dataset_json, torch.device("cpu"))
 
 
 def run(cmd: list[str], env: dict, timeout: int = 900, expect_ok: bool = True) -> subprocess.CompletedProcess:

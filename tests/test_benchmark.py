@@ -8,6 +8,8 @@ import pytest
 
 from nnunet_diffaug.benchmark import (BenchmarkSettings, aggregate, check_same_arm_settings, draw_subsets,
                                       format_table)
+from nnunet_diffaug.benchmark.arms import builtin_arm, load_arms_file
+from nnunet_diffaug.benchmark.run import train_env
 from nnunet_diffaug.errors import DiffAugError
 from support import EXAMPLE_ID, EXAMPLE_NAME, console_script, nnunet_env, run
 
@@ -54,9 +56,29 @@ def test_a_workspace_refuses_arms_of_another_budget_but_takes_more_seeds_and_rat
     check_same_arm_settings(settings_file, s)  # a new workspace takes anything
     settings_file.write_text(json.dumps(dataclasses.asdict(s)))
     check_same_arm_settings(settings_file, dataclasses.replace(s, seeds=(0, 1, 2, 3), ratios=(0.1, 1 / 3)))
-    for change in ({"epochs": 200}, {"iterations": 50}, {"synthesizer_preset": "default"}, {"n_synthetic": 40}):
+    for change in ({"epochs": 200}, {"iterations": 50}, {"synthesizer_preset": "default"}, {"n_synthetic": 40},
+                   {"mirroring": False}):
         with pytest.raises(DiffAugError, match=f"{next(iter(change))} .* -> .*new workspace"):
             check_same_arm_settings(settings_file, dataclasses.replace(s, **change))
+    # a workspace recorded before --no-mirroring existed trained with nnU-Net's mirroring: it resumes as such
+    older = {k: v for k, v in dataclasses.asdict(s).items() if k != "mirroring"}
+    settings_file.write_text(json.dumps(older))
+    check_same_arm_settings(settings_file, s)
+
+
+def test_no_mirroring_reaches_every_arm_and_no_arm_can_change_it(tmp_path):
+    s = BenchmarkSettings(dataset="X", mirroring=False)
+    for name in ("stock", "diffaug_r33", "stock_x150", "patchmix"):
+        assert train_env(s, builtin_arm(name), 0, None)["DIFFAUG_MIRRORING"] == 0
+    assert train_env(BenchmarkSettings(dataset="X"), builtin_arm("stock"), 0, None)["DIFFAUG_MIRRORING"] == 1
+    arms_file = tmp_path / "arms.json"
+    arms_file.write_text(json.dumps({"flipless": {"trainer": "nnUNetTrainerBudget", "env": {"DIFFAUG_MIRRORING": 0}}}))
+    with pytest.raises(DiffAugError, match=r"sets \['DIFFAUG_MIRRORING'\]"):
+        load_arms_file(arms_file)
+    table = format_table({"settings": dataclasses.asdict(s), "classes": ["a"],
+                          "aggregate": [{"n_train": 2, "arm": "stock", "n_seeds": 1, "mean_foreground_dice": 0.5,
+                                         "sd": None, "per_class_mean": {"a": 0.5}}]})
+    assert table.endswith("without nnU-Net's mirroring (--no-mirroring).")
 
 
 @pytest.mark.slow

@@ -15,10 +15,7 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
 from nnunet_diffaug.trainers.schedule import FEW_REAL_CASES, equal_exposure_iterations, parse_schedule
 from nnunet_diffaug.trainers.training_stats import STATS_FILE
-from support import EXAMPLE_NAME, make_stand_in_synthetic_set, private_copy_of_example, set_nnunet_env
-
-SMALL_PLANS = "nnUNetPlansDiffAugSmall"
-
+from support import EXAMPLE_NAME, in_process_trainer, make_stand_in_synthetic_set, private_copy_of_example
 
 # ---- the schedule ------------------------------------------------------------------------------
 
@@ -168,19 +165,6 @@ def test_a_share_set_in_the_main_process_reaches_forked_workers():
 
 # ---- the real trainer, in-process ---------------------------------------------------------------
 
-def _in_process_trainer(root, trainer_name, fold, monkeypatch, **env):
-    from nnunet_diffaug.trainers import nnUNetTrainerDiffAug as module
-    set_nnunet_env(monkeypatch, root)
-    for key, value in {"nnUNet_n_proc_DA": 0, "DIFFAUG_NUM_EPOCHS": 2, "DIFFAUG_ITERATIONS_PER_EPOCH": 3,
-                       "DIFFAUG_VAL_ITERATIONS": 1, "DIFFAUG_SEED": 0, **env}.items():
-        monkeypatch.setenv(key, str(value))
-    pre = root / "preprocessed" / EXAMPLE_NAME
-    plans = json.loads((pre / f"{SMALL_PLANS}.json").read_text())
-    plans["continue_training"] = False  # nnUNetv2_train sets it from its --c flag
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    return getattr(module, trainer_name)(plans, "3d_fullres", fold, dataset_json, torch.device("cpu"))
-
-
 @pytest.fixture(scope="module")
 def example_with_synthetic_fold0(planned_example, tmp_path_factory):
     source, splits = planned_example
@@ -192,7 +176,7 @@ def example_with_synthetic_fold0(planned_example, tmp_path_factory):
 @pytest.mark.slow
 def test_trainer_follows_cutoff_schedule_with_equal_real_exposure(example_with_synthetic_fold0, monkeypatch):
     torch.set_num_threads(1)
-    trainer = _in_process_trainer(example_with_synthetic_fold0, "nnUNetTrainerDiffAug_cutoff50", 0, monkeypatch,
+    trainer = in_process_trainer(example_with_synthetic_fold0, "nnUNetTrainerDiffAug_cutoff50", 0, monkeypatch,
                                   DIFFAUG_SYNTHETIC_RATIO=0.5, DIFFAUG_EQUAL_REAL_EXPOSURE=1)
     started = time.time()
     trainer.run_training()
@@ -228,7 +212,7 @@ def test_default_trainer_finishes_on_real_data_when_the_fold_has_few_real_cases(
     (root / "preprocessed" / EXAMPLE_NAME / "splits_final.json").write_text(
         json.dumps(splits + [{"train": few, "val": splits[0]["val"]}]))
     make_stand_in_synthetic_set(root / "raw", EXAMPLE_NAME, 2, few, 4, dataset_id=922)
-    trainer = _in_process_trainer(root, "nnUNetTrainerDiffAug", 2, monkeypatch, DIFFAUG_NUM_EPOCHS=4,
+    trainer = in_process_trainer(root, "nnUNetTrainerDiffAug", 2, monkeypatch, DIFFAUG_NUM_EPOCHS=4,
                                   DIFFAUG_SYNTHETIC_RATIO=0.5)
     trainer.run_training()
     stats = json.loads((Path(trainer.output_folder) / STATS_FILE).read_text())
@@ -247,7 +231,7 @@ def test_r0_with_a_schedule_trains_like_the_stock_trainer(planned_example, tmp_p
     losses, weights = {}, {}
     for name, env in [("nnUNetTrainerBudget", {}),
                       ("nnUNetTrainerDiffAug_linear", {"DIFFAUG_SYNTHETIC_RATIO": 0, "DIFFAUG_EQUAL_REAL_EXPOSURE": 1})]:
-        trainer = _in_process_trainer(root, name, 1, monkeypatch, **env)
+        trainer = in_process_trainer(root, name, 1, monkeypatch, **env)
         trainer.run_training()
         losses[name] = [trainer.logger.get_value(key, step=e) for key in ("train_losses", "val_losses")
                         for e in range(2)]
@@ -263,11 +247,11 @@ def test_r0_with_a_schedule_trains_like_the_stock_trainer(planned_example, tmp_p
 def test_bad_environment_is_refused_before_training(planned_example, tmp_path, monkeypatch):
     root = private_copy_of_example(planned_example[0], tmp_path)
     with pytest.raises(DiffAugError, match="DIFFAUG_SYNTHETIC_SCHEDULE='cosine'"):
-        _in_process_trainer(root, "nnUNetTrainerDiffAug", 0, monkeypatch, DIFFAUG_SYNTHETIC_SCHEDULE="cosine")
+        in_process_trainer(root, "nnUNetTrainerDiffAug", 0, monkeypatch, DIFFAUG_SYNTHETIC_SCHEDULE="cosine")
     with pytest.raises(DiffAugError, match="DIFFAUG_EQUAL_REAL_EXPOSURE='maybe'"):
-        _in_process_trainer(root, "nnUNetTrainerDiffAug", 0, monkeypatch, DIFFAUG_SYNTHETIC_SCHEDULE="linear",
+        in_process_trainer(root, "nnUNetTrainerDiffAug", 0, monkeypatch, DIFFAUG_SYNTHETIC_SCHEDULE="linear",
                             DIFFAUG_EQUAL_REAL_EXPOSURE="maybe")
-    trainer = _in_process_trainer(root, "nnUNetTrainerDiffAug_equalreal", 0, monkeypatch,
+    trainer = in_process_trainer(root, "nnUNetTrainerDiffAug_equalreal", 0, monkeypatch,
                                   DIFFAUG_SYNTHETIC_SCHEDULE="", DIFFAUG_EQUAL_REAL_EXPOSURE="",
                                   DIFFAUG_SYNTHETIC_RATIO=1)
     with pytest.raises(DiffAugError, match="r < 1"):

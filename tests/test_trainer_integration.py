@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support import (EXAMPLE_ID, EXAMPLE_NAME, console_script, make_stand_in_synthetic_set, nnunet_env,
-                     private_copy_of_example, run)
+from support import (EXAMPLE_ID, EXAMPLE_NAME, SMALL_PLANS, console_script, make_stand_in_synthetic_set,
+                     nnunet_env, private_copy_of_example, run)
 
 pytestmark = pytest.mark.slow
-SMALL_PLANS = "nnUNetPlansDiffAugSmall"
 BUDGET = {"DIFFAUG_NUM_EPOCHS": 2, "DIFFAUG_ITERATIONS_PER_EPOCH": 8, "DIFFAUG_VAL_ITERATIONS": 2}
 
 

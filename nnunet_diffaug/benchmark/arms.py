@@ -40,6 +40,7 @@ import re
 from pathlib import Path
 
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV
 from nnunet_diffaug.trainers.schedule import SCHEDULE_ENV
 
 STOCK_TRAINER = "nnUNetTrainerBudget"      # the stock trainer, only its training length and seed set
@@ -56,9 +57,10 @@ SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range
 # A calibrated diffusion set carries this option; a set without it is as painted (the benchmark then passes
 # --no-calibrate-intensity), which is what every diffusion set of earlier workspaces was.
 CALIBRATE = ("--calibrate-intensity", "")
-# Set by the benchmark for every arm alike (budget, seed) or per fold (the synthetic set): an arm may not change them
+# Set by the benchmark for every arm alike (budget, seed, mirroring) or per fold (the synthetic set): an arm may
+# not change them
 RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
-                "DIFFAUG_SYNTHETIC_DATASET")
+                "DIFFAUG_SYNTHETIC_DATASET", MIRRORING_ENV)
 DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -275,6 +275,8 @@ def format_table(results: dict) -> str:
     lines.append("")
     lines.append(f"Dice: {READING_NAMES[h]}; mean and sd over seeds; Δ: mean paired difference over seeds, "
                  f"p: paired t-test.")
+    if not results.get("settings", {}).get("mirroring", True):
+        lines.append("Every arm trained and predicted without nnU-Net's mirroring (--no-mirroring).")
     return "\n".join(lines)
 
 

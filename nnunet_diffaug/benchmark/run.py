@@ -28,6 +28,7 @@ from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.shared_cpu import set_shared_cpu_defaults
 from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
+from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV
 
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"
 CommandRunner = Callable[[list, dict], None]
@@ -92,7 +93,8 @@ def train_command(s: BenchmarkSettings, arm: Arm, fold: int) -> list[str]:
 
 def train_env(s: BenchmarkSettings, arm: Arm, seed: int, synthetic_dataset: str | None) -> dict:
     env = {"DIFFAUG_NUM_EPOCHS": s.epochs, "DIFFAUG_ITERATIONS_PER_EPOCH": s.iterations,
-           "DIFFAUG_VAL_ITERATIONS": s.val_iterations, "DIFFAUG_SEED": seed, **dict(arm.env)}
+           "DIFFAUG_VAL_ITERATIONS": s.val_iterations, "DIFFAUG_SEED": seed, MIRRORING_ENV: int(s.mirroring),
+           **dict(arm.env)}
     if synthetic_dataset is not None:
         env["DIFFAUG_SYNTHETIC_DATASET"] = synthetic_dataset
     return env

@@ -32,13 +32,14 @@ class BenchmarkSettings:
     steps: int = 20
     device: str = "cpu"
     small_plans: bool = False            # write and use a small plans copy in the workspace (CPU runs)
+    mirroring: bool = True               # nnU-Net's mirroring (training and inference), off for labels with sides
 
 
 # Settings that define what a finished arm IS: a workspace whose arms were trained under other values
 # would mix budgets or synthesizers in one table, so such a rerun is refused. Seeds and the arm list may
 # grow (an arm's own definition is checked by name, see check_arm_definitions).
 ARM_DEFINING_SETTINGS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations",
-                         "n_synthetic", "synthesizer_preset", "sampler", "steps")
+                         "n_synthetic", "synthesizer_preset", "sampler", "steps", "mirroring")
 
 
 def settings_arms(s: BenchmarkSettings) -> list[Arm]:

@@ -16,6 +16,7 @@ Its schedule over epochs (``schedule.py``): class attribute ``synthetic_schedule
 Equal real exposure (``equal_real_exposure``, variant ``_equalreal``, ``DIFFAUG_EQUAL_REAL_EXPOSURE=1``)
 scales each epoch's iterations by 1 / (1 - r_epoch), so the run sees as many real samples as the
 stock trainer with the same budget. What was drawn goes to ``diffaug_training_stats.json``.
+``DIFFAUG_MIRRORING=0`` turns nnU-Net's mirroring off (``mirroring.py``: for labels that name a side).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_flag, env_float
+from nnunet_diffaug.trainers.mirroring import MirroringFromEnv
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
@@ -61,8 +63,9 @@ PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
 DEFAULT_SYNTHETIC_RATIO = 1 / 3
 
 
-class nnUNetTrainerBudget(nnUNetTrainer):
-    """The stock trainer, changed only in training length (see ``budget.py``): the control arm of benchmarks."""
+class nnUNetTrainerBudget(MirroringFromEnv, nnUNetTrainer):
+    """The stock trainer, changed only in training length (``budget.py``) and, if asked, mirroring (``mirroring.py``):
+    the control arm of benchmarks."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -70,7 +73,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         apply_budget_from_env(self)
 
 
-class nnUNetTrainerDiffAug(nnUNetTrainer):
+class nnUNetTrainerDiffAug(MirroringFromEnv, nnUNetTrainer):
     synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
     synthetic_schedule: str = "auto"
     equal_real_exposure: bool = False
