@@ -7,9 +7,17 @@ import torch
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 
 from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.trainers.mirroring import labels_naming_a_side, side_labels_note
 from support import in_process_trainer, private_copy_of_example
 
-pytestmark = pytest.mark.slow
+
+def test_labels_that_name_a_side_are_found_and_only_those():
+    labels = {"background": 0, "right_lung": 1, "Left-Thalamus": 2, "kidney left": 3, "bright_spot": 4,
+              "leftover": 5, "spine": 6}
+    assert labels_naming_a_side(labels) == ["right_lung", "Left-Thalamus", "kidney left"]
+    assert "consider DIFFAUG_MIRRORING=0" in side_labels_note(labels, mirroring=True)
+    assert side_labels_note(labels, mirroring=False) is None
+    assert side_labels_note({"background": 0, "liver": 1}, mirroring=True) is None
 
 
 def _transform_types(transform) -> set[type]:
@@ -22,6 +30,7 @@ def _transform_types(transform) -> set[type]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_name, env", [("nnUNetTrainerBudget", {}),
                                                ("nnUNetTrainerDiffAug", {"DIFFAUG_SYNTHETIC_RATIO": 0})])
 def test_mirroring_off_trains_and_predicts_without_flips(planned_example, tmp_path, monkeypatch, trainer_name, env):
@@ -35,13 +44,17 @@ def test_mirroring_off_trains_and_predicts_without_flips(planned_example, tmp_pa
         pipeline = _transform_types(trainer.dataloader_train.data_loader.transforms)
         checkpoint = torch.load(Path(trainer.output_folder) / "checkpoint_final.pth", map_location="cpu",
                                 weights_only=False)
-        seen[mirroring] = (MirrorTransform in pipeline, checkpoint["inference_allowed_mirroring_axes"])
-    # nnU-Net's default: every patch flipped along all three axes, and the predictor averages over the flips
-    assert seen["1"] == (True, (0, 1, 2))
+        log = sorted(Path(trainer.output_folder).glob("training_log_*.txt"))[-1].read_text()
+        seen[mirroring] = (MirrorTransform in pipeline, checkpoint["inference_allowed_mirroring_axes"],
+                           log.count("name a side"))
+    # nnU-Net's default: every patch flipped along all three axes, and the predictor averages over the flips;
+    # the example's lungs are labelled right_lung and left_lung, so the log says so once
+    assert seen["1"] == (True, (0, 1, 2), 1)
     # off: no flip in training, and the checkpoint tells nnUNetv2_predict not to mirror either
-    assert seen["0"] == (False, None)
+    assert seen["0"] == (False, None, 0)
 
 
+@pytest.mark.slow
 def test_a_bad_mirroring_value_is_refused_naming_the_variable(planned_example, tmp_path, monkeypatch):
     root = private_copy_of_example(planned_example[0], tmp_path)
     trainer = in_process_trainer(root, "nnUNetTrainerBudget", 0, monkeypatch, DIFFAUG_MIRRORING="sometimes")

@@ -28,7 +28,7 @@ from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.shared_cpu import set_shared_cpu_defaults
 from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
-from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV
+from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV, side_labels_note
 
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"
 CommandRunner = Callable[[list, dict], None]
@@ -132,7 +132,11 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     arms = keep_recorded_meaning(workdir / "benchmark_arms.json", arms)
     definitions = check_arm_definitions(workdir / "benchmark_arms.json", arms)
 
-    cases = sorted(list_cases(workdir / "raw" / s.dataset, load_dataset_json(workdir / "raw" / s.dataset)))
+    dataset_json = load_dataset_json(workdir / "raw" / s.dataset)
+    cases = sorted(list_cases(workdir / "raw" / s.dataset, dataset_json))
+    note = side_labels_note(dataset_json.get("labels", {}), s.mirroring)
+    if note:
+        print(f"Note: {note}")
     _, folds = draw_subsets(cases, s)
     write_splits(pre / "splits_final.json", folds)
     atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))

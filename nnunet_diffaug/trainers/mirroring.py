@@ -11,13 +11,31 @@ trainers): no mirroring in training, none at inference (nnU-Net records the axes
 """
 from __future__ import annotations
 
+import re
+
 from nnunet_diffaug.trainers.budget import env_flag
 
 MIRRORING_ENV = "DIFFAUG_MIRRORING"
+_SIDE = re.compile(r"(?:^|[^a-z])(?:left|right)(?:[^a-z]|$)", re.IGNORECASE)
 
 
 def mirroring_from_env() -> bool:
     return env_flag(MIRRORING_ENV, True)
+
+
+def labels_naming_a_side(labels: dict) -> list[str]:
+    """The label names of a dataset.json that say left or right (``right_lung``, ``Left-Thalamus``, ``kidney left``)."""
+    return [name for name in labels if _SIDE.search(name)]
+
+
+def side_labels_note(labels: dict, mirroring: bool) -> str | None:
+    """A note for datasets whose labels name a side while mirroring is on; None when there is nothing to say."""
+    sided = labels_naming_a_side(labels)
+    if not sided or not mirroring:
+        return None
+    return (f"labels {sided} name a side, and nnU-Net's mirroring (on) makes the sides hard to tell apart with few "
+            f"training cases; consider {MIRRORING_ENV}=0 (diffaug_benchmark --no-mirroring, or "
+            f"nnUNetTrainerNoMirroring for stock nnU-Net).")
 
 
 class MirroringFromEnv:
@@ -29,4 +47,8 @@ class MirroringFromEnv:
         if not mirroring_from_env():
             mirror_axes = None
             self.inference_allowed_mirroring_axes = None
+        note = side_labels_note(self.dataset_json.get("labels", {}), mirror_axes is not None)
+        if note and not getattr(self, "_side_note_logged", False):
+            self.print_to_log_file(f"DiffAug note: {note}")
+            self._side_note_logged = True
         return rotation_for_da, do_dummy_2d_data_aug, initial_patch_size, mirror_axes
