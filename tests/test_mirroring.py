@@ -7,7 +7,7 @@ import torch
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.trainers.mirroring import labels_naming_a_side, side_labels_note
+from nnunet_diffaug.trainers.mirroring import labels_naming_a_side, side_labels_note, side_pairs
 from support import in_process_trainer, private_copy_of_example
 
 
@@ -18,6 +18,10 @@ def test_labels_that_name_a_side_are_found_and_only_those():
     assert "consider DIFFAUG_MIRRORING=0" in side_labels_note(labels, mirroring=True)
     assert side_labels_note(labels, mirroring=False) is None
     assert side_labels_note({"background": 0, "liver": 1}, mirroring=True) is None
+    # the pairs whose sides can be confused (benchmarks/side_confusion.py merges them)
+    labels["Right-Thalamus"], labels["left_kidney"] = 7, 8
+    labels["left_lung"] = 9
+    assert side_pairs(labels) == [("Left-Thalamus", "Right-Thalamus"), ("left_lung", "right_lung")]
 
 
 def _transform_types(transform) -> set[type]:

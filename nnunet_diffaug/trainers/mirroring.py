@@ -17,6 +17,7 @@ from nnunet_diffaug.trainers.budget import env_flag
 
 MIRRORING_ENV = "DIFFAUG_MIRRORING"
 _SIDE = re.compile(r"(?:^|[^a-z])(?:left|right)(?:[^a-z]|$)", re.IGNORECASE)
+_LEFT = re.compile("left", re.IGNORECASE)
 
 
 def mirroring_from_env() -> bool:
@@ -26,6 +27,14 @@ def mirroring_from_env() -> bool:
 def labels_naming_a_side(labels: dict) -> list[str]:
     """The label names of a dataset.json that say left or right (``right_lung``, ``Left-Thalamus``, ``kidney left``)."""
     return [name for name in labels if _SIDE.search(name)]
+
+
+def side_pairs(labels: dict) -> list[tuple[str, str]]:
+    """(left name, right name) for every label that says left and whose right-hand twin is a label too."""
+    def to_right(name: str) -> str:
+        return _LEFT.sub(lambda m: {"left": "right", "Left": "Right", "LEFT": "RIGHT"}.get(m[0], "right"), name)
+    return [(name, to_right(name)) for name in labels_naming_a_side(labels)
+            if _LEFT.search(name) and to_right(name) in labels]
 
 
 def side_labels_note(labels: dict, mirroring: bool) -> str | None:
