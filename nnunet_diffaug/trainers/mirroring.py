@@ -1,10 +1,10 @@
 """Mirroring off from the environment, for label maps that name a side (left and right lung, kidney, ...).
 
 nnU-Net flips every training patch along each spatial axis and, at inference, averages the prediction
-over the flipped copies of the image. A network trained that way cannot learn which side is which: on the
-built-in example (left and right lung are two classes) nearly every lung voxel is found, but split between
-the two lung classes at random from run to run, which made the left lung's Dice the noisiest number of every
-benchmark. nnU-Net ships ``nnUNetTrainerNoMirroring`` for such data; ``DIFFAUG_MIRRORING=0`` does the same
+over the flipped copies of the image. A network trained that way can tell the sides apart only from the
+anatomy's own asymmetry, which with few training cases it often does not learn: on the built-in example
+(``3d_fullres``, left and right lung are two classes, 5 training slabs) most runs find the lungs and give
+about half of their voxels the wrong side, which made the lungs' Dice the noisiest numbers of every benchmark. nnU-Net ships ``nnUNetTrainerNoMirroring`` for such data; ``DIFFAUG_MIRRORING=0`` does the same
 for every trainer of this package (``nnUNetTrainerBudget``, the benchmark's stock arm, and the DiffAug
 trainers): no mirroring in training, none at inference (nnU-Net records the axes in the checkpoint, so
 ``nnUNetv2_predict`` follows). Unset or 1, nothing changes.
