@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from support import console_script, nnunet_env, run
 from test_benchmark import MICRO_SYNTHESIZER
@@ -20,6 +21,8 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
     assert all(f"| 5 | {arm} |" in proc.stdout for arm in ("stock", "stock_x150", "diffaug_r33_equalreal"))
     assert "differences below about 0.05 Dice are noise" in proc.stdout  # and what it means
     assert "diffaug_r33_equalreal vs stock_x150 (stock nnU-Net trained as long" in proc.stdout
+    # the example's labels name sides, so every arm trains and predicts without mirroring, and says so
+    assert "without nnU-Net's mirroring (--no-mirroring)" in proc.stdout
     bench = out / "benchmark"
     results = json.loads((bench / "benchmark_results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == {"stock", "stock_x150", "diffaug_r33_equalreal"}
@@ -29,6 +32,12 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
         assert r["n_train"] == 5 and not set(r["train_cases"]) & test_cases
         assert 0.0 <= r["mean_foreground_dice"] <= 1.0
     assert (bench / "benchmark_plot.png").stat().st_size > 1000
+    assert results["settings"]["mirroring"] is False
+    checkpoints = list((bench / "results").glob("*/*/*/fold_*/checkpoint_final.pth"))
+    assert len(checkpoints) == 3
+    for checkpoint in checkpoints:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        assert saved["inference_allowed_mirroring_axes"] is None, checkpoint
     # the synthetic set came from the demo's own synthesizer, trained on the 5 training cases only
     provenance = [json.loads(p.read_text()) for p in bench.glob("raw/*/diffaug_provenance.json")]
     assert len(provenance) == 1 and not set(provenance[0]["training_cases"]) & test_cases
