@@ -104,7 +104,7 @@ def _env(monkeypatch_env, fn):
 def _ratio_env(value):
     def build(tmp):
         def call():
-            from nnunet_diffaug.trainers.budget import env_float
+            from nnunet_diffaug.env_vars import env_float
             os.environ["DIFFAUG_SYNTHETIC_RATIO"] = value
             try:
                 env_float("DIFFAUG_SYNTHETIC_RATIO", 0.3, 0.0, 1.0)

@@ -40,8 +40,7 @@ import re
 from pathlib import Path
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV
-from nnunet_diffaug.trainers.schedule import SCHEDULE_ENV
+from nnunet_diffaug import env_vars
 
 STOCK_TRAINER = "nnUNetTrainerBudget"      # the stock trainer, only its training length and seed set
 DIFFAUG_TRAINER = "nnUNetTrainerDiffAug"
@@ -59,8 +58,8 @@ SYNTHESIS_OPTIONS = ("--classes", "--host", "--edit", "--margin", "--scale-range
 CALIBRATE = ("--calibrate-intensity", "")
 # Set by the benchmark for every arm alike (budget, seed, mirroring) or per fold (the synthetic set): an arm may
 # not change them
-RESERVED_ENV = ("DIFFAUG_NUM_EPOCHS", "DIFFAUG_ITERATIONS_PER_EPOCH", "DIFFAUG_VAL_ITERATIONS", "DIFFAUG_SEED",
-                "DIFFAUG_SYNTHETIC_DATASET", MIRRORING_ENV)
+RESERVED_ENV = (env_vars.NUM_EPOCHS, env_vars.ITERATIONS_PER_EPOCH, env_vars.VAL_ITERATIONS, env_vars.SEED,
+                env_vars.SYNTHETIC_DATASET, env_vars.MIRRORING)
 DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -149,20 +148,20 @@ def builtin_arm(name: str) -> Arm | None:
     m = _LONG_STOCK.match(name)
     if m:
         percent = int(m["percent"])
-        return Arm(name, STOCK_TRAINER, _env(DIFFAUG_ITERATION_SCALE=percent / 100)) if percent >= 100 else None
+        return Arm(name, STOCK_TRAINER, _env(**{env_vars.ITERATION_SCALE: percent / 100})) if percent >= 100 else None
     m = _MIXING.match(name)
     if m:
         ratio = _ratio(m["ratio"])
         if ratio > 1:
             return None
-        env = {"DIFFAUG_SYNTHETIC_RATIO": ratio, SCHEDULE_ENV: m["schedule"] or "constant"}
+        env = {env_vars.SYNTHETIC_RATIO: ratio, env_vars.SYNTHETIC_SCHEDULE: m["schedule"] or "constant"}
         if m["cutoff"]:
             cutoff = int(m["cutoff"])
             if not 0 < cutoff <= 100:
                 return None
-            env[SCHEDULE_ENV] = f"cutoff:{cutoff / 100:g}"
+            env[env_vars.SYNTHETIC_SCHEDULE] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
-            env["DIFFAUG_EQUAL_REAL_EXPOSURE"] = 1
+            env[env_vars.EQUAL_REAL_EXPOSURE] = 1
         if (m["inpaint"] or m["painted"]) and m["source"] != "diffaug":
             return None  # only the diffusion model repaints a region or has painted cases to calibrate
         labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
@@ -174,7 +173,7 @@ def builtin_arm(name: str) -> Arm | None:
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:
-        env = {} if m["alpha"] is None else {"DIFFAUG_PATCHMIX_ALPHA": int(m["alpha"]) / 100}
+        env = {} if m["alpha"] is None else {env_vars.PATCHMIX_ALPHA: int(m["alpha"]) / 100}
         if m["alpha"] is not None and int(m["alpha"]) > 100:
             return None
         return Arm(name, PATCHMIX_TRAINER, _env(**env), SyntheticSpec("diffusion", "real-aligned", options=(CALIBRATE,)))

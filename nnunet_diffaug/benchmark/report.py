@@ -13,7 +13,8 @@ from nnunet_diffaug.benchmark.workspace import (TIMINGS_FILE, TRAINING_STATS_FIL
                                                 summary_file)
 from nnunet_diffaug.file_io import atomic_path, atomic_write_json, atomic_write_text
 from nnunet_diffaug.raw_dataset import load_dataset_json
-from nnunet_diffaug.trainers.budget import ITERATION_SCALE_ENV, scaled_iterations
+from nnunet_diffaug import env_vars
+from nnunet_diffaug.trainers.budget import scaled_iterations
 
 
 def _nnunet_log_wall_time(folder: Path, summary: Path) -> float | None:
@@ -64,9 +65,9 @@ def collect_results(workdir: Path, s, folds: list[dict], arms) -> dict:
                 # the trainer's own ratio over the epochs it recorded: right also for a run resumed from a
                 # checkpoint written before the statistics file existed (its earlier epochs are not recorded)
                 iterations = stats["iterations_vs_stock"] * budget_iterations
-            if iterations is None and "DIFFAUG_EQUAL_REAL_EXPOSURE" not in dict(arm.env):
+            if iterations is None and env_vars.EQUAL_REAL_EXPOSURE not in dict(arm.env):
                 # an arm that does not scale its iterations runs the budget; stock_x<PPP> runs it scaled
-                scale = float(dict(arm.env).get(ITERATION_SCALE_ENV, 1))
+                scale = float(dict(arm.env).get(env_vars.ITERATION_SCALE, 1))
                 iterations = s.epochs * scaled_iterations(s.iterations, scale)
             pooled = pooled_dice(summary, labels)
             pooled_mean = None if pooled is None else float(np.nanmean(list(pooled.values())))

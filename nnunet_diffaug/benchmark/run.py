@@ -28,7 +28,8 @@ from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.shared_cpu import set_shared_cpu_defaults
 from nnunet_diffaug.trainer_discovery import ensure_trainer_discoverable
-from nnunet_diffaug.trainers.mirroring import MIRRORING_ENV, side_labels_note
+from nnunet_diffaug import env_vars
+from nnunet_diffaug.trainers.mirroring import side_labels_note
 
 SMALL_PLANS = "nnUNetPlansDiffAugSmall"
 CommandRunner = Callable[[list, dict], None]
@@ -92,11 +93,11 @@ def train_command(s: BenchmarkSettings, arm: Arm, fold: int) -> list[str]:
 
 
 def train_env(s: BenchmarkSettings, arm: Arm, seed: int, synthetic_dataset: str | None) -> dict:
-    env = {"DIFFAUG_NUM_EPOCHS": s.epochs, "DIFFAUG_ITERATIONS_PER_EPOCH": s.iterations,
-           "DIFFAUG_VAL_ITERATIONS": s.val_iterations, "DIFFAUG_SEED": seed, MIRRORING_ENV: int(s.mirroring),
+    env = {env_vars.NUM_EPOCHS: s.epochs, env_vars.ITERATIONS_PER_EPOCH: s.iterations,
+           env_vars.VAL_ITERATIONS: s.val_iterations, env_vars.SEED: seed, env_vars.MIRRORING: int(s.mirroring),
            **dict(arm.env)}
     if synthetic_dataset is not None:
-        env["DIFFAUG_SYNTHETIC_DATASET"] = synthetic_dataset
+        env[env_vars.SYNTHETIC_DATASET] = synthetic_dataset
     return env
 
 

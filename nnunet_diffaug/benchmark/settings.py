@@ -5,8 +5,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, SCHEDULE_ENV, Arm, builtin_arm, load_arms_file,
+from nnunet_diffaug.benchmark.arms import (DEFAULT_ARMS, Arm, builtin_arm, load_arms_file,
                                           ratio_arm_name, resolve_arms)
+from nnunet_diffaug import env_vars
 from nnunet_diffaug.errors import DiffAugError
 
 
@@ -65,10 +66,10 @@ def _with_pinned_schedule(recorded: dict) -> dict:
     upgraded = {}
     for name, definition in recorded.items():
         arm = builtin_arm(name)
-        pinned = None if arm is None else dict(arm.env).get(SCHEDULE_ENV)
+        pinned = None if arm is None else dict(arm.env).get(env_vars.SYNTHETIC_SCHEDULE)
         if (pinned == "constant" and definition.get("trainer") == arm.trainer
-                and SCHEDULE_ENV not in definition.get("env", {})):
-            definition = {**definition, "env": {**definition.get("env", {}), SCHEDULE_ENV: pinned}}
+                and env_vars.SYNTHETIC_SCHEDULE not in definition.get("env", {})):
+            definition = {**definition, "env": {**definition.get("env", {}), env_vars.SYNTHETIC_SCHEDULE: pinned}}
         upgraded[name] = definition
     return upgraded
 

@@ -12,14 +12,14 @@ written in raw units. Everything random about case ``i`` derives from ``(seed, i
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nnunet_diffaug import paths
+from nnunet_diffaug import env_vars, paths
+from nnunet_diffaug.env_vars import env_float
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import folder_lock
 from nnunet_diffaug.provenance import SyntheticProvenance
@@ -342,7 +342,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     provenance.generator.update(label_source.provenance())
     out_folder = output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
-    part_lock = folder_lock(out_folder, timeout_s=float(os.environ.get("DIFFAUG_LOCK_WAIT_S", PART_LOCK_WAIT_S)),
+    part_lock = folder_lock(out_folder, timeout_s=env_float(env_vars.LOCK_WAIT_S, PART_LOCK_WAIT_S, 0.0, 10.0 ** 6),
                                     name=f".diffaug.part{part_id}of{num_parts}.lock",
                                     holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
     with part_lock:

@@ -13,46 +13,20 @@ from __future__ import annotations
 
 import os
 
+from nnunet_diffaug import env_vars
+from nnunet_diffaug.env_vars import env_float
 from nnunet_diffaug.errors import DiffAugError
 
 BUDGET_ENV = {
-    "DIFFAUG_NUM_EPOCHS": "num_epochs",
-    "DIFFAUG_ITERATIONS_PER_EPOCH": "num_iterations_per_epoch",
-    "DIFFAUG_VAL_ITERATIONS": "num_val_iterations_per_epoch",
+    env_vars.NUM_EPOCHS: "num_epochs",
+    env_vars.ITERATIONS_PER_EPOCH: "num_iterations_per_epoch",
+    env_vars.VAL_ITERATIONS: "num_val_iterations_per_epoch",
 }
-ITERATION_SCALE_ENV = "DIFFAUG_ITERATION_SCALE"
 
 
 def scaled_iterations(iterations_per_epoch: int, scale: float) -> int:
     """Iterations per epoch under ``DIFFAUG_ITERATION_SCALE`` (the benchmark reports the same number)."""
     return round(iterations_per_epoch * scale)
-
-
-def env_float(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DiffAugError(f"Environment variable {name}={raw!r} is not a number.") from None
-    if not low <= value <= high:
-        raise DiffAugError(f"Environment variable {name}={raw!r} must lie in [{low}, {high}].")
-    return value
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    raise DiffAugError(f"Environment variable {name}={raw!r} must be 1 or 0 (also true/false, yes/no, on/off).")
 
 
 def apply_budget_from_env(trainer) -> None:
@@ -62,10 +36,10 @@ def apply_budget_from_env(trainer) -> None:
             if value != int(value):
                 raise DiffAugError(f"Environment variable {env_name}={os.environ[env_name]!r} must be an integer.")
             setattr(trainer, attribute, int(value))
-    scale = env_float(ITERATION_SCALE_ENV, 1.0, 1.0, 100.0)
+    scale = env_float(env_vars.ITERATION_SCALE, 1.0, 1.0, 100.0)
     trainer.num_iterations_per_epoch = scaled_iterations(trainer.num_iterations_per_epoch, scale)
-    if os.environ.get("DIFFAUG_SEED"):
-        seed = int(env_float("DIFFAUG_SEED", 0, 0, 2 ** 31 - 1))
+    if os.environ.get(env_vars.SEED):
+        seed = int(env_float(env_vars.SEED, 0, 0, 2 ** 31 - 1))
         import random
         import numpy as np
         import torch

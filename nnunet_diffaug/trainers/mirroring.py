@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import re
 
-from nnunet_diffaug.trainers.budget import env_flag
+from nnunet_diffaug.env_vars import MIRRORING, env_flag
 
-MIRRORING_ENV = "DIFFAUG_MIRRORING"
 _SIDE = re.compile(r"(?:^|[^a-z])(?:left|right)(?:[^a-z]|$)", re.IGNORECASE)
 _LEFT = re.compile("left", re.IGNORECASE)
 
 
 def mirroring_from_env() -> bool:
-    return env_flag(MIRRORING_ENV, True)
+    return env_flag(MIRRORING, True)
 
 
 def labels_naming_a_side(labels: dict) -> list[str]:
@@ -45,7 +44,7 @@ def side_labels_note(labels: dict, mirroring: bool) -> str | None:
     if not sided or not mirroring:
         return None
     return (f"labels {sided} name a side, and nnU-Net's mirroring (on) makes the sides hard to tell apart with few "
-            f"training cases; consider {MIRRORING_ENV}=0 (diffaug_benchmark --no-mirroring, or "
+            f"training cases; consider {MIRRORING}=0 (diffaug_benchmark --no-mirroring, or "
             f"nnUNetTrainerNoMirroring for stock nnU-Net).")
 
 

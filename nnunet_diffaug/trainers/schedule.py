@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from nnunet_diffaug.errors import DiffAugError
 
-SCHEDULE_ENV = "DIFFAUG_SYNTHETIC_SCHEDULE"   # overrides the trainer variant's schedule
 SCHEDULE_SPELLINGS = "'auto', 'constant', 'linear' or 'cutoff:F' with F in (0, 1], e.g. 'cutoff:0.5'"
 FEW_REAL_CASES = 3   # 'auto' cuts the synthetic cases off late in training at this many real training cases or fewer
 FEW_CASES_CUTOFF = 0.75

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 from nnunet_diffaug import paths
+from nnunet_diffaug.env_vars import SYNTHETIC_DATASET
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.raw_dataset import image_dimension, list_cases
 from nnunet_diffaug.synthetic_sets import check_synthetic_set, locate_synthetic_set
 
-SYNTHETIC_DATASET_ENV = "DIFFAUG_SYNTHETIC_DATASET"
 
 
 def _how_to_make(dataset_name: str, fold, configuration: str) -> str:
@@ -25,8 +25,8 @@ def _how_to_make(dataset_name: str, fold, configuration: str) -> str:
 
 def locate_synthetic_dataset(real_dataset_name: str, fold, configuration: str) -> Path:
     """The synthetic raw dataset for this fold; refuses with what to run when there is none or several."""
-    return locate_synthetic_set(real_dataset_name, fold, os.environ.get(SYNTHETIC_DATASET_ENV),
-                                f"{SYNTHETIC_DATASET_ENV}=", _how_to_make(real_dataset_name, fold, configuration))
+    return locate_synthetic_set(real_dataset_name, fold, os.environ.get(SYNTHETIC_DATASET),
+                                f"{SYNTHETIC_DATASET}=", _how_to_make(real_dataset_name, fold, configuration))
 
 
 def validate_synthetic_dataset(folder: Path, real_dataset_json: dict, real_dataset_name: str, fold,
