@@ -35,13 +35,15 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.trainers.budget import apply_budget_from_env, env_flag, env_float
+from nnunet_diffaug import env_vars
+from nnunet_diffaug.env_vars import env_flag, env_float
+from nnunet_diffaug.trainers.budget import apply_budget_from_env
 from nnunet_diffaug.trainers.mirroring import MirroringFromEnv
 from nnunet_diffaug.trainers.mixing import MixedDataset, RatioDataLoader, is_synthetic_key
 from nnunet_diffaug.trainers.patch_mix import (PairedDataset, PatchMixForward, aligned_variants,
                                                merge_patch_size)
 from nnunet_diffaug.trainers.preprocess import preprocess_synthetic_cases
-from nnunet_diffaug.trainers.schedule import (FEW_REAL_CASES, SCHEDULE_ENV, equal_exposure_iterations,
+from nnunet_diffaug.trainers.schedule import (FEW_REAL_CASES, equal_exposure_iterations,
                                               parse_schedule)
 from nnunet_diffaug.trainers.synthetic_source import (locate_synthetic_dataset, real_image_dimension,
                                                       validate_synthetic_dataset)
@@ -54,10 +56,6 @@ __all__ = ["nnUNetTrainerBudget", "nnUNetTrainerDiffAug", "nnUNetTrainerDiffAug_
            "nnUNetTrainerDiffAug_cutoff50", "nnUNetTrainerDiffAug_cutoff75", "nnUNetTrainerDiffAug_equalreal",
            "nnUNetTrainerDiffAug_constant"]
 
-RATIO_ENV = "DIFFAUG_SYNTHETIC_RATIO"
-EQUAL_EXPOSURE_ENV = "DIFFAUG_EQUAL_REAL_EXPOSURE"
-ALPHA_ENV = "DIFFAUG_PATCHMIX_ALPHA"
-PATCH_ENV = "DIFFAUG_PATCHMIX_PATCH"
 # Ruschke et al. (arXiv 2411.01351, 2024), the one method we build on that was evaluated inside
 # nnU-Net, adds ~0.5 synthetic case per real case: a synthetic share of 1/3 of the training pool.
 DEFAULT_SYNTHETIC_RATIO = 1 / 3
@@ -77,6 +75,7 @@ class nnUNetTrainerDiffAug(MirroringFromEnv, nnUNetTrainer):
     synthetic_ratio: float = DEFAULT_SYNTHETIC_RATIO
     synthetic_schedule: str = "auto"
     equal_real_exposure: bool = False
+    default_num_epochs: int | None = None   # a variant's training length; DIFFAUG_NUM_EPOCHS still wins
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -85,14 +84,17 @@ class nnUNetTrainerDiffAug(MirroringFromEnv, nnUNetTrainer):
                 self.configuration_manager.configuration.get("next_stage"):
             raise DiffAugError(f"nnUNetTrainerDiffAug does not support cascade configurations ({configuration}): "
                                f"synthetic cases have no previous-stage predictions. Use 2d or 3d_fullres.")
-        self.synthetic_ratio = env_float(RATIO_ENV, type(self).synthetic_ratio, 0.0, 1.0)
-        if os.environ.get(SCHEDULE_ENV):
-            self.synthetic_schedule = parse_schedule(os.environ[SCHEDULE_ENV], f"Environment variable {SCHEDULE_ENV}")
+        self.synthetic_ratio = env_float(env_vars.SYNTHETIC_RATIO, type(self).synthetic_ratio, 0.0, 1.0)
+        if os.environ.get(env_vars.SYNTHETIC_SCHEDULE):
+            self.synthetic_schedule = parse_schedule(os.environ[env_vars.SYNTHETIC_SCHEDULE],
+                                                     f"Environment variable {env_vars.SYNTHETIC_SCHEDULE}")
         else:
             self.synthetic_schedule = parse_schedule(type(self).synthetic_schedule,
                                                      f"{type(self).__name__}.synthetic_schedule")
-        self.equal_real_exposure = env_flag(EQUAL_EXPOSURE_ENV, type(self).equal_real_exposure)
-        apply_budget_from_env(self)
+        self.equal_real_exposure = env_flag(env_vars.EQUAL_REAL_EXPOSURE, type(self).equal_real_exposure)
+        if type(self).default_num_epochs is not None:
+            self.num_epochs = type(self).default_num_epochs
+        apply_budget_from_env(self)  # once: DIFFAUG_ITERATION_SCALE multiplies, so a second call would square it
         self.synthetic_dataset_folder = None
         self.stock_iterations_per_epoch = None  # num_iterations_per_epoch before any equal-exposure scaling
         self._ratio_loader = None               # the RatioDataLoader whose shared ratio follows the schedule
@@ -325,10 +327,16 @@ class nnUNetTrainerDiffAugPatchMix(nnUNetTrainerDiffAug):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        if env_float(env_vars.SYNTHETIC_RATIO, 0.0, 0.0, 1.0) != 0:
+            raise DiffAugError(f"{type(self).__name__} pairs every real sample with a synthetic variant and mixes "
+                               f"no synthetic share into batches, so {env_vars.SYNTHETIC_RATIO}="
+                               f"{os.environ[env_vars.SYNTHETIC_RATIO]} would be ignored: unset it, or train "
+                               f"nnUNetTrainerDiffAug for ratio mixing. The real share of merge patches is "
+                               f"{env_vars.PATCHMIX_ALPHA}.")
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.synthetic_ratio = 0.0  # no ratio mixing: every sample is a pair
-        self.patch_mix_alpha = env_float(ALPHA_ENV, type(self).patch_mix_alpha, 0.0, 1.0)
-        self.patch_mix_patch = merge_patch_size(os.environ.get(PATCH_ENV) or type(self).patch_mix_patch,
+        self.patch_mix_alpha = env_float(env_vars.PATCHMIX_ALPHA, type(self).patch_mix_alpha, 0.0, 1.0)
+        self.patch_mix_patch = merge_patch_size(os.environ.get(env_vars.PATCHMIX_PATCH) or type(self).patch_mix_patch,
                                                 self.configuration_manager.patch_size)
         self._patch_mix_network = None
 
@@ -365,8 +373,4 @@ class nnUNetTrainerDiffAugPatchMix_alpha100(nnUNetTrainerDiffAugPatchMix):
 # ---- short runs ---------------------------------------------------------------------------------
 
 class nnUNetTrainerDiffAug_5epochs(nnUNetTrainerDiffAug):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-        apply_budget_from_env(self)  # an explicit budget still wins
+    default_num_epochs = 5
