@@ -21,10 +21,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -48,8 +44,13 @@ SEPARATORS = {"&&", "||", ";", "|"}
 
 def project_scripts() -> dict[str, str]:
     """console script name -> 'module:function', from pyproject.toml."""
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]["scripts"]
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+        return tomllib.loads(text)["project"]["scripts"]
+    except ModuleNotFoundError:   # Python 3.10: the table is simple enough to read by hand
+        table = re.search(r"^\[project\.scripts\]\n(.*?)(?:^\[|\Z)", text, re.M | re.S).group(1)
+        return dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', table, re.M))
 
 
 SCRIPTS = project_scripts()
@@ -93,7 +94,7 @@ def logical_lines(lines):
 
 def invocations(text: str):
     """(command, option tokens) of every command in one shell line that runs a known command."""
-    text = re.sub(r"\$\(\s*which\s+([\w.-]+)\s*\)", r"\1", text)   # torchrun ... $(which diffaug_...) ...
+    text = re.sub(r"\$\(\s*(?:which\s+)?([\w.-]+)\s*\)", r"\1", text)   # torchrun $(which diffaug_x) ...; eval "$(x)"
     try:
         tokens = shlex.split(text, comments=True)
     except ValueError:   # an unbalanced quote: not a shell line
