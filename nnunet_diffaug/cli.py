@@ -63,6 +63,21 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False, high_o
 POSITIVE_INT, NON_NEGATIVE_INT = _int_at_least(1), _int_at_least(0)
 
 
+# Renamed options keep their old spelling, hidden from -h, with a note on stderr (one spelling per option across
+# commands: docs and -h show only the new one).
+def _deprecated(old: str, instead: str) -> None:
+    print(f"NOTE: {old} is deprecated: {instead}.", file=sys.stderr)
+
+
+def _renamed_option(new_value, old_value, old: str, new: str):
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != old_value:
+        raise DiffAugError(f"{old} {old_value} and {new} {new_value} disagree; give it once, as {new}.")
+    _deprecated(old, f"use {new}")
+    return old_value
+
+
 # ----------------------------------------------------------------------------------------------
 # nnU-Net side
 # ----------------------------------------------------------------------------------------------
@@ -162,13 +177,12 @@ def benchmark_entry(argv=None):
                    help="arms to run besides stock (always run): e.g. diffaug_r33 (constant share) "
                         "diffaug_r33_auto (the trainer's default schedule) diffaug_r33_linear "
                         "diffaug_r33_cutoff50 diffaug_r33_equalreal patchmix synthetic_only deformed_real_r33 "
-                        "randomised_r33 (grammar in README section 4); default: diffaug_r33_auto, or none when "
-                        "--ratios/--synthetic-only are given")
+                        "randomised_r33 (grammar in docs/benchmarking.md); default: diffaug_r33_auto")
     p.add_argument("--arms-file", default=None,
                    help="JSON file of custom arms: name -> {trainer, env, synthetic: {generator, labels} or null}")
-    p.add_argument("--ratios", nargs="+", type=_float_in(0, 1, low_open=True), default=[],
-                   help="adds a diffaug_r<NN> arm per synthetic share (older spelling of --arms diffaug_r<NN>)")
-    p.add_argument("--synthetic-only", action="store_true", help="adds the synthetic_only arm (= diffaug_r100)")
+    # older spellings of --arms diffaug_r<NN> / --arms synthetic_only, hidden from -h
+    p.add_argument("--ratios", nargs="+", type=_float_in(0, 1, low_open=True), default=[], help=argparse.SUPPRESS)
+    p.add_argument("--synthetic-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n-synthetic", type=POSITIVE_INT, default=20, help="synthetic cases per subset")
     p.add_argument("--synthesizer-preset", default="tiny", help="synthesizer preset or config JSON")
     p.add_argument("--sampler", default="dpmpp", help="diffusion sampler for synthesis")
@@ -183,17 +197,15 @@ def benchmark_entry(argv=None):
     ensure_trainer_discoverable()
     from nnunet_diffaug.benchmark import DEFAULT_ARMS, BenchmarkSettings, format_table, run_benchmark, settings_arms
     from nnunet_diffaug.paths import nnunet_results, resolve_dataset_name
-    arms = args.arms if args.arms is not None else (["stock"] if args.ratios or args.synthetic_only else DEFAULT_ARMS)
+    arms = _arms_with_older_flags(args, DEFAULT_ARMS)
     arms_file = str(os.path.abspath(args.arms_file)) if args.arms_file else None
-    # arm names, ratios and the arms file are checked before the dataset is even looked up
-    settings_arms(BenchmarkSettings(dataset="", arms=tuple(arms), arms_file=arms_file, ratios=tuple(args.ratios),
-                                    synthetic_only=args.synthetic_only))
+    # arm names and the arms file are checked before the dataset is even looked up
+    settings_arms(BenchmarkSettings(dataset="", arms=tuple(arms), arms_file=arms_file))
     dataset = resolve_dataset_name(args.d)
     settings = BenchmarkSettings(
         dataset=dataset, configuration=args.c, plans=args.p, train_sizes=tuple(args.train_sizes),
         seeds=tuple(args.seeds), test_fraction=args.test_fraction, test_cases=tuple(args.test_cases),
         epochs=args.epochs, iterations=args.iterations, arms=tuple(arms), arms_file=arms_file,
-        ratios=tuple(args.ratios), synthetic_only=args.synthetic_only,
         n_synthetic=args.n_synthetic, synthesizer_preset=args.synthesizer_preset, sampler=args.sampler,
         steps=args.steps, device=args.device or _default_device(), small_plans=args.small_plans,
         mirroring=not args.no_mirroring)
@@ -201,6 +213,19 @@ def benchmark_entry(argv=None):
     results = run_benchmark(settings, out, verbose=args.verbose)
     print(format_table(results))
     print(f"Written to {out}")
+
+
+def _arms_with_older_flags(args, default_arms) -> list[str]:
+    """--ratios R [R ...] and --synthetic-only are older spellings of arm names: say which --arms they mean."""
+    if not args.ratios and not args.synthetic_only:
+        return list(args.arms) if args.arms is not None else list(default_arms)
+    from nnunet_diffaug.benchmark.arms import ratio_arm_name
+    arms = list(args.arms) if args.arms is not None else ["stock"]
+    arms += [ratio_arm_name(r) for r in args.ratios] + (["synthetic_only"] if args.synthetic_only else [])
+    old = " ".join([f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}"] * bool(args.ratios) +
+                   ["--synthetic-only"] * args.synthetic_only)
+    _deprecated(old, f"it means --arms {' '.join(arms)}")
+    return arms
 
 
 @_friendly_errors
@@ -438,9 +463,10 @@ def synthesize_entry(argv=None):
     p.add_argument("--steps", type=POSITIVE_INT, default=None, help="sampler steps (default: the synthesizer config's)")
     p.add_argument("-num_parts", type=POSITIVE_INT, default=1, help="split the cases into this many parts (parallel runs)")
     p.add_argument("-part_id", type=NON_NEGATIVE_INT, default=0, help="which part this run writes (0 .. num_parts-1)")
-    p.add_argument("-o", type=int, default=None,
-                   help="output dataset id; default: the dataset of an identical earlier request, else the next "
-                        "free id from 900")
+    p.add_argument("--output-dataset", type=int, default=None, metavar="ID",
+                   help="id of the synthetic dataset to write; default: the dataset of an identical earlier "
+                        "request, else the next free id from 900")
+    p.add_argument("-o", type=int, default=None, dest="output_dataset_old", help=argparse.SUPPRESS)  # deprecated
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output dataset that holds other synthetic cases (different provenance)")
     judge = p.add_argument_group(
@@ -454,9 +480,18 @@ def synthesize_entry(argv=None):
                        help="--judge: candidates drawn (default 2 x -n)")
     judge.add_argument("--min-class-dice", type=_float_in(0, 1), default=None,
                        help="--judge: also drop candidates with any class below this Dice")
-    judge.add_argument("--judge-tta", action="store_true",
-                       help="--judge: the judge uses test-time mirroring (up to 8x slower per candidate)")
+    judge.add_argument("--disable_tta", action="store_true",
+                       help="--judge: no test-time mirroring (as in nnUNetv2_predict; by default the judge averages "
+                            "its prediction over every flip of its mirror axes, up to 8x the cost per candidate)")
+    judge.add_argument("--judge-tta", action="store_true", help=argparse.SUPPRESS)  # deprecated: now the default
     args = p.parse_args(argv)
+    args.output_dataset = _renamed_option(args.output_dataset, args.output_dataset_old, "-o", "--output-dataset")
+    if args.judge_tta:
+        if args.disable_tta:
+            raise DiffAugError("--judge-tta and --disable_tta contradict each other; test-time mirroring is on "
+                               "unless --disable_tta is given.")
+        _deprecated("--judge-tta", "test-time mirroring is the judge's default now, as in nnU-Net; drop the flag "
+                                   "(--disable_tta turns it off)")
     common = dict(labels=args.labels, sampler=args.sampler, steps=args.steps, seed=args.seed, guidance=args.guidance,
                   volume=args.volume, min_component_voxels=args.min_component_voxels, spacing=args.spacing,
                   generator=args.generator, plans_identifier=args.plans, randomisation=args.randomisation,
@@ -466,11 +501,11 @@ def synthesize_entry(argv=None):
                   scale_range=args.scale_range, resample_jumps=args.resample_jumps,
                   calibrate_intensity=args.calibrate_intensity)
     if args.judge is None:
-        if args.candidates is not None or args.min_class_dice is not None or args.judge_tta:
-            raise DiffAugError("--candidates, --min-class-dice and --judge-tta need --judge MODEL.")
+        if args.candidates is not None or args.min_class_dice is not None or args.disable_tta:
+            raise DiffAugError("--candidates, --min-class-dice and --disable_tta need --judge MODEL.")
         from nnunet_diffaug.synthesis.synthesize import synthesize
         folder = synthesize(args.d, args.c, args.f, args.n, num_parts=args.num_parts, part_id=args.part_id,
-                            output_id=args.o, overwrite=args.overwrite, device=args.device, **common)
+                            output_id=args.output_dataset, overwrite=args.overwrite, device=args.device, **common)
     else:
         from nnunet_diffaug.judge_filter import Judge, judge_folder, synthesize_filtered
         from nnunet_diffaug.paths import resolve_dataset_name
@@ -480,7 +515,7 @@ def synthesize_entry(argv=None):
             raise DiffAugError(f"--judge {args.judge!r} is neither a folder nor a model name TRAINER__PLANS__CONFIG.")
         folder = judge_folder(resolve_dataset_name(args.d), model, *(name or ("", "", "")))
         folder = synthesize_filtered(args.d, args.c, args.f, args.n, args.candidates or 2 * args.n,
-                                     Judge(folder, use_mirroring=args.judge_tta), args.min_class_dice,
-                                     output_id=args.o, overwrite=args.overwrite, device=args.device,
+                                     Judge(folder, use_mirroring=not args.disable_tta), args.min_class_dice,
+                                     output_id=args.output_dataset, overwrite=args.overwrite, device=args.device,
                                      num_parts=args.num_parts, **common)
     print(folder)

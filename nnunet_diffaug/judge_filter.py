@@ -38,7 +38,7 @@ SCORES_DIR = "diffaug_judge_scores"      # inside the candidate set: one record 
 class Judge:
     model_folder: Path
     checkpoint: str = "checkpoint_final.pth"
-    use_mirroring: bool = False          # a ranking needs no test-time mirroring; 8x faster in 3D
+    use_mirroring: bool = True           # nnU-Net's test-time mirroring, as its predictor; off: up to 8x faster in 3D
 
 
 def judge_folder(dataset_name: str, model: str | None, trainer: str, plans: str, configuration: str) -> Path:

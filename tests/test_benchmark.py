@@ -55,7 +55,7 @@ def test_a_workspace_refuses_arms_of_another_budget_but_takes_more_seeds_and_rat
     s = BenchmarkSettings(dataset="X", epochs=60, iterations=25)
     check_same_arm_settings(settings_file, s)  # a new workspace takes anything
     settings_file.write_text(json.dumps(dataclasses.asdict(s)))
-    check_same_arm_settings(settings_file, dataclasses.replace(s, seeds=(0, 1, 2, 3), ratios=(0.1, 1 / 3)))
+    check_same_arm_settings(settings_file, dataclasses.replace(s, seeds=(0, 1, 2, 3), arms=("diffaug_r10", "diffaug_r33")))
     for change in ({"epochs": 200}, {"iterations": 50}, {"synthesizer_preset": "default"}, {"n_synthetic": 40},
                    {"mirroring": False}):
         with pytest.raises(DiffAugError, match=f"{next(iter(change))} .* -> .*new workspace"):

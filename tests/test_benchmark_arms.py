@@ -173,7 +173,7 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
                      ("randomised", "real"), ("randomised", "real")]  # four arms share the diffusion set: made once
     priors = [_flag(c, "--class-prior") if "--class-prior" in c else "uniform" for c, _ in synth if "randomised" in c]
     assert sorted(priors) == ["real", "uniform"]  # the informed set is its own, told its prior
-    ids = [int(_flag(c, "-o")) for c, _ in synth]
+    ids = [int(_flag(c, "--output-dataset")) for c, _ in synth]
     assert len(set(ids)) == 5 and all(i >= 900 for i in ids)
     assert len(runner.named("diffaug_train_synthesizer")) == 1  # trained once per fold, only for diffusion sets
     sets = {Path(env["nnUNet_results"]).name: env.get("DIFFAUG_SYNTHETIC_DATASET") for _, env in
@@ -182,7 +182,7 @@ def test_arms_sharing_a_synthetic_set_make_it_once_and_each_arm_gets_its_set(tmp
     assert sets["diffaug_r33"] == sets["diffaug_r33_cutoff50"] == sets["diffaug_r50_equalreal"]
     assert len({sets["diffaug_r33"], sets["patchmix"], sets["deformed_real_r33"], sets["randomised_r33"],
                 sets["randomised_informed_r33"]}) == 5
-    aligned = next(int(_flag(c, "-o")) for c, _ in synth if _flag(c, "--labels") == "real-aligned")
+    aligned = next(int(_flag(c, "--output-dataset")) for c, _ in synth if _flag(c, "--labels") == "real-aligned")
     assert sets["patchmix"] == f"Dataset{aligned:03d}_ToySynthF0"
     envs = {Path(env["nnUNet_results"]).name: env for _, env in runner.named("nnUNetv2_train")}
     assert "DIFFAUG_SYNTHETIC_SCHEDULE" not in envs["stock"]
@@ -247,7 +247,7 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
     runner = FakeRunner({"stock": 0.6, "diffaug_r33": 0.7, "patchmix": 0.66, "diffaug_r50": 0.68})
     results = run_benchmark(dataclasses.replace(s, arms=("diffaug_r33", "patchmix", "diffaug_r50")), ws, runner=runner)
     assert runner.trained() == [("patchmix", 0), ("diffaug_r50", 0)]  # stock and diffaug_r33 are not retrained
-    synth = {_flag(c, "--labels"): _flag(c, "-o") for c, _ in runner.named("diffaug_synthesize")}
+    synth = {_flag(c, "--labels"): _flag(c, "--output-dataset") for c, _ in runner.named("diffaug_synthesize")}
     # the new arms take new calibrated sets: the older run's set (id 900) was painted without calibration
     assert synth == {"real-aligned": "901", "real": "902"}
     assert all("--calibrate-intensity" in c for c, _ in runner.named("diffaug_synthesize"))
@@ -266,7 +266,7 @@ def test_an_older_workspace_resumes_training_only_the_added_arms_and_seeds(tmp_p
     assert more.trained() == [("stock", 1), ("diffaug_r33", 1), ("patchmix", 1), ("diffaug_r50", 1)]
     assert sorted(_flag(c, "-f") for c, _ in more.named("diffaug_synthesize")) == ["1", "1", "1"]
     # diffaug_r33 keeps the meaning it was trained with here (painted), the arms added later are calibrated
-    real_sets = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")
+    real_sets = {_flag(c, "--output-dataset"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")
                  if _flag(c, "--labels") == "real"}
     envs = {Path(env["nnUNet_results"]).name: env for _, env in more.named("nnUNetv2_train")}
     assert real_sets[envs["diffaug_r33"]["DIFFAUG_SYNTHETIC_DATASET"][7:10]] is True    # painted
@@ -309,7 +309,7 @@ def test_a_workspace_that_trained_painted_diffusion_arms_keeps_them_painted(tmp_
     assert "'diffaug_r33' was defined here with synthetic cases as painted" in capsys.readouterr().out
     commands = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
                 for _, env in more.named("nnUNetv2_train") if "DIFFAUG_SYNTHETIC_DATASET" in env}
-    painted = {_flag(c, "-o"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")}
+    painted = {_flag(c, "--output-dataset"): "--no-calibrate-intensity" in c for c, _ in more.named("diffaug_synthesize")}
     assert painted == {commands["diffaug_r33"][7:10]: True, commands["diffaug_r50"][7:10]: False}
     assert json.loads((ws / "benchmark_arms.json").read_text())["diffaug_r33"] == recorded["diffaug_r33"]
 

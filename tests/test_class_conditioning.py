@@ -168,7 +168,7 @@ def test_old_synthesizer_without_the_option_loads_samples_and_refuses_the_flags(
     config = toy_root / "plain.json"
     config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 2}, "diffusion": {
         "steps": 2, "scale_factor_batches": 1}, "checkpoint_every": 2, "montage_cases": 1}))
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "1", "-c", "2d", "-p", str(config), "-device", "cpu"])
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "1", "-c", "2d", "--preset", str(config), "-device", "cpu"])
     folder = synthesizer_folder(TOY_NAME, "2d", 1)
     saved = json.loads((folder / "config.json").read_text())
     for key in ("class_intensity", "class_intensity_dropout"):  # as written before the option existed

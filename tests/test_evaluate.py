@@ -252,7 +252,7 @@ def _synthesize_with(config: dict, output_id: int, root, tmp_path):
     path = tmp_path / f"synthesizer_{output_id}.json"
     path.write_text(json.dumps(config))
     common = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-device", "cpu", "--seed", "0"]
-    cli.train_synthesizer_entry(common + ["-p", str(path), "--overwrite"])
+    cli.train_synthesizer_entry(common + ["--preset", str(path), "--overwrite"])
     # the synthesizer's own painting is under test: no per-class calibration toward real intensities
     cli.synthesize_entry(common + ["-n", "4", "-o", str(output_id), "--sampler", "ddim", "--steps", "5",
                                    "--no-calibrate-intensity"])

@@ -86,7 +86,7 @@ def toy_root(tmp_path_factory):
 def trained_2d(toy_root):
     config = toy_root / "both_options.json"
     config.write_text(json.dumps(BOTH_OPTIONS))
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-p", str(config), "-device", "cpu",
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "--preset", str(config), "-device", "cpu",
                                  "--seed", "0"])
     return Synthesizer.load(synthesizer_folder(TOY_NAME, "2d", 0), torch.device("cpu"))
 
@@ -179,7 +179,7 @@ def test_3d_synthesizer_with_both_options_trains_and_synthesizes(toy_root):
     config.write_text(json.dumps({**BOTH_OPTIONS, "autoencoder": {"steps": 10}, "checkpoint_every": 10,
                                   "diffusion": {**BOTH_OPTIONS["diffusion"], "steps": 10, "scale_factor_batches": 2},
                                   "montage_cases": 2}))
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "3d_fullres", "-p", str(config),
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "3d_fullres", "--preset", str(config),
                                  "-device", "cpu", "--seed", "0"])
     out = _synthesize("3d_fullres", num_cases=1, labels="real", output_id=953, steps=3)
     (record,) = _records(out)
@@ -190,7 +190,7 @@ def test_spacing_is_refused_for_a_synthesizer_without_tags(toy_root, tmp_path):
     config = tmp_path / "plain.json"
     config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 2}, "diffusion": {"steps": 2,
                                   "scale_factor_batches": 1}, "checkpoint_every": 2, "montage_cases": 1}))
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "1", "-c", "2d", "-p", str(config), "-device", "cpu"])
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "1", "-c", "2d", "--preset", str(config), "-device", "cpu"])
     with pytest.raises(DiffAugError, match="trained without tag conditioning"):
         _synthesize(fold=1, num_cases=1, spacing=[3.0, 1.0, 1.0], output_id=954)
     assert not list((toy_root / "raw").glob("Dataset954_*"))

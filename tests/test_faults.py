@@ -106,7 +106,7 @@ def test_synthesis_killed_midway_keeps_only_complete_cases_a_second_writer_refus
     env = nnunet_env(root)
     config = tmp_path / "micro.json"
     config.write_text(json.dumps(MICRO_SYNTHESIZER))
-    run([console_script("diffaug_train_synthesizer"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-p", str(config),
+    run([console_script("diffaug_train_synthesizer"), "-d", "990", "-f", "1", "-c", "3d_fullres", "--preset", str(config),
          "-device", "cpu"], env)
     cmd = [console_script("diffaug_synthesize"), "-d", "990", "-f", "1", "-c", "3d_fullres", "-n", "8", "-o", "970",
            "--sampler", "ddim", "--steps", "8", "-device", "cpu"]

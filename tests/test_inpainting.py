@@ -61,7 +61,7 @@ def toy_root(tmp_path_factory):
 def trained(toy_root):
     config = toy_root / "short.json"  # the tiny preset, shortened: the toy's classes differ by 120 HU
     config.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 200}, "diffusion": {"steps": 300}}))
-    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "-p", str(config), "-device", "cpu",
+    cli.train_synthesizer_entry(["-d", str(TOY_ID), "-f", "0", "-c", "2d", "--preset", str(config), "-device", "cpu",
                                  "--seed", "0"])
     return toy_root
 

@@ -53,7 +53,7 @@ def judged(planned_example, judged_example, tmp_path_factory):
         raw, train = root / "raw", splits[0]["train"]
         candidates = make_stand_in_synthetic_set(raw, EXAMPLE_NAME, 0, train, N_GOOD, dataset_id=971)
         _add_noise_cases(candidates, raw, train[:N_GOOD], np.random.default_rng(0))
-        judge = Judge(root / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__{CONFIG}")
+        judge = Judge(root / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__{CONFIG}", use_mirroring=False)
         yield root, splits, candidates, judge
 
 
@@ -92,7 +92,7 @@ def _copy_model(judge, tmp_path, edit):
     folder = tmp_path / judge.model_folder.name
     shutil.copytree(judge.model_folder, folder)
     edit(folder)
-    return Judge(folder)
+    return Judge(folder, use_mirroring=False)
 
 
 def test_judges_of_another_fold_dataset_or_trained_on_synthetic_cases_are_refused(judged, tmp_path):
@@ -127,7 +127,7 @@ _FILTER_SCRIPT = """
 import sys
 from pathlib import Path
 from nnunet_diffaug.judge_filter import Judge, filter_synthetic_set
-filter_synthetic_set(Path(sys.argv[1]), Path(sys.argv[2]), Judge(Path(sys.argv[3])), keep=int(sys.argv[4]),
+filter_synthetic_set(Path(sys.argv[1]), Path(sys.argv[2]), Judge(Path(sys.argv[3]), use_mirroring=False), keep=int(sys.argv[4]),
                      progress=False)
 """
 
@@ -162,7 +162,7 @@ def test_kill_9_during_filtering_loses_no_finished_work(judged, tmp_path):
 def test_console_script_filters_any_generator_and_hides_the_candidates_from_trainers(judged, capsys):
     from nnunet_diffaug import cli
     root, _, _, judge = judged
-    argv = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-n", "2", "--generator", "randomised", "-plans", PLANS,
+    argv = ["-d", EXAMPLE_NAME, "-f", "0", "-c", CONFIG, "-n", "2", "--generator", "randomised", "-p", PLANS,
             "--judge", judge.model_folder.name, "--candidates", "4", "-o", "976"]
     with nnunet_folders(root):
         cli.synthesize_entry(argv)

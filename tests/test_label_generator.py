@@ -54,7 +54,7 @@ def root(planned_example, tmp_path_factory):
 def _train(root: Path, configuration: str, config: dict) -> Path:
     path = root / f"labelgen_{configuration}.json"
     path.write_text(json.dumps(config))
-    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", configuration, "-p", str(path),
+    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", configuration, "--preset", str(path),
                                  "-device", "cpu"])
     return synthesizer_folder(EXAMPLE_NAME, configuration, 0)
 

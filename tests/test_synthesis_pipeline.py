@@ -47,7 +47,7 @@ def root(planned_example, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_2d(root):
-    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-p", "tiny", "-device", "cpu",
+    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "--preset", "tiny", "-device", "cpu",
                                  "--seed", "0"])
     return synthesizer_folder(EXAMPLE_NAME, "2d", 0)
 
@@ -98,7 +98,7 @@ def test_training_lowers_both_losses_far_below_their_start(trained_2d):
 
 def test_rerun_of_a_finished_training_skips_both_stages(trained_2d):
     before = {p.name: p.stat().st_mtime_ns for p in trained_2d.glob("*.safetensors")}
-    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-p", "tiny", "-device", "cpu"])
+    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "--preset", "tiny", "-device", "cpu"])
     assert before == {p.name: p.stat().st_mtime_ns for p in trained_2d.glob("*.safetensors")}
     assert "finished earlier, skipped" in (trained_2d / "training_log.txt").read_text()
 
@@ -219,9 +219,9 @@ def test_synthesis_refuses_bad_requests(trained_2d, root, capsys):
 
 def test_training_refuses_unknown_fold_and_missing_inputs(root, tmp_path):
     with pytest.raises(DiffAugError, match="fold 7 does not exist"):
-        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "7", "-c", "2d", "-p", "tiny"])
+        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "7", "-c", "2d", "--preset", "tiny"])
     with pytest.raises(DiffAugError, match="no configuration '3d_lowres'"):
-        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_lowres", "-p", "tiny"])
+        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_lowres", "--preset", "tiny"])
     with pytest.raises(DiffAugError, match="NoSuchPlans.json does not exist"):
         cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-plans", "NoSuchPlans"])
     # a dataset that was planned but has no split yet: nnU-Net's own default split is written, as
@@ -253,7 +253,7 @@ def test_training_refuses_unknown_fold_and_missing_inputs(root, tmp_path):
     try:
         with pytest.raises(DiffAugError, match="nnUNetPlans_3d_fullres does not exist"):
             cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres",
-                                                     "-p", "tiny"])
+                                                     "--preset", "tiny"])
     finally:
         hidden.rename(data_dir)
 
@@ -273,7 +273,7 @@ def test_3d_training_killed_mid_stage_resumes_from_its_checkpoint(root, tmp_path
                                   "diffusion": {"steps": 40, "scale_factor_batches": 4}, "checkpoint_every": 10,
                                   "montage_cases": 2}))
     cmd = [console_script("diffaug_train_synthesizer"), "-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres",
-           "-p", str(config), "-device", "cpu", "--seed", "1"]
+           "--preset", str(config), "-device", "cpu", "--seed", "1"]
     env = nnunet_env(root)
     folder = synthesizer_folder(EXAMPLE_NAME, "3d_fullres", 0)
     ckpt_file = folder / "autoencoder_checkpoint.safetensors"
@@ -312,8 +312,8 @@ def test_3d_training_killed_mid_stage_resumes_from_its_checkpoint(root, tmp_path
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"base": "tiny", "autoencoder": {"steps": 61}}))
     with pytest.raises(DiffAugError, match="different config"):
-        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres", "-p",
-                                                 str(other), "-device", "cpu", "--seed", "1"])
+        cli.train_synthesizer_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "3d_fullres",
+                                                 "--preset", str(other), "-device", "cpu", "--seed", "1"])
 
 
 # ---------------------------------------------------------------------------------------------- ControlNet
@@ -325,7 +325,7 @@ def test_controlnet_adversarial_autoencoder_and_class_balanced_losses_train_and_
                                   "diffusion": {"conditioning": "controlnet", "steps": 20, "scale_factor_batches": 2,
                                                 "class_balance_max_weight": 10},
                                   "montage_cases": 2}))
-    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-p", str(config), "-device", "cpu"])
+    cli.train_synthesizer_entry(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "--preset", str(config), "-device", "cpu"])
     folder = synthesizer_folder(EXAMPLE_NAME, "2d", 1)
     assert {"l1", "kl", "adv_g", "adv_d", "weighted_l1"} <= set(_losses(folder, "autoencoder"))  # discriminator trained
     assert {"mse", "weighted_mse"} <= set(_losses(folder, "diffusion"))

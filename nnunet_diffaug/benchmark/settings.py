@@ -25,8 +25,6 @@ class BenchmarkSettings:
     val_iterations: int = 5
     arms: tuple = DEFAULT_ARMS           # arm names (see arms.py); stock is always run
     arms_file: str | None = None         # JSON file of custom arms
-    ratios: tuple = ()                   # older flag: one diffaug_r<NN> arm per synthetic share
-    synthetic_only: bool = False         # older flag: adds diffaug_r100
     n_synthetic: int = 20
     synthesizer_preset: str = "tiny"
     sampler: str = "dpmpp"
@@ -44,9 +42,8 @@ ARM_DEFINING_SETTINGS = ("dataset", "configuration", "plans", "epochs", "iterati
 
 
 def settings_arms(s: BenchmarkSettings) -> list[Arm]:
-    """The arms these settings name: --arms, plus the older --ratios / --synthetic-only translated to arms."""
-    names = list(s.arms) + [ratio_arm_name(r) for r in s.ratios] + (["synthetic_only"] if s.synthetic_only else [])
-    return resolve_arms(names, load_arms_file(s.arms_file) if s.arms_file else None)
+    """The arms these settings name (stock included), checked against the built-in grammar and the arms file."""
+    return resolve_arms(list(s.arms), load_arms_file(s.arms_file) if s.arms_file else None)
 
 
 def check_same_arm_settings(settings_file: Path, s: BenchmarkSettings) -> None:
