@@ -39,7 +39,8 @@ def test_config_json_round_trip_and_partial_files(tmp_path):
 
 @pytest.mark.parametrize("content, words", [
     ({"diffusion": {"stepz": 3}}, ["unknown key", "stepz"]),
-    ({"autoencoder": {"perceptual_weight": 1.0}}, ["perceptual", "nothing is downloaded"]),
+    ({"autoencoder": {"perceptual_weight": 1.0}}, ["perceptual_weight = 1.0 was removed", "never downloads"]),
+    ({"autoencoder": {"perceptual_weights_path": "vgg.pth"}}, ["perceptual_weights_path = 'vgg.pth' was removed"]),
     ({"diffusion": {"conditioning": "crossattn"}}, ["conditioning"]),
     ({"base": "huge"}, ["unknown base preset"]),
     ({"diffusion": {"steps": "many"}}, ["must be a number"]),
@@ -52,6 +53,14 @@ def test_bad_config_files_are_refused_naming_the_file(tmp_path, content, words):
     assert str(path) in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+def test_configs_of_older_versions_with_the_perceptual_keys_off_still_load(tmp_path):
+    older = load_config("tiny").to_json()
+    older["autoencoder"].update(perceptual_weight=0.0, perceptual_weights_path=None)  # as every earlier config.json
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(older))
+    assert load_config(str(path)) == load_config("tiny")
 
 
 def test_default_preset_builds_and_runs_in_2d():

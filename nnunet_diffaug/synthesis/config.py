@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,6 @@ class AutoencoderConfig:
     discriminator_channels: int = 32
     discriminator_layers: int = 2
     class_balance_max_weight: float = 1.0           # > 1: L1 weight of rare classes' voxels, up to this (loss_weights.py)
-    perceptual_weight: float = 0.0                  # needs perceptual_weights_path; nothing is ever downloaded
-    perceptual_weights_path: str | None = None
     learning_rate: float = 1e-3
     batch_size: int = 2
     steps: int = 300
@@ -195,11 +192,6 @@ class SynthesizerConfig:
                                     ("diffusion", dm.channels, dm.norm_num_groups)):
             if any(c % groups for c in chans):
                 problems.append(f"{name}.channels {list(chans)} must be multiples of norm_num_groups={groups}")
-        if ae.perceptual_weight > 0 and not (ae.perceptual_weights_path and os.path.isfile(ae.perceptual_weights_path)):
-            problems.append("autoencoder.perceptual_weight > 0 needs autoencoder.perceptual_weights_path to name an "
-                            "existing local weights file (nothing is downloaded); set perceptual_weight to 0")
-        elif ae.perceptual_weight > 0:
-            problems.append("autoencoder.perceptual_weight > 0 is not supported in this version; set it to 0")
         for name, value in (("autoencoder.steps", ae.steps), ("diffusion.steps", dm.steps),
                             ("autoencoder.batch_size", ae.batch_size), ("diffusion.batch_size", dm.batch_size),
                             ("checkpoint_every", self.checkpoint_every), ("sampling.steps", s.steps),
@@ -248,9 +240,28 @@ def _label_generator_problems(lg: LabelGeneratorConfig) -> list[str]:
     return problems
 
 
+# Keys that earlier versions wrote into every config.json: read with the value that meant "off" (so older
+# synthesizers still load and resume), refused with the reason otherwise.
+_REMOVED_KEYS = {
+    "AutoencoderConfig": {"perceptual_weight": (0, 0.0), "perceptual_weights_path": (None, "")},
+}
+_PERCEPTUAL_REMOVED = ("was removed: a perceptual loss needs pretrained network weights, which this project never "
+                       "downloads, and no version ever trained with one; delete the key (the autoencoder trains "
+                       "with L1 + KL and, optionally, adversarial_weight)")
+
+
+def _without_removed_keys(instance, obj: dict, where: str) -> dict:
+    removed = _REMOVED_KEYS.get(type(instance).__name__, {})
+    for key in set(obj) & set(removed):
+        if obj[key] not in removed[key]:
+            raise DiffAugError(f"{where}: {key} = {obj[key]!r} {_PERCEPTUAL_REMOVED}.")
+    return {k: v for k, v in obj.items() if k not in removed}
+
+
 def _merge(instance, obj: dict, where: str):
     """Returns a copy of dataclass ``instance`` with the JSON ``obj`` applied, refusing unknown keys."""
     fields = {f.name: f for f in dataclasses.fields(instance)}
+    obj = _without_removed_keys(instance, obj, where)
     unknown = sorted(set(obj) - set(fields))
     if unknown:
         raise DiffAugError(f"{where}: unknown key(s) {unknown} in {type(instance).__name__}; "
