@@ -39,7 +39,7 @@ FENCE = re.compile(r"^(\s*)(```+|~~~+)(.*)$")
 INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 OPTION = re.compile(r"^--?[A-Za-z][\w-]*$")
-SEPARATORS = {"&&", "||", ";", "|"}
+SEPARATORS = {"&&", "||", ";", "|", "&"}
 
 
 def project_scripts() -> dict[str, str]:
