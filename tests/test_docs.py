@@ -37,6 +37,7 @@ NNUNET_COMMANDS = ("nnUNetv2_train", "nnUNetv2_plan_and_preprocess", "nnUNetv2_p
 
 FENCE = re.compile(r"^(\s*)(```+|~~~+)(.*)$")
 INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+INLINE_CODE_MULTILINE = re.compile(r"(?<!`)`((?:[^`\n]|\n(?!\s*\n))+)`(?!`)")   # not across a blank line
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 OPTION = re.compile(r"^--?[A-Za-z][\w-]*$")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
@@ -140,14 +141,17 @@ def documented_invocations():
             for offset, line in logical_lines(body):
                 for command, options in invocations(line):
                     found.append((rel, start + offset, command, options, line.strip()))
-        for n, line in enumerate(text.splitlines(), start=1):
-            if n in in_blocks:
-                continue
-            for span in INLINE_CODE.findall(line):
-                first = span.split()[0] if span.split() else ""
-                if os.path.basename(first) in COMMANDS:
-                    for command, options in invocations(span):
-                        found.append((rel, n, command, options, span))
+        # inline code spans, which may run over a line break inside a paragraph (or a quote's "> ")
+        prose = [("" if n in in_blocks else re.sub(r"^\s*>\s?", "", line))
+                 for n, line in enumerate(text.splitlines(), start=1)]
+        joined = "\n".join(prose)
+        for m in INLINE_CODE_MULTILINE.finditer(joined):
+            span = " ".join(m.group(1).split())
+            first = span.split()[0] if span else ""
+            if os.path.basename(first) in COMMANDS:
+                n = joined.count("\n", 0, m.start()) + 1
+                for command, options in invocations(span):
+                    found.append((rel, n, command, options, span))
     return found
 
 
