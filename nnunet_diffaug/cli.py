@@ -345,6 +345,17 @@ def train_synthesizer_entry(argv=None):
     p.add_argument("--nproc", type=POSITIVE_INT, default=1,
                    help="train with this many processes on this machine (DistributedDataParallel; with -device cuda "
                         "one per GPU; batch sizes are per process): reruns this command under torchrun")
+    p.add_argument("--unlabeled", nargs="+", default=None, metavar="SOURCE",
+                   help="unlabelled images the synthesizer also learns from: folders of images named as imagesTs "
+                        "(CASE_0000<file_ending>, the dataset's channels) or other nnU-Net raw datasets (their "
+                        "images; labels ignored). Preprocessed with the dataset's plans (cached), checked against "
+                        "the fold's validation cases by content hash; the autoencoder learns from them, the "
+                        "diffusion model with a 'no label' condition (diffusion.unlabeled_share of each batch). "
+                        "See docs/unlabelled_images.md")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="a trained synthesizer's folder (another dataset, or this fold, same channels): every stage "
+                        "starts from its weights and fine-tunes; tensors that read the label map are "
+                        "re-initialised when the label sets differ (the training log lists what was loaded)")
     args = p.parse_args(argv)
     preset, plans = _preset_and_plans(args)
     from nnunet_diffaug.synthesis import distributed
@@ -356,7 +367,9 @@ def train_synthesizer_entry(argv=None):
     from nnunet_diffaug.synthesis.config import load_config
     from nnunet_diffaug.synthesis.training import train_synthesizer
     folder = train_synthesizer(args.d, args.c, args.f, load_config(preset), plans_identifier=plans,
-                               device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
+                               device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose,
+                               unlabeled=[os.path.abspath(s) if os.path.exists(s) else s for s in args.unlabeled or []],
+                               init_from=os.path.abspath(args.init_from) if args.init_from else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         print(folder)
 

@@ -21,6 +21,10 @@
   channels holding, on each class's voxels, that class's mean and sd of the normalised image in a
   real case, and a flag where they are given. Training zeroes them for a share of samples, so the
   model also paints without them.
+- "No label" (``diffusion.null_label``): one last channel, 0 for a label map, and 1 (with every other
+  spatial channel 0) for a sample without one: unlabelled images (``--unlabeled``) train the model on
+  this learned null condition, and sampling can then guide towards the label map (classifier-free
+  guidance, Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598, 2022).
 """
 from __future__ import annotations
 
@@ -104,9 +108,27 @@ def spatial_condition(labels: torch.Tensor, num_classes: int, with_edge_hint: bo
 
 
 def condition_channels(num_classes: int, with_edge_hint: bool, tag_dim: int = 0,
-                       class_intensity_channels: int = 0) -> int:
+                       class_intensity_channels: int = 0, null_label: bool = False) -> int:
     stats = stats_channels_count(class_intensity_channels) if class_intensity_channels else 0
-    return num_classes + (1 if with_edge_hint else 0) + tag_dim + stats
+    return num_classes + (1 if with_edge_hint else 0) + tag_dim + stats + (1 if null_label else 0)
+
+
+def with_null_label(spatial: torch.Tensor, unlabeled: torch.Tensor | None = None) -> torch.Tensor:
+    """Appends the "no label" channel to a spatial condition: 0 for label maps; for the samples marked in
+    ``unlabeled`` (B,) booleans, the null condition instead (every other channel 0, the flag 1)."""
+    flag = torch.zeros_like(spatial[:, :1])
+    out = torch.cat([spatial, flag], dim=1)
+    if unlabeled is not None and bool(unlabeled.any()):
+        mask = unlabeled.to(out.device, torch.bool)
+        out[mask] = null_spatial(out[mask])
+    return out
+
+
+def null_spatial(spatial: torch.Tensor) -> torch.Tensor:
+    """The null condition shaped like ``spatial`` (whose last channel is the "no label" flag)."""
+    out = torch.zeros_like(spatial)
+    out[:, -1] = 1.0
+    return out
 
 
 @dataclass

@@ -82,6 +82,12 @@ class DiffusionConfig:
     tag_dropout: float = 0.1                        # share of training samples without the spacing tag
     class_intensity: bool = False                   # per-class mean/sd maps of the image beside the labels (class_stats.py)
     class_intensity_dropout: float = 0.15           # share of training samples without them (sampling works without)
+    # Unlabelled images (--unlabeled) train with a learned "no label" condition, the null condition of
+    # classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598, 2022).
+    null_label: bool = False                        # one more condition channel, 1 = "no label map"; training turns
+                                                    # it on with --unlabeled or label_dropout > 0
+    unlabeled_share: float = 0.5                    # share of each diffusion batch drawn from the unlabelled images
+    label_dropout: float = 0.0                      # share of labelled samples trained on the "no label" condition
 
 
 @dataclass
@@ -94,6 +100,8 @@ class SamplingConfig:
     rotate_degrees: float = 10.0                    # label-map augmentation: in-plane rotation range (+-)
     scale_range: float = 0.1                        # isotropic zoom in [1 - r, 1 + r]
     translate_fraction: float = 0.05                # shift of up to this fraction of each axis
+    label_guidance: float = 1.0                     # classifier-free guidance weight on the label map: 1 = plain
+                                                    # conditional; > 1 needs a model with diffusion.null_label
 
 
 @dataclass
@@ -198,6 +206,11 @@ class SynthesizerConfig:
                             ("diffusion.scale_factor_batches", dm.scale_factor_batches)):
             if value < 1:
                 problems.append(f"{name} must be >= 1, not {value}")
+        for name in ("unlabeled_share", "label_dropout"):
+            if not 0.0 <= getattr(dm, name) < 1.0:
+                problems.append(f"diffusion.{name} must be in [0, 1), not {getattr(dm, name)}")
+        if s.label_guidance < 0:
+            problems.append(f"sampling.label_guidance must be >= 0, not {s.label_guidance}")
         for name in ("edge_image_dropout", "tag_dropout", "class_intensity_dropout"):
             if not 0.0 <= getattr(dm, name) <= 1.0:
                 problems.append(f"diffusion.{name} must be in [0, 1], not {getattr(dm, name)}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunet_diffaug.synthesis.conditioning import Condition, TagEncoder, condition_channels
+from nnunet_diffaug.synthesis.conditioning import Condition, TagEncoder, condition_channels, null_spatial
 from nnunet_diffaug.synthesis.config import DiffusionConfig
 
 
@@ -28,7 +28,7 @@ class LabelConditionedUNet(nn.Module):
         from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
         self.conditioning = cfg.conditioning
         cond_channels = condition_channels(num_classes, cfg.edge_hint, cfg.tag_dim if cfg.tag_conditioning else 0,
-                                           image_channels if cfg.class_intensity else 0)
+                                           image_channels if cfg.class_intensity else 0, cfg.null_label)
         common = dict(spatial_dims=spatial_dims, in_channels=latent_channels, channels=tuple(cfg.channels),
                       attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
                       norm_num_groups=cfg.norm_num_groups, num_head_channels=cfg.num_head_channels,
@@ -52,6 +52,25 @@ class LabelConditionedUNet(nn.Module):
             return self.unet(z, timesteps, seg=spatial)
         down, mid = self.controlnet(z, timesteps, controlnet_cond=spatial)
         return self.unet(z, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+
+class GuidedModel(nn.Module):
+    """Classifier-free guidance on the label map (Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv
+    2207.12598, 2022): ``null + w * (conditional - null)``, the null branch on the learned "no label" condition
+    (:func:`conditioning.null_spatial`; tags are kept). Called like the model, so every sampler and the
+    windowed denoising use it unchanged; one batched call evaluates both branches."""
+
+    def __init__(self, model: LabelConditionedUNet, guidance: float):
+        super().__init__()
+        self.model, self.guidance = model, float(guidance)
+
+    def forward(self, z: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+        spacing = condition.spacing
+        both = Condition(torch.cat([condition.spatial, null_spatial(condition.spatial)]),
+                         None if spacing is None else torch.cat([spacing.reshape(-1, spacing.shape[-1])] * 2))
+        out = self.model(torch.cat([z, z]), torch.cat([timesteps, timesteps]), both)
+        cond, null = out.chunk(2)
+        return null + self.guidance * (cond - null)
 
 
 def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int,

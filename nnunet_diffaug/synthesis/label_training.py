@@ -87,8 +87,9 @@ def _montage(path: Path, title: str, rows: list[tuple[str, list[np.ndarray]]], n
 
 def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData, folder: Path,
                           device: torch.device, seed: int, log, progress: bool,
-                          stop_after: int | None = None) -> bool:
-    """Trains (or resumes, or skips) both label stages. Returns True when both have finished."""
+                          stop_after: int | None = None, init=None) -> bool:
+    """Trains (or resumes, or skips) both label stages. Returns True when both have finished. ``init``: an
+    ``outside_data.InitSource`` whose label generator each stage starts from (when the label sets agree)."""
     lg = cfg.label_generator
     maps = LabelMapSampler(data, spec, cfg)
     # initial weights must not depend on what ran before in this process (a resumed run skips finished stages)
@@ -105,6 +106,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         ae.load_state_dict(ckpt.unprefixed("label_autoencoder", tensors))
     else:
         log(f"label generator: {len(maps.maps)} training map(s), canvas {maps.canvas} (padded {maps.padded})")
+        if init is not None and not (folder / "label_autoencoder_checkpoint.safetensors").is_file():
+            init.load_stage("label_autoencoder", ae, folder, log)
         opt = torch.optim.Adam(ae.parameters(), lr=lg.autoencoder_learning_rate)
         train_ae = distributed.for_training(ae)
 
@@ -137,6 +140,8 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
         log("label_diffusion: finished earlier, skipped")
         return True
     model, scheduler = gen.model, gen.train_scheduler
+    if init is not None and not (folder / "label_diffusion_checkpoint.safetensors").is_file():
+        init.load_stage("label_diffusion", model, folder, log)
     opt = torch.optim.Adam(model.parameters(), lr=lg.learning_rate)
     ema = build_ema(model, lg.ema_decay)  # before the DDP wrapper: it averages the plain module's weights
     modules = {"label_model": model} if ema is None else {"label_model": model, EMA_MODULE: ema}

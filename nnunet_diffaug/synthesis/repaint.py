@@ -68,7 +68,7 @@ def repaint_batch(syn, labels: np.ndarray, images: np.ndarray, repaint: np.ndarr
     with autocast(dev, syn.config.mixed_precision):
         known = _encode(syn, img_t).float()
         window = syn.latent_window if syn.config.sampling.diffusion_windows else None
-        z = sample_latents_inpaint(syn.model, condition, known, latent_region, sampler, generator, resample_jumps,
+        z = sample_latents_inpaint(syn.sampling_model(), condition, known, latent_region, sampler, generator, resample_jumps,
                                    window=window, overlap=syn.config.sampling.diffusion_overlap)
         out = decode_latents(syn.autoencoder, z / syn.scale_factor, syn.latent_window, syn.config.sampling.decode_overlap)
     pads = pad_to(labels[:, None], target)[1]

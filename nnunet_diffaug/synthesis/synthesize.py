@@ -148,8 +148,18 @@ def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int)
                    "sampler": smp.name, "steps": smp.steps,
                    "augmentation": {k: getattr(syn.config.sampling, k)
                                     for k in ("rotate_degrees", "scale_range", "translate_fraction")},
-                   **_extra_conditioning(syn)},
+                   **_extra_conditioning(syn), **_outside_data(syn, syn_folder)},
         seed=seed)
+
+
+def _outside_data(syn: Synthesizer, syn_folder: Path) -> dict:
+    """Unlabelled images and init source of the synthesizer, and label guidance, recorded only when used: a set
+    made with them is never a continuation of one made without (see outside_data.py)."""
+    from nnunet_diffaug.synthesis.outside_data import provenance_entries
+    out = provenance_entries(syn_folder)
+    if syn.config.sampling.label_guidance != 1.0:
+        out["label_guidance"] = float(syn.config.sampling.label_guidance)
+    return out
 
 
 def _extra_conditioning(syn: Synthesizer) -> dict:

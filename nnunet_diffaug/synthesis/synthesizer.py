@@ -21,11 +21,11 @@ import torch
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.autoencoder import build_autoencoder
 from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, unprefixed
-from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition
+from nnunet_diffaug.synthesis.conditioning import Condition, spatial_condition, with_null_label
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, pad_to
 from nnunet_diffaug.synthesis.ema import ema_weights
-from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
+from nnunet_diffaug.synthesis.image_generator import GuidedModel, build_image_generator, build_train_scheduler
 from nnunet_diffaug.synthesis.sampling import (Sampler, autocast, enable_fast_cpu_convolutions, generate_images,
                                                padded_shape)
 
@@ -109,18 +109,36 @@ class Synthesizer:
 
     def condition(self, labels: torch.Tensor, images: torch.Tensor | None = None,
                   spacing: torch.Tensor | None = None, class_stats: torch.Tensor | None = None,
-                  use_image: torch.Tensor | None = None) -> Condition:
+                  use_image: torch.Tensor | None = None, unlabeled: torch.Tensor | None = None) -> Condition:
         """The model's condition for class-index maps (B, 1, *spatial); ``images`` feed the edge hint, if any;
-        ``class_stats`` (B, K, C, 2) the class-intensity maps, if configured (None: no statistics)."""
+        ``class_stats`` (B, K, C, 2) the class-intensity maps, if configured (None: no statistics);
+        ``unlabeled`` (B,) booleans: samples that get the "no label" condition (models with diffusion.null_label)."""
         dcfg = self.config.diffusion
         spatial = spatial_condition(labels, self.spec.num_classes, dcfg.edge_hint,
                                     images if dcfg.edge_hint else None, use_image,
                                     self.spec.in_channels if dcfg.class_intensity else 0, class_stats)
+        if dcfg.null_label:
+            spatial = with_null_label(spatial, unlabeled)
         return Condition(spatial, spacing if dcfg.tag_conditioning else None)
+
+    def sampling_model(self, guidance: float | None = None) -> torch.nn.Module:
+        """The model the samplers call: with classifier-free guidance on the label map when ``guidance`` (default:
+        sampling.label_guidance) is not 1; that needs a model trained with the "no label" condition."""
+        guidance = self.config.sampling.label_guidance if guidance is None else float(guidance)
+        if guidance == 1.0:
+            return self.model
+        if not self.config.diffusion.null_label:
+            raise DiffAugError(f"label guidance {guidance}: this synthesizer was trained without the 'no label' "
+                               f"condition (diffusion.null_label; train it with --unlabeled or "
+                               f"diffusion.label_dropout > 0), so only guidance 1 (plain conditional) works.")
+        if guidance < 0:
+            raise DiffAugError(f"label guidance {guidance} must be >= 0.")
+        return GuidedModel(self.model, guidance)
 
     @torch.no_grad()
     def generate(self, labels: np.ndarray, sampler: Sampler, generator: torch.Generator, progress: bool = False,
-                 edge_images: np.ndarray | None = None, spacing=None, class_stats=None) -> np.ndarray:
+                 edge_images: np.ndarray | None = None, spacing=None, class_stats=None,
+                 guidance: float | None = None) -> np.ndarray:
         """Class-index label maps (B, *spatial) of any size -> clamped normalised images (B, C, *spatial).
 
         ``edge_images`` (B, C, *spatial), normalised: real images whose edges join the edge hint (used only
@@ -128,6 +146,7 @@ class Synthesizer:
         axis order), one (3,) for all maps or (B, 3); used only with ``tag_conditioning``; None = no tag.
         ``class_stats``: per-class mean and sd of the normalised image (:mod:`class_stats`), one (K, C, 2) for
         all maps or (B, K, C, 2); used only with ``class_intensity``; None = paint without them.
+        ``guidance``: classifier-free guidance weight on the label map (default: sampling.label_guidance).
         """
         if self.device.type == "cpu":
             enable_fast_cpu_convolutions(self.model)
@@ -150,7 +169,7 @@ class Synthesizer:
             stats_t = torch.from_numpy(np.broadcast_to(stats, (len(labels), *stats.shape[-3:])).copy()).to(self.device)
         condition = self.condition(lab_t, img_t, spacing_t, stats_t)
         with autocast(self.device, self.config.mixed_precision):
-            images = generate_images(self.autoencoder, self.model, self.scale_factor, condition,
+            images = generate_images(self.autoencoder, self.sampling_model(guidance), self.scale_factor, condition,
                                      self.config.autoencoder.latent_channels, self.config.latent_factor(),
                                      self.latent_window, sampler, generator, self.config.sampling.decode_overlap,
                                      progress, self.latent_window if self.config.sampling.diffusion_windows else None,

@@ -35,7 +35,10 @@ from nnunet_diffaug.synthesis.label_training import train_label_generator
 from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, TrainingLog, learning_rate_at, run_stage
 from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
                                                    voxel_weight_map, weighted_mean)
+from nnunet_diffaug.synthesis.outside_data import UNLABELED_FILE, InitSource, gather, torch_mask_rows
 from nnunet_diffaug.synthesis.plotting import save_montage
+from nnunet_diffaug.synthesis.unlabeled_data import (UNLABELED_PREFIX, MixedBatch, MixedSampler,
+                                                     UnlabeledPatchSampler, autoencoder_share)
 from nnunet_diffaug.synthesis.sampling import autocast
 from nnunet_diffaug.synthesis.synthesizer import (CONFIG_FILE, SPEC_FILE, STAGES, Synthesizer, checkpoint_file,
                                                   final_file, resolve_device)
@@ -58,9 +61,11 @@ def _seed_initialisation(seed: int, stage: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- run setup
 
-def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, seed: int, overwrite: bool) -> None:
-    """Writes config + spec for a new run; for an existing one, refuses a different config, data or seed."""
-    run = {"spec": spec.to_json(), "seed": seed}
+def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, seed: int, overwrite: bool,
+                    outside: dict | None = None) -> None:
+    """Writes config + spec for a new run; for an existing one, refuses a different config, data or seed.
+    ``outside``: the run's unlabelled images and init source (:mod:`outside_data`), part of its data."""
+    run = {"spec": spec.to_json(), "seed": seed, **(outside or {})}
     cfg_path, spec_path = folder / CONFIG_FILE, folder / SPEC_FILE
     if cfg_path.is_file() and spec_path.is_file() and not overwrite:
         old_cfg = json.loads(cfg_path.read_text())
@@ -71,11 +76,13 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
         old_run = json.loads(spec_path.read_text())
         if old_cfg != json.loads(json.dumps(config.to_json())):
             raise DiffAugError(f"{cfg_path}: this fold's synthesizer was started with a different config. Rerun with "
-                               f"-p {cfg_path} to continue it, or pass --overwrite to start over.")
+                               f"--preset {cfg_path} to continue it, or pass --overwrite to start over.")
         if old_run != json.loads(json.dumps(run)):
             changed = [k for k in run["spec"] if old_run.get("spec", {}).get(k) != run["spec"][k]]
             if old_run.get("seed") != seed:
                 changed.append("seed")
+            changed += [f"{k} (--unlabeled)" if k == "unlabeled" else f"{k} (--init-from)"
+                        for k in ("unlabeled", "init_from") if old_run.get(k) != run.get(k)]
             raise DiffAugError(f"{spec_path}: this fold's synthesizer was started with different data or seed "
                                f"(changed: {changed}). Pass the same --seed to continue, or --overwrite to start over.")
         return
@@ -83,6 +90,8 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
         for stage in STAGES + LABEL_STAGES:
             final_file(folder, stage).unlink(missing_ok=True)
             checkpoint_file(folder, stage).unlink(missing_ok=True)
+            (folder / f"init_from_{stage}.json").unlink(missing_ok=True)
+        (folder / UNLABELED_FILE).unlink(missing_ok=True)
     atomic_write_json(cfg_path, config.to_json())
     atomic_write_json(spec_path, run)
 
@@ -125,10 +134,17 @@ def _seed_everything(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------- stages
 
 def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, folder: Path,
-                       device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None):
+                       device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None,
+                       unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None):
     acfg = cfg.autoencoder
     _seed_initialisation(seed, "autoencoder")
     ae = build_autoencoder(acfg, spec.spatial_dims, spec.in_channels).to(device)
+    if init is not None and not checkpoint_file(folder, "autoencoder").is_file():
+        init.load_stage("autoencoder", ae, folder, log)
+    sampler = MixedSampler(patches, unlabeled, autoencoder_share(patches, unlabeled))
+    if unlabeled is not None:
+        log(f"autoencoder: {len(unlabeled.images)} unlabelled image(s) beside {len(patches.cases)} labelled case(s), "
+            f"{sampler.share:.0%} of the samples unlabelled")
     disc = build_discriminator(acfg, spec.spatial_dims, spec.in_channels)
     modules = {"autoencoder": ae}
     optimizers = {"autoencoder": torch.optim.Adam(ae.parameters(), lr=acfg.learning_rate)}
@@ -145,13 +161,14 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
     def step_fn(step: int) -> dict[str, float]:
         s = _step_seed(seed, "autoencoder", step, distributed.rank())
         torch.manual_seed(s)  # the posterior sample inside AutoencoderKL uses the global generator
-        images, labels = patches.batch(np.random.default_rng(s), acfg.batch_size)
-        images = images.to(device)
+        batch = sampler.mixed_batch(np.random.default_rng(s), acfg.batch_size)
+        images, labels = batch.images.to(device), batch.labels
         ae.train()
         with autocast(device, cfg.mixed_precision):
             recon, z_mu, z_sigma = train_ae(images)
         recon, z_mu, z_sigma = recon.float(), z_mu.float(), z_sigma.float()
-        voxel_weights = None if weights is None else voxel_weight_map(labels.to(device), weights)
+        voxel_weights = None if weights is None else torch_mask_rows(voxel_weight_map(labels.to(device), weights),
+                                                                     batch.unlabeled)
         loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step, voxel_weights)
         optimizers["autoencoder"].zero_grad(set_to_none=True)
         loss.backward()
@@ -170,11 +187,18 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
 
 
 def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
-                     device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None):
+                     device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None,
+                     unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None):
     dcfg = cfg.diffusion
     _seed_initialisation(seed, "diffusion")
     syn = Synthesizer(cfg, spec, device)
     syn.autoencoder = ae
+    if init is not None and not checkpoint_file(folder, "diffusion").is_file():
+        init.load_stage("diffusion", syn.model, folder, log)
+    sampler = MixedSampler(patches, unlabeled, dcfg.unlabeled_share)
+    if unlabeled is not None:
+        log(f"diffusion: {dcfg.unlabeled_share:.0%} of each batch from {len(unlabeled.images)} unlabelled image(s), "
+            f"on the 'no label' condition")
     model, scheduler = syn.model, syn.train_scheduler
     optimizers = {"model": torch.optim.Adam(model.parameters(), lr=dcfg.learning_rate)}
     extra: dict = {}
@@ -183,7 +207,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         extra["scale_factor"] = float(ckpt.read_state(cpath)["extra"]["scale_factor"])
     else:
         extra["scale_factor"] = distributed.value_of_main_process(
-            estimate_scale_factor(ae, patches, dcfg.scale_factor_batches, dcfg.batch_size, device, seed,
+            estimate_scale_factor(ae, sampler, dcfg.scale_factor_batches, dcfg.batch_size, device, seed,
                                   SCALE_FACTOR_STREAM))
         log(f"diffusion: latent scale factor {extra['scale_factor']:.4g} "
             f"(1/std over {dcfg.scale_factor_batches} batches)")
@@ -206,9 +230,9 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         s = _step_seed(seed, "diffusion", step, distributed.rank())
         gen = torch.Generator().manual_seed(s)
         rng = np.random.default_rng(s)
-        images, labels, case_ids = patches.batch_with_cases(rng, dcfg.batch_size)
-        images, labels = images.to(device), labels.to(device)
-        condition = _training_condition(syn, patches, images, labels, case_ids, rng).to(device)
+        batch = sampler.mixed_batch(rng, dcfg.batch_size)
+        images, labels = batch.images.to(device), batch.labels.to(device)
+        condition = _training_condition(syn, patches, images, labels, batch.case_ids, rng, batch).to(device)
         with autocast(device, cfg.mixed_precision):
             z = encode_mean(ae, images).float() * extra["scale_factor"]
         noise = torch.randn(z.shape, generator=gen).to(device)
@@ -243,19 +267,27 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
 
 
 def _training_condition(syn: Synthesizer, patches: PatchSampler, images: torch.Tensor, labels: torch.Tensor,
-                        case_ids: list[str], rng: np.random.Generator) -> Condition:
+                        case_ids: list[str], rng: np.random.Generator, batch: MixedBatch | None = None) -> Condition:
     """The condition of a training batch, with the configured dropouts: image edges, spacing tags and class
-    intensities are left out for a random share of samples, so sampling works without them."""
+    intensities are left out for a random share of samples, so sampling works without them. Unlabelled samples
+    (and, with diffusion.label_dropout, that share of labelled ones) get the "no label" condition."""
     dcfg = syn.config.diffusion
+    unlabeled = None if batch is None else batch.unlabeled
     use_image = torch.from_numpy(rng.random(len(case_ids)) >= dcfg.edge_image_dropout)
     stats = None
     if dcfg.class_intensity:  # the whole case's statistics, as at synthesis (a crop's own would leak its pixels)
-        stats = torch.from_numpy(np.stack([patches.data.class_intensity_stats(c) for c in case_ids]))
+        unknown = np.full((syn.spec.num_classes, syn.spec.in_channels, 2), np.nan, dtype=np.float32)
+        stats = torch.from_numpy(np.stack([unknown if c.startswith(UNLABELED_PREFIX)
+                                           else patches.data.class_intensity_stats(c) for c in case_ids]))
         stats[torch.from_numpy(rng.random(len(case_ids)) < dcfg.class_intensity_dropout)] = float("nan")
-    spatial = syn.condition(labels, images, None, stats, use_image).spatial
+    if dcfg.label_dropout > 0:
+        dropped = torch.from_numpy(rng.random(len(case_ids)) < dcfg.label_dropout)
+        unlabeled = dropped if unlabeled is None else unlabeled | dropped
+    spatial = syn.condition(labels, images, None, stats, use_image, unlabeled).spatial
     spacing = None
     if dcfg.tag_conditioning:
-        spacing = torch.tensor([patches.data.acquisition_spacing(c) for c in case_ids], dtype=torch.float32)
+        spacing = torch.tensor(batch.spacings if batch is not None else
+                               [patches.data.acquisition_spacing(c) for c in case_ids], dtype=torch.float32)
         spacing[torch.from_numpy(rng.random(len(case_ids)) < dcfg.tag_dropout)] = float("nan")
     return Condition(spatial, spacing)
 
@@ -288,38 +320,54 @@ def _montages(stage: str, syn: Synthesizer, patches: PatchSampler, folder: Path,
 def train_synthesizer(dataset: str | int, configuration: str, fold: int, config: SynthesizerConfig,
                       plans_identifier: str = "nnUNetPlans", device: str = "auto", seed: int = 0,
                       overwrite: bool = False, progress: bool = True, verbose: bool = False,
-                      stop_after: int | None = None) -> Path:
+                      stop_after: int | None = None, unlabeled: list[str] | None = None,
+                      init_from: str | None = None) -> Path:
     """Trains (or resumes) the synthesizer of one fold. Returns its folder. Started by torchrun, trains with
     all its processes together (see :mod:`distributed`).
 
     ``stop_after``: stop each unfinished stage after this many steps (with a checkpoint), as if killed.
+    ``unlabeled``: folders of unlabelled images or raw datasets (:mod:`nnunet_diffaug.unlabeled`);
+    ``init_from``: a trained synthesizer's folder to start every stage from (:mod:`outside_data`).
     """
     with distributed.process_group(resolve_device(device)) as dev:
         return _train_synthesizer(dataset, configuration, fold, config, plans_identifier, dev, seed, overwrite,
-                                  progress, verbose, stop_after)
+                                  progress, verbose, stop_after, unlabeled, init_from)
 
 
 def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config: SynthesizerConfig,
                        plans_identifier: str, dev: torch.device, seed: int, overwrite: bool, progress: bool,
-                       verbose: bool, stop_after: int | None) -> Path:
+                       verbose: bool, stop_after: int | None, unlabeled: list[str] | None = None,
+                       init_from: str | None = None) -> Path:
     with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
         data = FoldData(dataset, configuration, fold, plans_identifier)
     folder = paths.synthesizer_folder(data.dataset_name, configuration, fold)
     folder.mkdir(parents=True, exist_ok=True)
+    early_log: list[str] = []  # the log file is opened once the folder is prepared
+    with distributed.main_process_first():  # the main process preprocesses new unlabelled images, the others reuse
+        outside, config = gather(data, config, folder, unlabeled, init_from, early_log.append,
+                                 progress and distributed.is_main_process())
     # the lock keeps other runs out; the processes of this run share it through the main process
     lock = folder_lock(folder, timeout_s=5.0, name=".train.lock") if distributed.is_main_process() \
         else contextlib.nullcontext()
     with lock:
         spec = build_spec(data, config, seed)
         if distributed.is_main_process():
-            _prepare_folder(folder, config, spec, seed, overwrite)
+            _prepare_folder(folder, config, spec, seed, overwrite, outside.run_entries())
+            outside.write(folder, data)
         distributed.barrier()  # the others look into the folder only once it is prepared (--overwrite empties it)
         log = TrainingLog(folder / "training_log.txt", verbose)
         log(f"training synthesizer: {data.dataset_name} {configuration} fold {fold}, {len(spec.training_cases)} "
             f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}"
             + (f", {distributed.world_size()} processes" if distributed.is_distributed() else ""))
+        for line in early_log:
+            log(line)
+        if outside.init is not None:
+            log(f"init-from: {outside.init.folder} ({outside.init.dataset_name} fold {outside.init.fold}, weights "
+                f"sha256 {outside.init.weights_sha256[:16]}, label set {'same' if outside.init.same_labels else 'differs'})")
         _seed_everything(seed)
         patches = PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability)
+        unl_sampler = (UnlabeledPatchSampler(outside.images, spec.patch_size, spec.spatial_dims)
+                       if outside.images else None)
 
         if final_file(folder, "autoencoder").is_file():
             log("autoencoder: finished earlier, skipped")
@@ -328,7 +376,8 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
             ae.load_state_dict(ckpt.unprefixed("autoencoder", tensors))
             ae.eval()
         else:
-            ae, _ = _train_autoencoder(config, spec, patches, folder, dev, seed, log, progress, stop_after)
+            ae, _ = _train_autoencoder(config, spec, patches, folder, dev, seed, log, progress, stop_after,
+                                       unl_sampler, outside.init)
             if not final_file(folder, "autoencoder").is_file():
                 return folder  # stopped early on request
             if distributed.is_main_process():
@@ -341,13 +390,15 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
         if final_file(folder, "diffusion").is_file():
             log("diffusion: finished earlier, skipped")
         else:
-            syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after)
+            syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after,
+                                      unl_sampler, outside.init)
             if not final_file(folder, "diffusion").is_file():
                 return folder  # stopped early on request
             if distributed.is_main_process():
                 _montages("diffusion", syn, patches, folder, seed)
         if config.label_generator.enabled:
-            if not train_label_generator(config, spec, data, folder, dev, seed, log, progress, stop_after):
+            if not train_label_generator(config, spec, data, folder, dev, seed, log, progress, stop_after,
+                                         outside.init):
                 return folder  # stopped early on request
         log(f"done: {folder}")
     return folder

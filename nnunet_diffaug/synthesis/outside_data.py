@@ -1,0 +1,235 @@
+"""Information from outside the fold's labelled cases: unlabelled images (``--unlabeled``) and another
+synthesizer's weights (``--init-from``). Both are checked against the fold's validation cases, named with
+content hashes in the synthesizer's files, and carried into the provenance of every set it makes, so a set
+made with them is never taken for a continuation of one made without.
+
+Files in the synthesizer's folder:
+
+    synthesizer.json       its run dict gains "unlabeled" (sources, counts, hashes) and "init_from" (folder,
+                           weights hash, what it was trained on) when used; compared on resume
+    unlabeled_images.json  every unlabelled image: source, files with their sha256, content hash
+    seen_data.json         everything this synthesizer's weights have seen, its init source's included:
+                           labelled cases per dataset, content hashes of unlabelled images, the label names;
+                           what ``--init-from`` of a later run checks against that run's validation cases
+    init_from_<stage>.json the tensors of each stage that were loaded from the init source, and those that
+                           were not (re-initialised)
+
+Starting from another synthesizer: every stage starts from its finished weights wherever a tensor's name and
+shape match, and fine-tunes. When the label sets differ (other names or values), the tensors that read the
+label map (SPADE's input convolutions, ControlNet's condition embedding input) and the whole label generator
+are re-initialised. A source of another fold of the same dataset has seen this fold's validation cases (its
+training cases include them) and is refused, as is one whose unlabelled images include them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunet_diffaug import unlabeled as unl
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.file_io import atomic_write_json
+from nnunet_diffaug.raw_dataset import read_fold
+from nnunet_diffaug.synthesis import checkpoint as ckpt
+from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.ema import ema_weights
+from nnunet_diffaug.synthesis.synthesizer import STAGES, read_run_files
+
+UNLABELED_FILE = "unlabeled_images.json"
+SEEN_FILE = "seen_data.json"
+# name fragments of the tensors that read the label map (re-initialised when the label set differs)
+LABEL_INPUT_TENSORS = ("mlp_shared", "controlnet_cond_embedding.conv_in")
+_STAGE_PREFIX = {"autoencoder": "autoencoder", "diffusion": "model", "label_autoencoder": "label_autoencoder",
+                 "label_diffusion": "label_model"}
+
+
+def seen_data(folder: Path) -> dict:
+    """What a synthesizer's weights have seen (from seen_data.json; for older synthesizers, its own spec)."""
+    folder = Path(folder)
+    path = folder / SEEN_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    _, spec, _ = read_run_files(folder)
+    return {"labelled_cases": {spec.dataset_name: list(spec.training_cases)}, "unlabeled_content_sha256": [],
+            "labels": None}
+
+
+def _merge_seen(a: dict, b: dict) -> dict:
+    cases = {k: sorted(set(v)) for k, v in a["labelled_cases"].items()}
+    for k, v in b["labelled_cases"].items():
+        cases[k] = sorted(set(cases.get(k, [])) | set(v))
+    return {"labelled_cases": cases,
+            "unlabeled_content_sha256": sorted(set(a["unlabeled_content_sha256"]) | set(b["unlabeled_content_sha256"])),
+            "labels": a.get("labels")}
+
+
+@dataclasses.dataclass
+class InitSource:
+    """A finished synthesizer to start from."""
+    folder: Path
+    config: SynthesizerConfig
+    spatial_dims: int
+    dataset_name: str
+    fold: int
+    same_labels: bool
+    weights_sha256: str
+    seen: dict
+
+    def record(self) -> dict:
+        return {"folder": str(self.folder), "weights_sha256": self.weights_sha256, "dataset": self.dataset_name,
+                "fold": self.fold, "same_labels": self.same_labels}
+
+    def load_stage(self, stage: str, module: nn.Module, out_folder: Path, log) -> None:
+        """Copies every tensor of the source's ``stage`` whose name and shape match into ``module`` (the rest keep
+        their fresh initialisation), and logs (and writes init_from_<stage>.json) which were loaded and which not."""
+        if stage.startswith("label_") and not self.same_labels:
+            log(f"init-from {stage}: re-initialised (the label set differs from {self.folder}'s)")
+            return
+        path = ckpt.final_file(self.folder, stage)
+        if not path.is_file():
+            log(f"init-from {stage}: {path} does not exist; {stage} starts from scratch")
+            return
+        tensors, _ = ckpt.load_checkpoint(path)
+        source = ema_weights(tensors) if stage in ("diffusion", "label_diffusion") else None
+        source = source if source is not None else ckpt.unprefixed(_STAGE_PREFIX[stage], tensors)
+        own = module.state_dict()
+        loaded, skipped = [], []
+        merged = dict(own)
+        for name, value in own.items():
+            theirs = source.get(name)
+            label_input = not self.same_labels and any(frag in name for frag in LABEL_INPUT_TENSORS)
+            if theirs is None:
+                skipped.append((name, "absent in the source"))
+            elif tuple(theirs.shape) != tuple(value.shape):
+                skipped.append((name, f"shape {list(theirs.shape)} in the source, {list(value.shape)} here"))
+            elif label_input:
+                skipped.append((name, "reads the label map, and the label set differs"))
+            else:
+                merged[name] = theirs.to(value.device, value.dtype)
+                loaded.append(name)
+        unused = sorted(set(source) - set(own))
+        module.load_state_dict(merged)
+        atomic_write_json(out_folder / f"init_from_{stage}.json",
+                          {"source": str(path), "loaded": loaded,
+                           "not_loaded": [{"tensor": n, "why": w} for n, w in skipped],
+                           "unused_in_source": unused})
+        log(f"init-from {stage}: loaded {len(loaded)} of {len(own)} tensors from {path}; not loaded "
+            f"(re-initialised) {len(skipped)}" + (": " + "; ".join(f"{n} ({w})" for n, w in skipped) if skipped else "")
+            + f"; loaded tensors listed in init_from_{stage}.json")
+
+
+def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: list[str]) -> InitSource:
+    """Checks a synthesizer folder to start from: finished, same channels and dimension, and blind to this fold's
+    validation cases."""
+    src = Path(folder).resolve()
+    if src == Path(out_folder).resolve():
+        raise DiffAugError(f"--init-from {src} is this run's own folder; to continue a run, run the same command "
+                           f"without --init-from.")
+    if not src.is_dir():
+        raise DiffAugError(f"--init-from {src}: no such folder (give a trained synthesizer's folder, e.g. "
+                           f"$nnUNet_results/<dataset>/diffaug_synthesizer__<c>/fold_<f>).")
+    config, spec, _ = read_run_files(src)
+    missing = [str(ckpt.final_file(src, s)) for s in STAGES if not ckpt.final_file(src, s).is_file()]
+    if missing:
+        raise DiffAugError(f"--init-from {src}: the synthesizer has not finished ({', '.join(missing)} missing).")
+    if spec.in_channels != data.in_channels:
+        raise DiffAugError(f"--init-from {src}: it was trained on {spec.in_channels} channel(s), "
+                           f"{data.dataset_name} has {data.in_channels}; a synthesizer can only start from one with "
+                           f"the same channels.")
+    if spec.spatial_dims != data.spatial_dims:
+        raise DiffAugError(f"--init-from {src}: it is a {spec.spatial_dims}D synthesizer ({spec.configuration}), "
+                           f"configuration {data.configuration!r} is {data.spatial_dims}D.")
+    seen = seen_data(src)
+    leaked = sorted(set(seen["labelled_cases"].get(data.dataset_name, [])) & set(validation))
+    if leaked:
+        raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {leaked[:5]} of fold "
+                           f"{data.fold} of {data.dataset_name} (as labelled cases; a synthesizer of another fold "
+                           f"trains on this fold's validation cases). Start from a synthesizer of another dataset "
+                           f"or of this fold.")
+    if seen["unlabeled_content_sha256"]:
+        val = unl.validation_hashes(data.dataset_name, validation, data.plans_manager.plans, f"--init-from {src}")
+        hit = sorted(val[h] for h in seen["unlabeled_content_sha256"] if h in val)
+        if hit:
+            raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {hit[:5]} of fold "
+                               f"{data.fold} of {data.dataset_name} among its unlabelled images (same content hash).")
+    our_labels = dict(data.dataset_json["labels"])
+    if seen.get("labels") is not None:
+        same = seen["labels"] == our_labels
+    else:  # older synthesizers recorded no label names: the same dataset with the same values counts as same
+        same = spec.dataset_name == data.dataset_name and list(spec.label_values) == list(data.label_values)
+    return InitSource(src, config, spec.spatial_dims, spec.dataset_name, spec.fold, same,
+                      ckpt.weights_sha256(src, STAGES), seen)
+
+
+@dataclasses.dataclass
+class OutsideData:
+    """What a training run takes from outside the fold's labelled cases (both parts optional)."""
+    images: list = dataclasses.field(default_factory=list)       # unlabeled.PreprocessedImage, in order
+    unlabeled_record: dict | None = None
+    init: InitSource | None = None
+
+    def run_entries(self) -> dict:
+        """The synthesizer.json entries (absent when unused, so other runs' files stay as they were)."""
+        out = {}
+        if self.unlabeled_record is not None:
+            out["unlabeled"] = unl.summary(self.unlabeled_record)
+        if self.init is not None:
+            out["init_from"] = self.init.record()
+        return out
+
+    def seen(self, data: FoldData) -> dict:
+        own = {"labelled_cases": {data.dataset_name: list(data.training_cases)},
+               "unlabeled_content_sha256": sorted({im.content_sha256 for im in self.images}),
+               "labels": dict(data.dataset_json["labels"])}
+        return own if self.init is None else _merge_seen(own, self.init.seen)
+
+    def write(self, folder: Path, data: FoldData) -> None:
+        if self.unlabeled_record is not None:
+            atomic_write_json(folder / UNLABELED_FILE, self.unlabeled_record)
+        atomic_write_json(folder / SEEN_FILE, self.seen(data))
+
+
+def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources: list[str] | None,
+           init_from: str | None, log, progress: bool) -> tuple[OutsideData, SynthesizerConfig]:
+    """Checks and prepares the unlabelled images and the init source; returns them and the config to train with
+    (the "no label" condition on with unlabelled images, or when the init source has it)."""
+    outside = OutsideData()
+    if not sources and not init_from:
+        return outside, config
+    validation = read_fold(data.folder, data.fold)[1]
+    if init_from:
+        outside.init = open_init_source(init_from, data, out_folder, validation)
+    if sources:
+        images = unl.find_unlabeled_images([str(s) for s in sources], data.dataset_json)
+        unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation, data.fold)
+        outside.unlabeled_record = unl.record(images)
+        outside.images = unl.preprocess_unlabeled(images, data.dataset_name, data.plans_manager.plans,
+                                                  data.plans_identifier, data.configuration, data.dataset_json,
+                                                  log, progress)
+    need_null = bool(sources) or (outside.init is not None and outside.init.config.diffusion.null_label)
+    if need_null and not config.diffusion.null_label:
+        config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, null_label=True))
+    return outside, config
+
+
+def provenance_entries(folder: Path) -> dict:
+    """The provenance ``generator`` entries of a synthetic set made by the synthesizer in ``folder``: its
+    unlabelled images and init source, when it had any (absent otherwise, so older sets keep their provenance)."""
+    try:
+        run = json.loads((Path(folder) / "synthesizer.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: run[k] for k in ("unlabeled", "init_from") if k in run}
+
+
+def torch_mask_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``weights`` (B, ...) with the rows marked in ``rows`` (B,) set to 1 (samples without a label map)."""
+    if not bool(rows.any()):
+        return weights
+    out = weights.clone()
+    out[rows.to(out.device)] = 1.0
+    return out

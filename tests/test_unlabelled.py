@@ -1,0 +1,284 @@
+"""Synthesizers that learn from more than the fold's labelled cases: unlabelled images (``--unlabeled``) and
+another synthesizer's weights (``--init-from``), on the planned chest CT example (2d, micro budgets).
+
+Fold 0 of the example trains on chest_001/003/005/007 and validates on chest_000/002/004/006.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from support import EXAMPLE_NAME, nnunet_folders, private_copy_of_example
+
+from nnunet_diffaug import cli
+from nnunet_diffaug.errors import DiffAugError
+from nnunet_diffaug.paths import synthesizer_folder
+from nnunet_diffaug.provenance import read_provenance
+from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.synthesize import synthesize
+from nnunet_diffaug.synthesis.synthesizer import Synthesizer
+from nnunet_diffaug.synthesis.training import train_synthesizer
+from nnunet_diffaug.unlabeled import preprocessed_folder
+
+MICRO = {"base": "tiny", "autoencoder": {"steps": 4}, "diffusion": {"steps": 4, "scale_factor_batches": 1},
+         "checkpoint_every": 4, "montage_cases": 1}
+SOURCE = {"base": "tiny", "autoencoder": {"steps": 40}, "diffusion": {"steps": 40, "scale_factor_batches": 1},
+          "checkpoint_every": 40, "montage_cases": 1}
+
+
+def _config(obj: dict) -> SynthesizerConfig:
+    return SynthesizerConfig.from_json(json.loads(json.dumps(obj)))
+
+
+def _train(config: dict, **kwargs) -> Path:
+    return train_synthesizer(EXAMPLE_NAME, "2d", 0, _config(config), device="cpu", seed=0, progress=False,
+                             overwrite=True, **kwargs)
+
+
+def _raw_image(root: Path, case: str) -> Path:
+    return root / "raw" / EXAMPLE_NAME / "imagesTr" / f"{case}_0000.nii.gz"
+
+
+def _write_like(reference: Path, array: np.ndarray, path: Path) -> None:
+    ref = sitk.ReadImage(str(reference))
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.CopyInformation(ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture(scope="module")
+def example(planned_example, tmp_path_factory):
+    root = private_copy_of_example(planned_example[0], tmp_path_factory.mktemp("unlabelled"))
+    pool = root / "pool"  # two unlabelled images made from training cases: mirrored, with other noise
+    rng = np.random.default_rng(0)
+    for name, case in (("pool_a", "chest_001"), ("pool_b", "chest_003")):
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(_raw_image(root, case))))
+        _write_like(_raw_image(root, case), arr[:, :, ::-1] + rng.normal(0, 5, arr.shape), pool / f"{name}_0000.nii.gz")
+    with nnunet_folders(root):
+        yield root, pool
+
+
+@pytest.fixture(scope="module")
+def plain(example):
+    """Fold 0's micro synthesizer without outside data, copied aside (later runs overwrite the fold's folder)."""
+    root, _ = example
+    folder = _train(MICRO)
+    synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False)
+    copy = root / "plain_synthesizer"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+def _bad_source(root: Path, kind: str) -> tuple[Path, str]:
+    folder = root / f"bad_{kind}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    if kind == "validation":  # chest_002 is a validation case of fold 0: renamed and re-compressed
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(_raw_image(root, "chest_002"))))
+        _write_like(_raw_image(root, "chest_002"), arr, folder / "renamed_0000.nii.gz")
+        return folder, r"renamed_0000\.nii\.gz is validation case chest_002 of fold 0"
+    if kind == "ending":
+        shutil.copy(_raw_image(root, "chest_001"), folder / "other_0000.nrrd")
+        return folder, r"other_0000\.nrrd does not end in '\.nii\.gz'"
+    if kind == "channels":
+        shutil.copy(_raw_image(root, "chest_001"), folder / "two_0000.nii.gz")
+        shutil.copy(_raw_image(root, "chest_001"), folder / "two_0001.nii.gz")
+        return folder, r"case two of .* has channel\(s\) \[0, 1\].*the dataset has 1"
+    if kind == "unreadable":
+        (folder / "broken_0000.nii.gz").write_bytes(b"not an image at all")
+        return folder, r"broken_0000\.nii\.gz cannot be read as an image"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["validation", "ending", "channels", "unreadable"])
+def test_bad_unlabelled_sources_are_refused_naming_the_file(example, kind):
+    root, pool = example
+    source, message = _bad_source(root, kind)
+    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
+    before = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    with pytest.raises(DiffAugError, match=message):
+        _train(MICRO, unlabeled=[str(pool), str(source)])
+    after = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    assert after == before  # refused before anything was written
+
+
+def test_the_cli_refuses_with_one_line(example, capsys):
+    root, _ = example
+    source, _ = _bad_source(root, "validation")
+    with pytest.raises(SystemExit) as e:
+        cli.train_synthesizer_entry(["-d", EXAMPLE_NAME, "-f", "0", "-c", "2d", "--preset", "tiny", "-device", "cpu",
+                                     "--unlabeled", str(source)])
+    assert e.value.code == 2
+    assert "is validation case chest_002 of fold 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- training with them
+
+@pytest.fixture(scope="module")
+def with_unlabeled(example, plain):
+    root, pool = example
+    folder = _train(MICRO, unlabeled=[str(pool)])
+    synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False)
+    copy = root / "unlabeled_synthesizer"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_unlabelled_images_are_preprocessed_once_recorded_and_trained_on(example, with_unlabeled):
+    root, pool = example
+    folder = with_unlabeled
+    log = (folder / "training_log.txt").read_text()
+    assert "unlabeled: 2 image(s), 0 preprocessed earlier, 2 to preprocess" in log
+    assert "autoencoder: 2 unlabelled image(s) beside 4 labelled case(s)" in log
+    assert "diffusion: 50% of each batch from 2 unlabelled image(s)" in log
+    cache = preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "2d")
+    npys = sorted(cache.glob("*.npy"))
+    assert len(npys) == 2 and cache.parent.parent.name == EXAMPLE_NAME
+    assert not list((root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans_2d").glob("*.npy"))  # never mixed in
+    record = json.loads((folder / "unlabeled_images.json").read_text())
+    assert sorted(Path(f["path"]).name for im in record["images"] for f in im["files"]) == [
+        "pool_a_0000.nii.gz", "pool_b_0000.nii.gz"]
+    assert all(len(f["sha256"]) == 64 for im in record["images"] for f in im["files"])
+    run = json.loads((folder / "synthesizer.json").read_text())
+    assert run["unlabeled"]["sha256"] == record["sha256"] and run["unlabeled"]["images"] == 2
+    assert json.loads((folder / "config.json").read_text())["diffusion"]["null_label"] is True
+    for stage in ("autoencoder", "diffusion"):  # the stages ran to the end with mixed batches
+        assert (folder / f"{stage}.safetensors").is_file()
+
+    # a rerun (here: starting over) reuses the cache: nothing is preprocessed again
+    mtimes = [p.stat().st_mtime_ns for p in npys]
+    again = _train(MICRO, unlabeled=[str(pool)])
+    assert "unlabeled: 2 image(s), 2 preprocessed earlier, 0 to preprocess" in (again / "training_log.txt").read_text()
+    assert [p.stat().st_mtime_ns for p in npys] == mtimes
+
+
+def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
+    root, _ = example
+    sets = sorted((root / "raw").glob("Dataset*_*SynthF0"))
+    assert len(sets) == 2, sets  # the second request did not continue the first set
+    provenances = [read_provenance(s).generator for s in sets]
+    without = [g for g in provenances if "unlabeled" not in g]
+    with_ = [g for g in provenances if "unlabeled" in g]
+    assert len(without) == 1 and len(with_) == 1
+    run = json.loads((with_unlabeled / "synthesizer.json").read_text())
+    assert with_[0]["unlabeled"] == run["unlabeled"]
+
+
+def test_label_guidance_needs_the_no_label_condition(example, plain, with_unlabeled):
+    labels = np.zeros((1, 64, 64), dtype=np.int64)
+    labels[0, 20:40, 20:40] = 1
+    syn = Synthesizer.load(with_unlabeled, torch.device("cpu"))
+    smp = syn.sampler("ddim", 2)
+    plain_images = syn.generate(labels, smp, torch.Generator().manual_seed(0))
+    guided = syn.generate(labels, smp, torch.Generator().manual_seed(0), guidance=3.0)
+    assert guided.shape == plain_images.shape and not np.allclose(guided, plain_images)
+    old = Synthesizer.load(plain, torch.device("cpu"))
+    assert not old.config.diffusion.null_label  # synthesizers without the keys load as before
+    with pytest.raises(DiffAugError, match="trained without the 'no label' condition"):
+        old.generate(labels, old.sampler("ddim", 2), torch.Generator().manual_seed(0), guidance=2.0)
+
+
+def test_mixed_batches_hold_the_configured_share_on_the_null_condition(example, with_unlabeled):
+    from nnunet_diffaug.synthesis.data import FoldData, PatchSampler
+    from nnunet_diffaug.synthesis.unlabeled_data import MixedSampler, UnlabeledPatchSampler
+    from nnunet_diffaug.unlabeled import PreprocessedImage
+    syn = Synthesizer.load(with_unlabeled, torch.device("cpu"))
+    data = FoldData(EXAMPLE_NAME, "2d", 0)
+    cache = preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "2d")
+    images = [PreprocessedImage(json.loads(m.read_text())["content_sha256"], str(m.with_name(m.name.split(".")[0]
+              + ".npy")), json.loads(m.read_text())["spacing"], json.loads(m.read_text())["shape"])
+              for m in sorted(cache.glob("*.diffaug.json"))]
+    patches = PatchSampler(data, syn.spec.patch_size, 0.5)
+    sampler = MixedSampler(patches, UnlabeledPatchSampler(images, syn.spec.patch_size, 2), 0.25)
+    rng = np.random.default_rng(0)
+    shares = []
+    for _ in range(40):
+        b = sampler.mixed_batch(rng, 4)
+        shares.append(float(b.unlabeled.float().mean()))
+        cond = syn.condition(b.labels, b.images, unlabeled=b.unlabeled).spatial
+        assert torch.all(cond[b.unlabeled][:, -1] == 1) and torch.all(cond[b.unlabeled][:, :-1] == 0)
+        assert torch.all(cond[~b.unlabeled][:, -1] == 0)
+        assert torch.allclose(cond[~b.unlabeled][:, :-1].sum(1), torch.ones(1))  # one-hot label maps
+    assert abs(np.mean(shares) - 0.25) < 0.08
+
+
+# ---------------------------------------------------------------------------------------------- --init-from
+
+@pytest.fixture(scope="module")
+def source(example, plain, with_unlabeled):
+    """A synthesizer of fold 0 trained ten times longer than MICRO, copied aside."""
+    root, _ = example
+    folder = _train(SOURCE)
+    copy = root / "source_synthesizer"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _losses(folder: Path, stage: str) -> dict:
+    from nnunet_diffaug.synthesis.checkpoint import read_state
+    return read_state(folder / f"{stage}.safetensors")["losses"]
+
+
+def test_init_from_a_trained_synthesizer_starts_lower_and_logs_what_it_loaded(example, plain, source):
+    scratch = {s: _losses(plain, s) for s in ("autoencoder", "diffusion")}
+    folder = _train(MICRO, init_from=str(source))
+    tuned = {s: _losses(folder, s) for s in ("autoencoder", "diffusion")}
+    # same seed: the same batches, timesteps and noise; only the starting weights differ
+    assert tuned["autoencoder"]["l1"][0] < 0.7 * scratch["autoencoder"]["l1"][0]
+    assert np.mean(tuned["diffusion"]["mse"]) < np.mean(scratch["diffusion"]["mse"])
+    log = (folder / "training_log.txt").read_text()
+    assert f"init-from: {source}" in log and "label set same" in log
+    for stage in ("autoencoder", "diffusion"):
+        record = json.loads((folder / f"init_from_{stage}.json").read_text())
+        assert record["loaded"] and record["not_loaded"] == []
+        assert f"init-from {stage}: loaded {len(record['loaded'])} of {len(record['loaded'])} tensors" in log
+    run = json.loads((folder / "synthesizer.json").read_text())
+    assert run["init_from"]["folder"] == str(source) and len(run["init_from"]["weights_sha256"]) == 64
+
+
+def test_init_from_another_label_set_reinitialises_the_label_inputs(example, source):
+    root, _ = example
+    other = root / "other_labels"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(source, other)
+    seen = json.loads((other / "seen_data.json").read_text())
+    seen["labels"] = {"background": 0, **{f"renamed_{k}": v for k, v in seen["labels"].items() if k != "background"}}
+    (other / "seen_data.json").write_text(json.dumps(seen))
+    folder = _train({**MICRO, "diffusion": {**MICRO["diffusion"], "steps": 1}, "autoencoder": {"steps": 1},
+                     "checkpoint_every": 1}, init_from=str(other))
+    record = json.loads((folder / "init_from_diffusion.json").read_text())
+    not_loaded = {r["tensor"]: r["why"] for r in record["not_loaded"]}
+    assert not_loaded and all("mlp_shared" in n for n in not_loaded)
+    assert set(not_loaded.values()) == {"reads the label map, and the label set differs"}
+    assert json.loads((folder / "init_from_autoencoder.json").read_text())["not_loaded"] == []
+    assert "label set differs" in (folder / "training_log.txt").read_text()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("channels", r"trained on 2 channel\(s\), Dataset990_ChestCTSlabs has 1"),
+    ("validation", r"its weights have seen validation case\(s\) \['chest_000'\] of fold 0"),
+])
+def test_init_from_is_refused_for_other_channels_or_a_source_that_saw_validation_cases(example, source, edit, message):
+    root, _ = example
+    bad = root / f"bad_source_{edit}"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(source, bad)
+    if edit == "channels":
+        run = json.loads((bad / "synthesizer.json").read_text())
+        run["spec"]["in_channels"] = 2
+        (bad / "synthesizer.json").write_text(json.dumps(run))
+    else:  # as a synthesizer of fold 1 would have: fold 0's validation cases among its labelled cases
+        seen = json.loads((bad / "seen_data.json").read_text())
+        seen["labelled_cases"][EXAMPLE_NAME].append("chest_000")
+        (bad / "seen_data.json").write_text(json.dumps(seen))
+    with pytest.raises(DiffAugError, match=message):
+        _train(MICRO, init_from=str(bad))
