@@ -159,6 +159,8 @@ def test_unlabelled_images_are_preprocessed_once_recorded_and_trained_on(example
     again = _train(MICRO, unlabeled=[str(pool)])
     assert "unlabeled: 2 image(s), 2 preprocessed earlier, 0 to preprocess" in (again / "training_log.txt").read_text()
     assert [p.stat().st_mtime_ns for p in npys] == mtimes
+    with pytest.raises(DiffAugError, match=r"was started with --unlabeled .*Pass the same --unlabeled to continue"):
+        train_synthesizer(EXAMPLE_NAME, "2d", 0, _config(MICRO), device="cpu", seed=0, progress=False)
 
 
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
@@ -282,3 +284,38 @@ def test_init_from_is_refused_for_other_channels_or_a_source_that_saw_validation
         (bad / "seen_data.json").write_text(json.dumps(seen))
     with pytest.raises(DiffAugError, match=message):
         _train(MICRO, init_from=str(bad))
+
+
+@pytest.mark.parametrize("conditioning, spatial_dims", [("controlnet", 3), ("spade", 3), ("controlnet", 2)])
+def test_guidance_runs_with_both_conditionings_in_2d_and_3d(conditioning, spatial_dims):
+    """No training: a model with the 'no label' channel (weights perturbed, so ControlNet's zero convolutions
+    pass the condition on) is guided as null + w * (conditional - null), and samples through every path."""
+    from nnunet_diffaug.synthesis.conditioning import null_spatial
+    from nnunet_diffaug.synthesis.data import DataSpec
+    from nnunet_diffaug.synthesis.image_generator import GuidedModel
+    config = _config({"base": "tiny", "diffusion": {"conditioning": conditioning, "null_label": True}})
+    size = [16] * spatial_dims
+    spec = DataSpec(dataset_name="Dataset999_X", configuration="3d_fullres" if spatial_dims == 3 else "2d",
+                    plans_identifier="nnUNetPlans", fold=0, training_cases=["a"], spatial_dims=spatial_dims,
+                    in_channels=1, label_values=[0, 1], normalization_schemes=["ZScoreNormalization"],
+                    intensity_min=[-3.0], intensity_max=[3.0], patch_size=size)
+    torch.manual_seed(0)
+    syn = Synthesizer(config, spec, torch.device("cpu"))
+    with torch.no_grad():
+        for p in syn.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    labels = np.zeros((2, *size), dtype=np.int64)
+    labels[(slice(None), *[slice(4, 12)] * spatial_dims)] = 1
+    condition = syn.condition(torch.from_numpy(labels[:, None]))
+    assert condition.spatial.shape[1] == spec.num_classes + 1
+    z = torch.randn(2, config.autoencoder.latent_channels, *[s // config.latent_factor() for s in size])
+    t = torch.full((2,), 500, dtype=torch.long)
+    with torch.no_grad():
+        cond = syn.model(z, t, condition)
+        null = syn.model(z, t, type(condition)(null_spatial(condition.spatial)))
+        guided = GuidedModel(syn.model, 2.5)(z, t, condition)
+    assert not torch.allclose(cond, null, atol=1e-5)
+    assert torch.allclose(guided, null + 2.5 * (cond - null), atol=1e-4)
+    assert isinstance(syn.sampling_model(2.5), GuidedModel) and syn.sampling_model(1.0) is syn.model
+    out = syn.generate(labels, syn.sampler("ddim", 2), torch.Generator().manual_seed(1), guidance=2.5)
+    assert out.shape == (2, 1, *size) and np.isfinite(out).all()

@@ -74,6 +74,12 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
         except DiffAugError:
             pass
         old_run = json.loads(spec_path.read_text())
+        for key, flag in (("unlabeled", "--unlabeled"), ("init_from", "--init-from")):
+            if old_run.get(key) != run.get(key):  # checked first: --unlabeled also turns diffusion.null_label on
+                raise DiffAugError(f"{spec_path}: this fold's synthesizer was started "
+                                   f"{'with other' if old_run.get(key) and run.get(key) else 'with' if old_run.get(key) else 'without'} "
+                                   f"{flag} ({json.dumps(old_run.get(key))[:300]}). Pass the same {flag} to continue "
+                                   f"it, or --overwrite to start over.")
         if old_cfg != json.loads(json.dumps(config.to_json())):
             raise DiffAugError(f"{cfg_path}: this fold's synthesizer was started with a different config. Rerun with "
                                f"--preset {cfg_path} to continue it, or pass --overwrite to start over.")
@@ -81,8 +87,6 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
             changed = [k for k in run["spec"] if old_run.get("spec", {}).get(k) != run["spec"][k]]
             if old_run.get("seed") != seed:
                 changed.append("seed")
-            changed += [f"{k} (--unlabeled)" if k == "unlabeled" else f"{k} (--init-from)"
-                        for k in ("unlabeled", "init_from") if old_run.get(k) != run.get(k)]
             raise DiffAugError(f"{spec_path}: this fold's synthesizer was started with different data or seed "
                                f"(changed: {changed}). Pass the same --seed to continue, or --overwrite to start over.")
         return
