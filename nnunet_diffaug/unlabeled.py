@@ -227,6 +227,25 @@ def hash_images(files_per_case: list[list[str]], reader, cache: _HashCache) -> l
     return out
 
 
+def images_equal_to(candidates: dict[str, list[str]], protected: dict[str, list[str]], dataset_json: dict,
+                    cache_file: Path) -> dict[str, str]:
+    """candidate case -> protected case, for every candidate whose image content equals a protected one's (e.g. a
+    benchmark's pool remainder against its test cases), read with nnU-Net's reader for ``dataset_json``."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    first = next(iter(protected.values()), None) or next(iter(candidates.values()), None)
+    if first is None:
+        return {}
+    reader = determine_reader_writer_from_dataset_json(dataset_json, first[0], verbose=False)()
+    cache = _HashCache(cache_file)
+    try:
+        prot = hash_images(list(protected.values()), reader, cache)
+        cand = hash_images(list(candidates.values()), reader, cache)
+    finally:
+        cache.save()
+    by_hash = {h: case for (h, _), case in zip(prot, protected)}
+    return {case: by_hash[h] for (h, _), case in zip(cand, candidates) if h in by_hash}
+
+
 def cache_root(dataset_name: str) -> Path:
     return paths.nnunet_preprocessed() / dataset_name / CACHE_DIR
 

@@ -22,7 +22,7 @@ from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
                                                keep_recorded_meaning, settings_arms)
 from nnunet_diffaug.benchmark.workspace import (SyntheticSets, check_inputs, draw_subsets, fold_folder, make_workspace,
-                                                record_timing, summary_file, write_splits)
+                                                record_timing, summary_file, unlabeled_remainder, write_splits)
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
@@ -62,9 +62,16 @@ def step_env(workdir: Path, results: str, extra: dict) -> dict:
     return env
 
 
-def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int) -> list[str]:
-    return [console_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
-            "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
+def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int, unlabeled: Path | None = None) -> list[str]:
+    """``unlabeled``: the fold's unlabelled remainder (``_unlabeled`` arms)."""
+    cmd = [console_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
+           "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
+    return cmd + (["--unlabeled", str(unlabeled)] if unlabeled is not None else [])
+
+
+def synthesizer_results(spec: SyntheticSpec) -> str:
+    """The results folder of the synthesizer a set needs: its own for one that also saw unlabelled images."""
+    return "synthesizer_unlabeled" if spec.unlabeled else "synthesizer"
 
 
 def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str,
@@ -140,6 +147,9 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     if note:
         print(f"Note: {note}")
     _, folds = draw_subsets(cases, s)
+    remainders = {}  # checked before anything runs: no test case's image may reach a synthesizer
+    if any(a.synthetic is not None and a.synthetic.unlabeled for a in arms):
+        remainders = {i: unlabeled_remainder(workdir, s.dataset, i, f) for i, f in enumerate(folds)}
     write_splits(pre / "splits_final.json", folds)
     atomic_write_json(workdir / "benchmark_settings.json", dataclasses.asdict(s))
     atomic_write_json(workdir / "benchmark_arms.json", definitions)
@@ -148,20 +158,22 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     sets = SyntheticSets(workdir, s.dataset)
     todo = [(fold, arm) for fold in range(len(folds)) for arm in arms
             if not summary_file(workdir, arm, s.dataset, s.plans, s.configuration, fold).is_file()]
-    made_synthesizer: set[int] = set()
+    made_synthesizer: set[tuple[int, bool]] = set()
     for fold, arm in tqdm(todo, desc="Benchmark arms", unit="arm"):
         seed = folds[fold]["seed"]
         synthetic = None
         if arm.synthetic is not None:
             synthetic = sets.name(fold, arm.synthetic)
             if not sets.is_complete(fold, arm.synthetic):  # made once per fold, shared by the arms using it
-                if arm.synthetic.needs_synthesizer and fold not in made_synthesizer:
-                    run(synthesizer_command(s, fold, seed), step_env(workdir, "synthesizer", {}))  # resumes itself
-                    made_synthesizer.add(fold)
+                results = synthesizer_results(arm.synthetic)
+                if arm.synthetic.needs_synthesizer and (fold, arm.synthetic.unlabeled) not in made_synthesizer:
+                    run(synthesizer_command(s, fold, seed, remainders.get(fold) if arm.synthetic.unlabeled else None),
+                        step_env(workdir, results, {}))  # resumes itself
+                    made_synthesizer.add((fold, arm.synthetic.unlabeled))
                 # a judged set's judge is the fold's stock arm: trained first, on the same real subset
                 judge = fold_folder(workdir, builtin_arm("stock"), s.dataset, s.plans, s.configuration, fold).parent
                 run(synthesize_command(s, fold, seed, arm.synthetic, synthetic, judge),
-                    step_env(workdir, "synthesizer", {}))
+                    step_env(workdir, results, {}))
                 sets.mark_complete(fold, arm.synthetic)
         start = time.monotonic()
         run(train_command(s, arm, fold), step_env(workdir, arm.name, train_env(s, arm, seed, synthetic)))

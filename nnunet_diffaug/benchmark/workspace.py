@@ -4,7 +4,8 @@ Layout (kept from the first version of the benchmark, so older workspaces resume
 
 - ``raw/<Dataset>`` (link) and the synthetic sets ``raw/DatasetYYY_<Task>SynthF<fold>``;
 - ``preprocessed/<Dataset>/`` (links) with the benchmark's own ``splits_final.json``;
-- ``results/synthesizer/`` (the fold's synthesizers) and ``results/<arm>/`` (one nnU-Net results tree per arm);
+- ``results/synthesizer/`` (the fold's synthesizers), ``results/synthesizer_unlabeled/`` (those that also saw the
+  pool's unlabelled remainder, ``unlabeled/fold_<f>/``) and ``results/<arm>/`` (one nnU-Net results tree per arm);
 - ``benchmark_settings.json``, ``benchmark_arms.json`` (arm name -> definition),
   ``benchmark_synthetic_sets.json`` (fold and kind -> synthetic dataset), ``benchmark_timings.json``.
 """
@@ -23,6 +24,7 @@ from nnunet_diffaug.synthetic_sets import find_synthetic_datasets, synthetic_dat
 
 SYNTHETIC_SETS_FILE = "benchmark_synthetic_sets.json"
 TIMINGS_FILE = "benchmark_timings.json"
+UNLABELED_DIR = "unlabeled"                           # per fold: links to the pool's unlabelled remainder
 TRAINING_STATS_FILE = "diffaug_training_stats.json"   # written by nnUNetTrainerDiffAug at the end of training
 FIRST_SYNTHETIC_ID = 900
 
@@ -139,7 +141,7 @@ class SyntheticSets:
         atomic_write_json(self.file, self.sets)
 
     def _legacy_set(self, fold: int, spec: SyntheticSpec) -> str | None:
-        if spec.generator != "diffusion" or spec.judge or spec.options:  # earlier versions: plain painted sets only
+        if spec.generator != "diffusion" or spec.judge or spec.options or spec.unlabeled:  # earlier: plain painted sets
             return None
         taken = {v["dataset"] for v in self.sets.values()}
         for folder in find_synthetic_datasets(self.workdir / "raw", self.dataset, fold):
@@ -159,6 +161,40 @@ class SyntheticSets:
             raise DiffAugError(f"{self.workdir}: no free nnU-Net dataset id from {FIRST_SYNTHETIC_ID} to 999 left "
                                f"for a synthetic set.")
         return synthetic_dataset_name(free, self.dataset, fold)
+
+
+def unlabeled_remainder(workdir: Path, dataset: str, fold_index: int, fold: dict) -> Path:
+    """A source folder for ``diffaug_train_synthesizer --unlabeled``: links to the images of the pool cases that
+    were not drawn as the fold's labelled cases. A held-out test case never gets in: not by name, and not as an
+    image with a test case's content (content hash; a duplicated scan in the dataset is refused)."""
+    from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
+    from nnunet_diffaug.unlabeled import images_equal_to
+    raw = workdir / "raw" / dataset
+    dataset_json = load_dataset_json(raw)
+    cases = list_cases(raw, dataset_json)
+    test, train = set(fold["val"]), set(fold["train"])
+    remainder = {c: cases[c]["images"] for c in sorted(cases) if c not in test and c not in train}
+    if not remainder:
+        raise DiffAugError(f"An _unlabeled arm needs unlabelled images, but training-set size {fold['size']} leaves "
+                           f"no pool case outside the {len(train)} labelled and {len(test)} test cases; use it at "
+                           f"smaller --train-sizes (e.g. 2).")
+    equal = images_equal_to(remainder, {c: cases[c]["images"] for c in sorted(test)}, dataset_json,
+                            workdir / UNLABELED_DIR / "content_hashes.json")
+    if equal:
+        case, twin = next(iter(equal.items()))
+        raise DiffAugError(f"Pool case {case}'s image ({remainder[case][0]}) has the same content as test case "
+                           f"{twin}'s: as an unlabelled image it would show a test case to the synthesizer. Remove "
+                           f"the duplicate from the dataset or pass --test-cases that include both.")
+    folder = workdir / UNLABELED_DIR / f"fold_{fold_index}"
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {Path(f).name: Path(f).resolve() for files in remainder.values() for f in files}
+    for link in folder.iterdir():
+        if link.name not in wanted or not link.is_symlink() or link.resolve() != wanted[link.name]:
+            link.unlink()
+    for name, target in wanted.items():
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(target)
+    return folder
 
 
 def record_timing(workdir: Path, arm: Arm, fold: int, seconds: float) -> None:
