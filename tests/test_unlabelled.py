@@ -163,6 +163,16 @@ def test_unlabelled_images_are_preprocessed_once_recorded_and_trained_on(example
         train_synthesizer(EXAMPLE_NAME, "2d", 0, _config(MICRO), device="cpu", seed=0, progress=False)
 
 
+def test_unlabelled_images_train_a_3d_synthesizer_too(example, with_unlabeled):
+    root, pool = example
+    folder = train_synthesizer(EXAMPLE_NAME, "3d_fullres", 0, _config(MICRO), device="cpu", seed=0, progress=False,
+                               overwrite=True, unlabeled=[str(pool)])
+    log = (folder / "training_log.txt").read_text()
+    assert "autoencoder: 2 unlabelled image(s) beside 4 labelled case(s), 33% of the samples unlabelled" in log
+    assert (folder / "diffusion.safetensors").is_file()
+    assert len(list(preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "3d_fullres").glob("*.npy"))) == 2
+
+
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
     root, _ = example
     sets = sorted((root / "raw").glob("Dataset*_*SynthF0"))
@@ -184,7 +194,14 @@ def test_label_guidance_needs_the_no_label_condition(example, plain, with_unlabe
     guided = syn.generate(labels, smp, torch.Generator().manual_seed(0), guidance=3.0)
     assert guided.shape == plain_images.shape and not np.allclose(guided, plain_images)
     old = Synthesizer.load(plain, torch.device("cpu"))
-    assert not old.config.diffusion.null_label  # synthesizers without the keys load as before
+    assert not old.config.diffusion.null_label
+    stored = json.loads((plain / "config.json").read_text())  # a config written before these keys existed
+    for section, key in (("diffusion", "null_label"), ("diffusion", "unlabeled_share"),
+                         ("diffusion", "label_dropout"), ("sampling", "label_guidance")):
+        del stored[section][key]
+    older = SynthesizerConfig.from_json(stored)
+    assert not older.diffusion.null_label and older.sampling.label_guidance == 1.0
+    assert old.sampling_model() is old.model  # plain conditional sampling, the model itself
     with pytest.raises(DiffAugError, match="trained without the 'no label' condition"):
         old.generate(labels, old.sampler("ddim", 2), torch.Generator().manual_seed(0), guidance=2.0)
 
