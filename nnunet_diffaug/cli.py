@@ -356,7 +356,15 @@ def train_synthesizer_entry(argv=None):
                    help="a trained synthesizer's folder (another dataset, or this fold, same channels): every stage "
                         "starts from its weights and fine-tunes; tensors that read the label map are "
                         "re-initialised when the label sets differ (the training log lists what was loaded)")
+    p.add_argument("--unlabeled-only", action="store_true",
+                   help="learn from the --unlabeled images alone, no labelled case (-f is then not needed; every "
+                        "labelled case of the dataset is refused among the images): a synthesizer blind to every "
+                        "fold, written to diffaug_synthesizer__<c>/unlabeled_only, to start each fold's from with "
+                        "--init-from")
+    next(a for a in p._actions if a.dest == "f").required = False  # -f: required unless --unlabeled-only
     args = p.parse_args(argv)
+    if args.f is None and not args.unlabeled_only:
+        p.error("the following arguments are required: -f")
     preset, plans = _preset_and_plans(args)
     from nnunet_diffaug.synthesis import distributed
     if args.nproc > 1 and not distributed.launched_by_torchrun():
@@ -369,7 +377,8 @@ def train_synthesizer_entry(argv=None):
     folder = train_synthesizer(args.d, args.c, args.f, load_config(preset), plans_identifier=plans,
                                device=args.device, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose,
                                unlabeled=[os.path.abspath(s) if os.path.exists(s) else s for s in args.unlabeled or []],
-                               init_from=os.path.abspath(args.init_from) if args.init_from else None)
+                               init_from=os.path.abspath(args.init_from) if args.init_from else None,
+                               unlabeled_only=args.unlabeled_only)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         print(folder)
 

@@ -270,9 +270,10 @@ def validation_hashes(dataset_name: str, validation_cases: list[str], plans: dic
 
 
 def hash_and_check(images: list[UnlabeledImage], dataset_name: str, plans: dict, validation_cases: list[str],
-                   fold: int) -> None:
+                   fold: int | None) -> None:
     """Fills in the content hashes of ``images`` (reading each once; refusing unreadable ones) and refuses any
-    that is one of the fold's validation cases, naming the file and the case."""
+    that is one of the fold's validation cases, naming the file and the case. ``fold`` None: the cases given are
+    every labelled case of the dataset (``--unlabeled-only``), each of which is some fold's validation case."""
     val = validation_hashes(dataset_name, validation_cases, plans, "--unlabeled")
     cache = _HashCache(cache_root(dataset_name) / HASHES_FILE)
     try:
@@ -281,6 +282,11 @@ def hash_and_check(images: list[UnlabeledImage], dataset_name: str, plans: dict,
         cache.save()
     for img, (content, per_file) in zip(images, hashes):
         img.content_sha256, img.file_sha256 = content, per_file
+        if content in val and fold is None:
+            raise DiffAugError(f"--unlabeled: {img.files[0]} is labelled case {val[content]} of {dataset_name} "
+                               f"(same voxels and spacing): a synthesizer trained with --unlabeled-only serves every "
+                               f"fold, and every labelled case is some fold's validation case. Remove it from the "
+                               f"source.")
         if content in val:
             raise DiffAugError(f"--unlabeled: {img.files[0]} is validation case {val[content]} of fold {fold} "
                                f"of {dataset_name} (same voxels and spacing): the synthesizer must never see the "

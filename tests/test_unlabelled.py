@@ -338,6 +338,45 @@ def test_guidance_runs_with_both_conditionings_in_2d_and_3d(conditioning, spatia
     assert out.shape == (2, 1, *size) and np.isfinite(out).all()
 
 
+def test_unlabelled_only_pretraining_serves_every_fold(example, source):
+    """The recipe for many folds on one dataset: learn from the pool alone (blind to every labelled case), then
+    start each fold's synthesizer from it; a synthesizer of another fold would be refused."""
+    root, pool = example
+    folder = train_synthesizer(EXAMPLE_NAME, "2d", None, _config(MICRO), device="cpu", seed=0, progress=False,
+                               overwrite=True, unlabeled=[str(pool)], unlabeled_only=True)
+    assert folder.name == "unlabeled_only"
+    log = (folder / "training_log.txt").read_text()
+    assert "(unlabelled images only), 0 training cases" in log
+    assert "autoencoder: 2 unlabelled image(s) beside 0 labelled case(s), 100% of the samples unlabelled" in log
+    assert "diffusion: 100% of each batch from 2 unlabelled image(s)" in log
+    assert json.loads((folder / "seen_data.json").read_text())["labelled_cases"] == {}
+    with pytest.raises(DiffAugError, match="learned from unlabelled images only"):
+        Synthesizer.load(folder, torch.device("cpu"))
+    for fold in (0, 1):
+        tuned = train_synthesizer(EXAMPLE_NAME, "2d", fold, _config(MICRO), device="cpu", seed=0, progress=False,
+                                  overwrite=True, init_from=str(folder))
+        assert json.loads((tuned / "config.json").read_text())["diffusion"]["null_label"] is True  # as its source
+        record = json.loads((tuned / "init_from_diffusion.json").read_text())
+        assert record["loaded"] and record["not_loaded"] == []
+    # a fold-0 synthesizer (it trained on fold 1's validation cases) is refused for fold 1
+    with pytest.raises(DiffAugError, match=r"its weights have seen validation case\(s\) \['chest_001'"):
+        train_synthesizer(EXAMPLE_NAME, "2d", 1, _config(MICRO), device="cpu", seed=0, progress=False,
+                          overwrite=True, init_from=str(source))
+
+
+def test_unlabelled_only_refuses_any_labelled_case_of_the_dataset(example):
+    root, pool = example
+    bad = root / "pool_with_a_training_case"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(pool, bad)
+    shutil.copy(_raw_image(root, "chest_003"), bad / "copy_0000.nii.gz")  # a training case of fold 0
+    with pytest.raises(DiffAugError, match=r"copy_0000\.nii\.gz is labelled case chest_003 of "):
+        train_synthesizer(EXAMPLE_NAME, "2d", None, _config(MICRO), device="cpu", seed=0, progress=False,
+                          overwrite=True, unlabeled=[str(bad)], unlabeled_only=True)
+    with pytest.raises(SystemExit):
+        cli.train_synthesizer_entry(["-d", EXAMPLE_NAME, "-c", "2d", "--preset", "tiny"])  # -f, or --unlabeled-only
+
+
 # ---------------------------------------------------------------------------------------------- the benchmark arm
 
 def _benchmark_dataset(root: Path, monkeypatch, duplicate: tuple[str, str] | None = None) -> str:

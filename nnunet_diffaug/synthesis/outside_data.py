@@ -19,6 +19,10 @@ shape match, and fine-tunes. When the label sets differ (other names or values),
 label map (SPADE's input convolutions, ControlNet's condition embedding input) and the whole label generator
 are re-initialised. A source of another fold of the same dataset has seen this fold's validation cases (its
 training cases include them) and is refused, as is one whose unlabelled images include them.
+
+``--unlabeled-only`` trains a synthesizer from unlabelled images alone, checked against every labelled case of
+the dataset (each is some fold's validation case): it has seen no labelled case, so every fold may start from
+it; it writes to ``diffaug_synthesizer__<configuration>/unlabeled_only`` and cannot synthesize.
 """
 from __future__ import annotations
 
@@ -26,16 +30,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from nnunet_diffaug import paths
 from nnunet_diffaug import unlabeled as unl
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json
-from nnunet_diffaug.raw_dataset import read_fold
+from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
-from nnunet_diffaug.synthesis.data import FoldData
+from nnunet_diffaug.synthesis.data import DataSpec, FoldData, fit_patch_size
 from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.synthesizer import STAGES, read_run_files
 
@@ -171,6 +177,7 @@ class OutsideData:
     images: list = dataclasses.field(default_factory=list)       # unlabeled.PreprocessedImage, in order
     unlabeled_record: dict | None = None
     init: InitSource | None = None
+    unlabeled_only: bool = False                                 # no labelled case at all (--unlabeled-only)
 
     def run_entries(self) -> dict:
         """The synthesizer.json entries (absent when unused, so other runs' files stay as they were)."""
@@ -179,10 +186,12 @@ class OutsideData:
             out["unlabeled"] = unl.summary(self.unlabeled_record)
         if self.init is not None:
             out["init_from"] = self.init.record()
+        if self.unlabeled_only:
+            out["unlabeled_only"] = True
         return out
 
     def seen(self, data: FoldData) -> dict:
-        own = {"labelled_cases": {data.dataset_name: list(data.training_cases)},
+        own = {"labelled_cases": {} if self.unlabeled_only else {data.dataset_name: list(data.training_cases)},
                "unlabeled_content_sha256": sorted({im.content_sha256 for im in self.images}),
                "labels": dict(data.dataset_json["labels"])}
         return own if self.init is None else _merge_seen(own, self.init.seen)
@@ -194,18 +203,28 @@ class OutsideData:
 
 
 def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources: list[str] | None,
-           init_from: str | None, log, progress: bool) -> tuple[OutsideData, SynthesizerConfig]:
+           init_from: str | None, log, progress: bool,
+           unlabeled_only: bool = False) -> tuple[OutsideData, SynthesizerConfig]:
     """Checks and prepares the unlabelled images and the init source; returns them and the config to train with
-    (the "no label" condition on with unlabelled images, or when the init source has it)."""
-    outside = OutsideData()
+    (the "no label" condition on with unlabelled images, or when the init source has it). ``unlabeled_only``: the
+    images are checked against every labelled case of the dataset, not only the fold's validation cases."""
+    outside = OutsideData(unlabeled_only=unlabeled_only)
     if not sources and not init_from:
         return outside, config
-    validation = read_fold(data.folder, data.fold)[1]
+    if unlabeled_only:  # blind to every labelled case: each is some fold's validation case
+        raw = paths.nnunet_raw() / data.dataset_name
+        validation = sorted(list_cases(raw, load_dataset_json(raw))) if (raw / "dataset.json").is_file() else []
+        if not validation:
+            raise DiffAugError(f"{raw} does not exist: --unlabeled-only checks the images against every labelled "
+                               f"case's raw image (set nnUNet_raw to the dataset's raw folder).")
+    else:
+        validation = read_fold(data.folder, data.fold)[1]
     if init_from:
         outside.init = open_init_source(init_from, data, out_folder, validation)
     if sources:
         images = unl.find_unlabeled_images([str(s) for s in sources], data.dataset_json)
-        unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation, data.fold)
+        unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation,
+                           None if unlabeled_only else data.fold)
         outside.unlabeled_record = unl.record(images)
         outside.images = unl.preprocess_unlabeled(images, data.dataset_name, data.plans_manager.plans,
                                                   data.plans_identifier, data.configuration, data.dataset_json,
@@ -214,6 +233,36 @@ def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources:
     if need_null and not config.diffusion.null_label:
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, null_label=True))
     return outside, config
+
+
+def unlabeled_only_folder(dataset_name: str, configuration: str) -> Path:
+    """Where ``--unlabeled-only`` trains: beside the folds' synthesizers, no fold's own."""
+    return paths.synthesizer_folder(dataset_name, configuration, 0).parent / "unlabeled_only"
+
+
+def unlabeled_only_spec(data: FoldData, config: SynthesizerConfig, images: list) -> DataSpec:
+    """The DataSpec of a synthesizer without labelled cases: patch and intensity range from the unlabelled images
+    (CT: the plans' clipping range, as for the folds)."""
+    requested = config.data.patch_size_3d if data.spatial_dims == 3 else config.data.patch_size_2d
+    shapes = [tuple(im.shape[2:]) if data.spatial_dims == 2 else tuple(im.shape[1:]) for im in images]
+    props = data.plans_manager.foreground_intensity_properties_per_channel
+    lo, hi = [], []
+    for c, scheme in enumerate(data.cm.normalization_schemes):
+        p = props.get(str(c), props.get(c))
+        if scheme == "CTNormalization" and p is not None:
+            std = max(float(p["std"]), 1e-8)
+            lo.append((float(p["percentile_00_5"]) - float(p["mean"])) / std)
+            hi.append((float(p["percentile_99_5"]) - float(p["mean"])) / std)
+            continue
+        values = [np.asarray(im.load()[c]) for im in images[:32]]
+        vmin, vmax = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        lo.append(vmin - 0.05 * (vmax - vmin))
+        hi.append(vmax + 0.05 * (vmax - vmin))
+    return DataSpec(dataset_name=data.dataset_name, configuration=data.configuration,
+                    plans_identifier=data.plans_identifier, fold=-1, training_cases=[],
+                    spatial_dims=data.spatial_dims, in_channels=data.in_channels, label_values=data.label_values,
+                    normalization_schemes=list(data.cm.normalization_schemes), intensity_min=lo, intensity_max=hi,
+                    patch_size=fit_patch_size(list(requested), shapes, config.divisor()))
 
 
 def provenance_entries(folder: Path) -> dict:

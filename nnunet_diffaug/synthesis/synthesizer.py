@@ -87,6 +87,10 @@ class Synthesizer:
             raise DiffAugError(f"weights must be 'ema' or 'raw', not {weights!r}.")
         folder = Path(folder)
         config, spec, _ = read_run_files(folder)
+        if not spec.training_cases:
+            raise DiffAugError(f"{folder} learned from unlabelled images only (--unlabeled-only): it has never seen a "
+                               f"label map, so it cannot paint for one. Start a fold's synthesizer from it: "
+                               f"diffaug_train_synthesizer ... --init-from {folder}.")
         syn = cls(config, spec, device)
         for stage in STAGES:
             if not final_file(folder, stage).is_file():

@@ -35,7 +35,8 @@ from nnunet_diffaug.synthesis.label_training import train_label_generator
 from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, TrainingLog, learning_rate_at, run_stage
 from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
                                                    voxel_weight_map, weighted_mean)
-from nnunet_diffaug.synthesis.outside_data import UNLABELED_FILE, InitSource, gather, torch_mask_rows
+from nnunet_diffaug.synthesis.outside_data import (UNLABELED_FILE, InitSource, gather, torch_mask_rows,
+                                                   unlabeled_only_folder, unlabeled_only_spec)
 from nnunet_diffaug.synthesis.plotting import save_montage
 from nnunet_diffaug.synthesis.unlabeled_data import (UNLABELED_PREFIX, MixedBatch, MixedSampler,
                                                      UnlabeledPatchSampler, autoencoder_share)
@@ -122,6 +123,9 @@ def _class_balance(stage: str, cap: float, spec: DataSpec, patches: PatchSampler
     """Per class-index loss weights of a stage (None when off), recorded in the stage's state."""
     if cap <= 1.0:
         return None
+    if patches is None:
+        log(f"{stage}: no class-balanced loss without labelled cases")
+        return None
     fractions = class_voxel_fractions((patches.data.label_volume(c) for c in patches.cases), spec.num_classes)
     weights = class_weights(fractions, list(range(1, len(spec.label_values))), cap)
     extra["class_weights"] = [float(w) for w in weights]
@@ -147,7 +151,7 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         init.load_stage("autoencoder", ae, folder, log)
     sampler = MixedSampler(patches, unlabeled, autoencoder_share(patches, unlabeled))
     if unlabeled is not None:
-        log(f"autoencoder: {len(unlabeled.images)} unlabelled image(s) beside {len(patches.cases)} labelled case(s), "
+        log(f"autoencoder: {len(unlabeled.images)} unlabelled image(s) beside {len(sampler.cases)} labelled case(s), "
             f"{sampler.share:.0%} of the samples unlabelled")
     disc = build_discriminator(acfg, spec.spatial_dims, spec.in_channels)
     modules = {"autoencoder": ae}
@@ -199,9 +203,9 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
     syn.autoencoder = ae
     if init is not None and not checkpoint_file(folder, "diffusion").is_file():
         init.load_stage("diffusion", syn.model, folder, log)
-    sampler = MixedSampler(patches, unlabeled, dcfg.unlabeled_share)
+    sampler = MixedSampler(patches, unlabeled, dcfg.unlabeled_share if patches is not None else 1.0)
     if unlabeled is not None:
-        log(f"diffusion: {dcfg.unlabeled_share:.0%} of each batch from {len(unlabeled.images)} unlabelled image(s), "
+        log(f"diffusion: {sampler.share:.0%} of each batch from {len(unlabeled.images)} unlabelled image(s), "
             f"on the 'no label' condition")
     model, scheduler = syn.model, syn.train_scheduler
     optimizers = {"model": torch.optim.Adam(model.parameters(), lr=dcfg.learning_rate)}
@@ -217,13 +221,14 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
             f"(1/std over {dcfg.scale_factor_batches} batches)")
 
     weights = _class_balance("diffusion", dcfg.class_balance_max_weight, spec, patches, extra, log)
-    if dcfg.class_intensity:  # computed once per case (whole volumes), cached by FoldData
+    if dcfg.class_intensity and patches is not None:  # computed once per case (whole volumes), cached by FoldData
         for c in patches.cases:
             patches.data.class_intensity_stats(c)
         log(f"diffusion: class intensity statistics of {len(patches.cases)} training cases")
     if model.tags is not None:  # spacing tags are read relative to the training cases' median
-        model.tags.set_reference_spacing(np.median([patches.data.acquisition_spacing(c)
-                                                    for c in patches.cases], axis=0).tolist())
+        spacings = ([patches.data.acquisition_spacing(c) for c in patches.cases] if patches is not None
+                    else [im.spacing for im in unlabeled.images])  # (learning from unlabelled images only)
+        model.tags.set_reference_spacing(np.median(spacings, axis=0).tolist())
     ema = build_ema(model, dcfg.ema_decay)  # after the reference spacing (buffers are copied, not averaged) and
     if dcfg.gradient_checkpointing:         # before checkpointing (a deep copy would keep the wrappers' closures)
         log(f"diffusion: gradient checkpointing of {enable_gradient_checkpointing(model)} UNet blocks")
@@ -325,42 +330,48 @@ def train_synthesizer(dataset: str | int, configuration: str, fold: int, config:
                       plans_identifier: str = "nnUNetPlans", device: str = "auto", seed: int = 0,
                       overwrite: bool = False, progress: bool = True, verbose: bool = False,
                       stop_after: int | None = None, unlabeled: list[str] | None = None,
-                      init_from: str | None = None) -> Path:
+                      init_from: str | None = None, unlabeled_only: bool = False) -> Path:
     """Trains (or resumes) the synthesizer of one fold. Returns its folder. Started by torchrun, trains with
     all its processes together (see :mod:`distributed`).
 
     ``stop_after``: stop each unfinished stage after this many steps (with a checkpoint), as if killed.
     ``unlabeled``: folders of unlabelled images or raw datasets (:mod:`nnunet_diffaug.unlabeled`);
     ``init_from``: a trained synthesizer's folder to start every stage from (:mod:`outside_data`).
+    ``unlabeled_only``: learn from the ``unlabeled`` images alone, no labelled case (``fold`` is not used): a
+    synthesizer blind to every labelled case, to start each fold's from (``init_from``); it cannot synthesize.
     """
     with distributed.process_group(resolve_device(device)) as dev:
         return _train_synthesizer(dataset, configuration, fold, config, plans_identifier, dev, seed, overwrite,
-                                  progress, verbose, stop_after, unlabeled, init_from)
+                                  progress, verbose, stop_after, unlabeled, init_from, unlabeled_only)
 
 
 def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config: SynthesizerConfig,
                        plans_identifier: str, dev: torch.device, seed: int, overwrite: bool, progress: bool,
                        verbose: bool, stop_after: int | None, unlabeled: list[str] | None = None,
-                       init_from: str | None = None) -> Path:
+                       init_from: str | None = None, unlabeled_only: bool = False) -> Path:
+    if unlabeled_only and not unlabeled:
+        raise DiffAugError("--unlabeled-only needs --unlabeled SOURCE ...: the images to learn from.")
     with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
-        data = FoldData(dataset, configuration, fold, plans_identifier)
-    folder = paths.synthesizer_folder(data.dataset_name, configuration, fold)
+        data = FoldData(dataset, configuration, 0 if unlabeled_only else fold, plans_identifier)
+    folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only
+              else paths.synthesizer_folder(data.dataset_name, configuration, fold))
     folder.mkdir(parents=True, exist_ok=True)
     early_log: list[str] = []  # the log file is opened once the folder is prepared
     with distributed.main_process_first():  # the main process preprocesses new unlabelled images, the others reuse
         outside, config = gather(data, config, folder, unlabeled, init_from, early_log.append,
-                                 progress and distributed.is_main_process())
+                                 progress and distributed.is_main_process(), unlabeled_only)
     # the lock keeps other runs out; the processes of this run share it through the main process
     lock = folder_lock(folder, timeout_s=5.0, name=".train.lock") if distributed.is_main_process() \
         else contextlib.nullcontext()
     with lock:
-        spec = build_spec(data, config, seed)
+        spec = build_spec(data, config, seed) if not unlabeled_only else unlabeled_only_spec(data, config, outside.images)
         if distributed.is_main_process():
             _prepare_folder(folder, config, spec, seed, overwrite, outside.run_entries())
             outside.write(folder, data)
         distributed.barrier()  # the others look into the folder only once it is prepared (--overwrite empties it)
         log = TrainingLog(folder / "training_log.txt", verbose)
-        log(f"training synthesizer: {data.dataset_name} {configuration} fold {fold}, {len(spec.training_cases)} "
+        log(f"training synthesizer: {data.dataset_name} {configuration} "
+            f"{'(unlabelled images only)' if unlabeled_only else f'fold {fold}'}, {len(spec.training_cases)} "
             f"training cases, patch {spec.patch_size}, device {dev}, seed {seed}, config {config.base}"
             + (f", {distributed.world_size()} processes" if distributed.is_distributed() else ""))
         for line in early_log:
@@ -369,7 +380,8 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
             log(f"init-from: {outside.init.folder} ({outside.init.dataset_name} fold {outside.init.fold}, weights "
                 f"sha256 {outside.init.weights_sha256[:16]}, label set {'same' if outside.init.same_labels else 'differs'})")
         _seed_everything(seed)
-        patches = PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability)
+        patches = (None if unlabeled_only else
+                   PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability))
         unl_sampler = (UnlabeledPatchSampler(outside.images, spec.patch_size, spec.spatial_dims)
                        if outside.images else None)
 
@@ -384,7 +396,7 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
                                        unl_sampler, outside.init)
             if not final_file(folder, "autoencoder").is_file():
                 return folder  # stopped early on request
-            if distributed.is_main_process():
+            if distributed.is_main_process() and patches is not None:
                 syn = Synthesizer(config, spec, dev)
                 syn.autoencoder = ae
                 _montages("autoencoder", syn, patches, folder, seed)
@@ -398,9 +410,11 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
                                       unl_sampler, outside.init)
             if not final_file(folder, "diffusion").is_file():
                 return folder  # stopped early on request
-            if distributed.is_main_process():
+            if distributed.is_main_process() and patches is not None:
                 _montages("diffusion", syn, patches, folder, seed)
-        if config.label_generator.enabled:
+        if config.label_generator.enabled and unlabeled_only:
+            log("label generator: not trained (no label maps among unlabelled images)")
+        elif config.label_generator.enabled:
             if not train_label_generator(config, spec, data, folder, dev, seed, log, progress, stop_after,
                                          outside.init):
                 return folder  # stopped early on request

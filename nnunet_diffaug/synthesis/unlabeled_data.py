@@ -66,10 +66,14 @@ class MixedSampler:
     exact for any batch size); which slots they take is random too.
     """
 
-    def __init__(self, labelled: PatchSampler, unlabeled: UnlabeledPatchSampler | None, share: float):
+    def __init__(self, labelled: PatchSampler | None, unlabeled: UnlabeledPatchSampler | None, share: float):
+        """``labelled`` None: unlabelled images only (``--unlabeled-only``), every sample on the null condition."""
         self.labelled, self.unlabeled = labelled, unlabeled
         self.share = share if unlabeled is not None else 0.0
-        self.data, self.cases = labelled.data, labelled.cases  # the interface montages and statistics use
+        if labelled is None:
+            self.share = 1.0
+        self.data = None if labelled is None else labelled.data
+        self.cases = [] if labelled is None else labelled.cases
 
     def mixed_batch(self, rng: np.random.Generator, batch_size: int) -> MixedBatch:
         if self.share <= 0:
@@ -81,7 +85,7 @@ class MixedSampler:
         slots = np.zeros(batch_size, dtype=bool)
         slots[rng.permutation(batch_size)[:n_unl]] = True
         images, labels, ids, spacings = [], [], [], []
-        label_shape = (1, *self.labelled.patch_size)
+        label_shape = (1, *self.unlabeled.patch_size)
         for is_unl in slots:
             if is_unl:
                 img, i = self.unlabeled.sample(rng)
@@ -108,5 +112,7 @@ def autoencoder_share(labelled: PatchSampler, unlabeled: UnlabeledPatchSampler |
     """The autoencoder learns every image alike: the unlabelled share of all volumes (3D) or slices (2D)."""
     if unlabeled is None:
         return 0.0
+    if labelled is None:
+        return 1.0
     units = float(np.sum([labelled.shapes[c][0] if labelled.data.spatial_dims == 2 else 1 for c in labelled.cases]))
     return unlabeled.units / (unlabeled.units + units)
