@@ -418,15 +418,16 @@ def synthesize_entry(argv=None):
                         "SynthSeg-style random intensities per class, bias field, blur, noise, gamma (no training); "
                         "'deformed-real' = the source case's real image deformed with its labels (a control)")
     p.add_argument("--randomisation", default=None, metavar="RANGES.json",
-                   help="--generator randomised: JSON object overriding the default ranges (see README)")
+                   help="--generator randomised: JSON object overriding the default ranges (see docs/synthesis.md)")
     p.add_argument("--class-prior", default=None, choices=["uniform", "real"],
                    help="--generator randomised: 'uniform' (default) draws each class's intensity from wide ranges, "
                         "any contrast (SynthSeg); 'real' draws it around the class mean and sd of the label map's "
                         "source case, so the dataset's contrast between structures stays (bone stays brighter than "
                         "soft tissue); wins over the ranges file's class_prior")
-    p.add_argument("-p", "-plans", dest="plans", default=None,
+    p.add_argument("-p", dest="plans", default=None,
                    help="nnU-Net plans identifier for randomised/deformed-real (default nnUNetPlans); diffusion "
                         "uses its synthesizer's")
+    p.add_argument("-plans", dest="plans_old", default=None, help=argparse.SUPPRESS)  # older spelling of -p
     p.add_argument("--labels", default="real", choices=["real", "generated", "real-aligned", "inpaint"],
                    help="where label maps come from: 'real' = deformed training label maps of the fold; "
                         "'generated' = new maps from the fold's label generator; 'real-aligned' = case i paints "
@@ -508,6 +509,7 @@ def synthesize_entry(argv=None):
     judge.add_argument("--judge-tta", action="store_true", help=argparse.SUPPRESS)  # deprecated: now the default
     args = p.parse_args(argv)
     args.output_dataset = _renamed_option(args.output_dataset, args.output_dataset_old, "-o", "--output-dataset")
+    args.plans = _renamed_option(args.plans, args.plans_old, "-plans", "-p")
     if args.judge_tta:
         if args.disable_tta:
             raise DiffAugError("--judge-tta and --disable_tta contradict each other; test-time mirroring is on "

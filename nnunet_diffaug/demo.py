@@ -26,7 +26,7 @@ EXAMPLE_ID = 990
 
 
 DEMO_PLANS = "nnUNetPlansDiffAugDemo"
-# The comparison where the benefit was clearest in three-seed measurements (README, "Measured"): calibrated
+# The comparison where the benefit was clearest in three-seed measurements (docs/measured.md): calibrated
 # synthetic cases at equal real exposure, next to stock at the same compute (stock_x150) and at its own budget.
 DEMO_ARMS = ("stock", "stock_x150", "diffaug_r33_equalreal")
 # The example's labels name a side (left/right lung): mirrored training and test-time averaging leave the side to
@@ -61,7 +61,7 @@ def explain_noise(results: dict) -> str:
     lines.append("To measure it on your data, run several seeds (paired t-test across seeds) and longer training, "
                  "e.g.:\n  diffaug_benchmark -d <dataset> --arms stock_x150 diffaug_r33_equalreal deformed_real_r33_equalreal "
                  "--seeds 0 1 2 3 4 "
-                 "--epochs 200\n(see README section 4; rerunning the same workspace with more seeds trains only the "
+                 "--epochs 200\n(docs/benchmarking.md; rerunning the same workspace with more seeds trains only the "
                  "new ones).")
     return "\n".join(lines)
 
@@ -109,19 +109,12 @@ def run_demo(workdir: str | os.PathLike, device: str = "cpu", epochs: int = 80, 
     print(format_table(results))
     print()
     print(explain_noise(results))
-    print("What three seeds with the equal-compute and deformed-real controls show on this example (README, "
-          "section 'Measured'): synthetic cases as painted cost Dice; calibrated to real intensities, the default "
-          "used here, at 5 training cases and equal real exposure they tie stock trained as long (2d: +0.003 "
-          "pooled Dice, p 0.68) and at stock's own budget they tie it (2d +0.04, p 0.36; 3d_fullres +0.01, "
-          "p 0.88). With 2 training slabs no synthetic arm beats stock; the cut-off schedule (synthetic cases for "
-          "the first 75 % of the epochs) ties stock there in 2d (+0.003) where a constant share trails it, which "
-          "is why nnUNetTrainerDiffAug cuts off by default with at most 3 real training cases. None of it is "
-          "significant over 3 seeds; the full record is docs/measured.md.")
-    print("This demo trains and predicts without nnU-Net's mirroring (as nnUNetTrainerNoMirroring) because the "
-          "example's labels name a side (left and right lung): with mirroring, most 3d_fullres runs here gave "
-          "about half of the lung voxels they found the wrong side, at random from run to run, which alone moved "
-          "one seed's Dice by up to 0.15. On your data, with labels that name sides, do the same: "
-          "DIFFAUG_MIRRORING=0 for training, diffaug_benchmark --no-mirroring for the comparison.")
+    # this run's reading only: the record over several seeds lives in one place and changes there
+    print("One seed on a few held-out slabs is a first look, not a measurement: the record over 3 seeds, with "
+          "equal-compute and deformed-real controls and the exact commands, is docs/measured.md.")
+    print("Trained and predicted without nnU-Net's mirroring, because the example's labels name a side (left and "
+          "right lung). For such labels on your data: DIFFAUG_MIRRORING=0 for nnUNetv2_train and "
+          "diffaug_benchmark --no-mirroring (docs/trainer.md).")
     print(f"\nTable, JSON and plot: {workdir / 'benchmark'} (benchmark_table.md, benchmark_results.json, "
           f"benchmark_plot.png)")
     return results

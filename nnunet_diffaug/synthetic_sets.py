@@ -49,11 +49,11 @@ def output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
     raw_root = paths.nnunet_raw()
     if output_id is not None:
         if not 1 <= output_id <= 999:
-            raise DiffAugError(f"-o {output_id}: nnU-Net dataset ids are 1..999.")
+            raise DiffAugError(f"--output-dataset {output_id}: nnU-Net dataset ids are 1..999.")
         name = synthetic_dataset_name(output_id, dataset_name, fold)
         clash = [p.name for p in raw_root.glob(f"Dataset{output_id:03d}_*") if p.name != name] if raw_root.is_dir() else []
         if clash:
-            raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another -o.")
+            raise DiffAugError(f"{raw_root / clash[0]} already uses dataset id {output_id}; choose another --output-dataset.")
         return raw_root / name
     for folder in find_synthetic_datasets(raw_root, dataset_name, fold, include_candidates=True):
         try:
@@ -62,7 +62,7 @@ def output_folder(dataset_name: str, fold: int, provenance: SyntheticProvenance,
         except DiffAugError:
             continue
     if num_parts > 1:
-        raise DiffAugError("With -num_parts > 1 pass -o OUTPUT_DATASET_ID, so that all parts write the same dataset.")
+        raise DiffAugError("With -num_parts > 1 pass --output-dataset ID, so that all parts write the same dataset.")
     return raw_root / synthetic_dataset_name(next_free_dataset_id(), dataset_name, fold)
 
 

@@ -68,7 +68,7 @@ def trained(toy_root):
     config = toy_root / "class_intensity.json"
     config.write_text(json.dumps(WITH_OPTION))
     # One thread: at this tiny budget whether the model picks up the statistics depends on the float reduction
-    # order (measured: learned with 1 thread, ignored with 2); see README, per-class intensity conditioning.
+    # order (measured: learned with 1 thread, ignored with 2); see docs/synthesizer.md, per-class intensity conditioning.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

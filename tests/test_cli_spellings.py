@@ -29,6 +29,9 @@ def test_synthesize_output_dataset_and_its_older_spelling(synthesize_calls, caps
     assert "NOTE: -o is deprecated: use --output-dataset" in capsys.readouterr().err
     with pytest.raises(DiffAugError, match="-o 906 and --output-dataset 905 disagree"):
         cli.synthesize_entry.__wrapped__(SYNTH + ["-o", "906", "--output-dataset", "905"])
+    cli.synthesize_entry.__wrapped__(SYNTH + ["--generator", "randomised", "-plans", "nnUNetPlansSmall"])
+    assert synthesize_calls[-1][2]["plans_identifier"] == "nnUNetPlansSmall"
+    assert "NOTE: -plans is deprecated: use -p" in capsys.readouterr().err
 
 
 def test_judge_mirrors_at_test_time_unless_disable_tta(synthesize_calls, capsys):
@@ -59,7 +62,7 @@ def test_benchmark_ratios_and_synthetic_only_say_which_arms_they_mean(monkeypatc
     assert runs[-1].arms == ("diffaug_r50",) and "deprecated" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command, old", [(cli.synthesize_entry, ["-o", "--judge-tta"]),
+@pytest.mark.parametrize("command, old", [(cli.synthesize_entry, ["-o", "--judge-tta", "-plans"]),
                                           (cli.benchmark_entry, ["--ratios", "--synthetic-only"]),
                                           (cli.train_synthesizer_entry, ["-plans"])])
 def test_deprecated_spellings_are_hidden_from_help(command, old, capsys):

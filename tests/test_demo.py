@@ -23,6 +23,8 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
     assert "diffaug_r33_equalreal vs stock_x150 (stock nnU-Net trained as long" in proc.stdout
     # the example's labels name sides, so every arm trains and predicts without mirroring, and says so
     assert "without nnU-Net's mirroring (--no-mirroring)" in proc.stdout
+    # it reads this run only and points to the record, instead of repeating past figures that drift from it
+    assert "docs/measured.md" in proc.stdout and "p 0." not in proc.stdout
     bench = out / "benchmark"
     results = json.loads((bench / "benchmark_results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == {"stock", "stock_x150", "diffaug_r33_equalreal"}

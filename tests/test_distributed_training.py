@@ -45,7 +45,7 @@ def _train_arguments(config: Path) -> list[str]:
 
 
 def _torchrun(nproc: int, config: Path) -> list[str]:
-    """The README's command: torchrun (as python -m torch.distributed.run) around the installed console script."""
+    """The command of docs/multi_gpu.md: torchrun (as python -m torch.distributed.run) around the installed console script."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             console_script("diffaug_train_synthesizer"), *_train_arguments(config)]
 

@@ -206,7 +206,7 @@ def test_synthesis_calibrates_every_structure_to_its_source_cases_intensity_by_d
 def test_synthesis_refuses_bad_requests(trained_2d, root, capsys):
     with pytest.raises(DiffAugError, match="no synthesizer was trained here"):
         cli.synthesize_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "1", "-c", "2d", "-n", "2"])
-    with pytest.raises(DiffAugError, match="-num_parts > 1 pass -o"):
+    with pytest.raises(DiffAugError, match="-num_parts > 1 pass --output-dataset"):
         cli.synthesize_entry.__wrapped__(["-d", str(EXAMPLE_ID), "-f", "0", "-c", "2d", "-n", "2", "--seed", "9",
                                           "-num_parts", "2", "-part_id", "0"])
     with pytest.raises(SystemExit) as e:  # the console script prints one line and exits 2

@@ -41,8 +41,8 @@ from nnunet_diffaug.synthesis.synthesizer import STAGES, Synthesizer, resolve_de
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
 DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
 # Per-class intensity calibration is on by default for the diffusion generator: a small synthesizer paints thin
-# structures at the wrong brightness, and cases as painted cost Dice where calibrated ones did not (README,
-# "Measured"). Sets record it in their provenance only when on, so --no-calibrate-intensity continues older sets.
+# structures at the wrong brightness, and cases as painted cost Dice where calibrated ones did not (docs/measured.md).
+# Sets record it in their provenance only when on, so --no-calibrate-intensity continues older sets.
 DEFAULT_CALIBRATED_GENERATOR = "diffusion"
 
 
