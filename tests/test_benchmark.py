@@ -89,7 +89,7 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
     out = tmp_path / "bench"
     env = nnunet_env(root)
     cmd = [console_script("diffaug_benchmark"), "-d", str(EXAMPLE_ID), "-c", "3d_fullres", "-o", str(out),
-           "--train-sizes", "2", "--seeds", "0", "1", "--test-fraction", "0.25", "--epochs", "2", "--iterations", "4",
+           "--train-sizes", "2", "--seeds", "0", "--test-fraction", "0.25", "--epochs", "2", "--iterations", "4",
            "--n-synthetic", "2", "--synthesizer-preset", str(config), "--sampler", "ddim", "--steps", "3",
            "--small-plans", "-device", "cpu"]
     run(cmd, env)
@@ -100,15 +100,16 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
     assert "| 2 | stock |" in table and "| 2 | diffaug_r33_auto |" in table
     classes = ["ribs", "spine", "right_lung", "left_lung", "soft_tissue"]
     assert results["classes"] == classes
-    assert len(results["runs"]) == 4
+    assert len(results["runs"]) == 2
     for r in results["runs"]:
         assert 0.0 <= r["mean_foreground_dice"] <= 1.0
         assert set(r["dice"]) == set(classes)
         assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in r["dice"].values())
 
-    # both arms of a fold: same subset, same seed, same held-out cases, same budget
+    # both arms of a fold: same subset, same seed, same held-out cases, same budget (one seed is enough here:
+    # that every seed draws its own subset, disjoint from the test cases, is test_subsets_are_fixed_...)
     splits = json.loads((out / "preprocessed" / EXAMPLE_NAME / "splits_final.json").read_text())
-    for fold in (0, 1):
+    for fold in (0,):
         pair = [r for r in results["runs"] if r["fold"] == fold]
         assert {r["arm"] for r in pair} == {"stock", "diffaug_r33_auto"}
         assert pair[0]["train_cases"] == pair[1]["train_cases"] == splits[fold]["train"]
@@ -134,7 +135,7 @@ def test_tiny_benchmark_run(planned_example, tmp_path):
 
     # resumable: a rerun retrains nothing
     finals = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("checkpoint_final.pth")}
-    assert len(finals) == 4
+    assert len(finals) == 2
     run(cmd, env)
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("checkpoint_final.pth")} == finals
 
