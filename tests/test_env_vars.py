@@ -9,7 +9,7 @@ from nnunet_diffaug.errors import DiffAugError
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- DIFFAUG_ENV_TABLE:START -->", "<!-- DIFFAUG_ENV_TABLE:END -->"
-NOT_VARIABLES = {"DIFFAUG_TRAINER"}  # a Python constant (the trainer's class name), not read from the environment
+NOT_VARIABLES = {"DIFFAUG_TRAINER", "DIFFAUG_ENV_TABLE"}  # a Python constant and the docs table marker
 
 
 def _names_in(text: str) -> set[str]:
