@@ -29,7 +29,7 @@ from nnunet_diffaug.provenance import read_provenance
 from nnunet_diffaug.raw_dataset import ensure_default_split, list_cases
 from nnunet_diffaug.synthesis.checkpoint import load_checkpoint, read_state
 from nnunet_diffaug.synthesis.data import FoldData
-from nnunet_diffaug.synthesis.metrics import VoxelClassifier, label_fidelity
+from voxel_classifier import VoxelClassifier, label_fidelity
 from nnunet_diffaug.synthesis.synthesizer import Synthesizer
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from nnunet_diffaug.synthesis.data import fit_patch_size, pad_to
 from nnunet_diffaug.synthesis.conditioning import (Condition, TagEncoder, edge_hint, image_edges, label_boundaries,
                                                    one_hot, spatial_condition)
 from nnunet_diffaug.synthesis.image_generator import build_image_generator, build_train_scheduler
-from nnunet_diffaug.synthesis.metrics import VoxelClassifier, grouped_dice
+from voxel_classifier import VoxelClassifier, grouped_dice
 from nnunet_diffaug.synthesis.rawspace import raw_spacing, to_raw_intensity, to_sitk
 from nnunet_diffaug.synthesis.sampling import Sampler, decode_latents, sample_latents
 from nnunet_diffaug.synthesis.label_sources import augment_label_map
