@@ -1,4 +1,5 @@
-"""Quality metrics that need no downloaded weights.
+"""A label-fidelity reader for the tests, fitted in milliseconds and needing no downloaded weights (users score
+synthetic sets with ``diffaug_evaluate``, which reads them with an nnU-Net trained on real cases).
 
 Label fidelity: a per-voxel classifier fitted on REAL image/label pairs (intensity and local mean
 intensity, one Gaussian per class) reads the labels back from synthetic images; its Dice against
