@@ -10,7 +10,8 @@ voxels and spacing as nnU-Net's reader returns them, so a renamed or re-compress
 
 Preprocessing is nnU-Net's own (``run_case_npy`` of the configuration's preprocessor, with the real plans),
 as the synthetic cases get; the results are cached by content hash in
-``nnUNet_preprocessed/<dataset>/diffaug_unlabeled/<plans>__<configuration>/``, never in the real
+``nnUNet_preprocessed/<dataset>/diffaug_unlabeled/<plans>__<configuration>/<hash>.b2nd`` (blosc2, as nnU-Net
+stores its own), never in the real
 preprocessed folder, so a rerun (or another fold) preprocesses only new images. Lives at package level:
 the synthesizer uses it, and the benchmark names its unlabelled images with it.
 """
@@ -33,6 +34,7 @@ from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, num_channe
 CACHE_DIR = "diffaug_unlabeled"
 HASHES_FILE = "content_hashes.json"
 MARKER_SUFFIX = ".diffaug.json"
+DATA_SUFFIX = ".b2nd"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -48,14 +50,17 @@ class UnlabeledImage:
 
 @dataclasses.dataclass
 class PreprocessedImage:
-    """An unlabelled image in nnU-Net's preprocessed space: a float32 (C, *spatial) .npy file."""
+    """An unlabelled image in nnU-Net's preprocessed space: a float32 (C, *spatial) blosc2 file, compressed and
+    chunked as nnU-Net stores its own preprocessed cases (crops read only the chunks they need)."""
     content_sha256: str
     path: str
     spacing: list[float]              # acquisition spacing (nnU-Net's reader order, as the real cases' pkl)
     shape: list[int]
 
-    def load(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r")
+    def load(self):
+        """The lazily read array (slicing it returns numpy)."""
+        import blosc2
+        return blosc2.open(urlpath=self.path, mode="r", dparams={"nthreads": 1}, mmap_mode="r")
 
 
 # ---------------------------------------------------------------------------------------------- finding images
@@ -333,7 +338,9 @@ def preprocess_unlabeled(images: list[UnlabeledImage], dataset_name: str, plans:
                          progress: bool = False) -> list[PreprocessedImage]:
     """Brings the cache up to date for ``images`` (hashed first) and returns them preprocessed, in order.
     Only images without a current cache entry are preprocessed; each is written atomically, marker last."""
+    import blosc2
     from tqdm import tqdm
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     folder = preprocessed_folder(dataset_name, plans_identifier, configuration)
     folder.mkdir(parents=True, exist_ok=True)
@@ -357,10 +364,12 @@ def preprocess_unlabeled(images: list[UnlabeledImage], dataset_name: str, plans:
                 raise DiffAugError(f"--unlabeled: {img.files[0]} changed while it was being read; run again.")
             spacing = [float(s) for s in props["spacing"]]
             data, _, _ = preprocessor.run_case_npy(data, None, props, pm, cm, dataset_json)
+            data = np.ascontiguousarray(data, dtype=np.float32)
             stem = img.content_sha256[:32]
-            with atomic_path(folder / f"{stem}.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(data, dtype=np.float32))
+            blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+            with atomic_path(folder / f"{stem}{DATA_SUFFIX}") as tmp:
+                blosc2.asarray(data, urlpath=str(tmp), chunks=chunks, blocks=blocks,
+                               cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "nthreads": 1})
             atomic_write_json(folder / f"{stem}{MARKER_SUFFIX}",
                               {"configuration": fingerprint, "content_sha256": img.content_sha256,
                                "spacing": spacing, "shape": list(data.shape)})
@@ -370,7 +379,7 @@ def preprocess_unlabeled(images: list[UnlabeledImage], dataset_name: str, plans:
 
 def _cached(folder: Path, content: str, fingerprint: str) -> PreprocessedImage | None:
     stem = content[:32]
-    marker, npy = folder / f"{stem}{MARKER_SUFFIX}", folder / f"{stem}.npy"
+    marker, npy = folder / f"{stem}{MARKER_SUFFIX}", folder / f"{stem}{DATA_SUFFIX}"
     if not marker.is_file() or not npy.is_file():
         return None
     try:

@@ -141,9 +141,10 @@ def test_unlabelled_images_are_preprocessed_once_recorded_and_trained_on(example
     assert "autoencoder: 2 unlabelled image(s) beside 4 labelled case(s)" in log
     assert "diffusion: 50% of each batch from 2 unlabelled image(s)" in log
     cache = preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "2d")
-    npys = sorted(cache.glob("*.npy"))
+    npys = sorted(cache.glob("*.b2nd"))
     assert len(npys) == 2 and cache.parent.parent.name == EXAMPLE_NAME
-    assert not list((root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans_2d").glob("*.npy"))  # never mixed in
+    real = root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans_2d"  # never mixed into the real preprocessed data
+    assert not {p.name for p in npys} & {p.name for p in real.iterdir()} and real not in cache.parents
     record = json.loads((folder / "unlabeled_images.json").read_text())
     assert sorted(Path(f["path"]).name for im in record["images"] for f in im["files"]) == [
         "pool_a_0000.nii.gz", "pool_b_0000.nii.gz"]
@@ -170,7 +171,7 @@ def test_unlabelled_images_train_a_3d_synthesizer_too(example, with_unlabeled):
     log = (folder / "training_log.txt").read_text()
     assert "autoencoder: 2 unlabelled image(s) beside 4 labelled case(s), 33% of the samples unlabelled" in log
     assert (folder / "diffusion.safetensors").is_file()
-    assert len(list(preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "3d_fullres").glob("*.npy"))) == 2
+    assert len(list(preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "3d_fullres").glob("*.b2nd"))) == 2
 
 
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
@@ -214,7 +215,7 @@ def test_mixed_batches_hold_the_configured_share_on_the_null_condition(example, 
     data = FoldData(EXAMPLE_NAME, "2d", 0)
     cache = preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "2d")
     images = [PreprocessedImage(json.loads(m.read_text())["content_sha256"], str(m.with_name(m.name.split(".")[0]
-              + ".npy")), json.loads(m.read_text())["spacing"], json.loads(m.read_text())["shape"])
+              + ".b2nd")), json.loads(m.read_text())["spacing"], json.loads(m.read_text())["shape"])
               for m in sorted(cache.glob("*.diffaug.json"))]
     patches = PatchSampler(data, syn.spec.patch_size, 0.5)
     sampler = MixedSampler(patches, UnlabeledPatchSampler(images, syn.spec.patch_size, 2), 0.25)

@@ -48,7 +48,7 @@ def make_workspace(workdir: Path, dataset: str, user_raw: Path, user_preprocesse
     pre = workdir / "preprocessed" / dataset
     pre.mkdir(parents=True, exist_ok=True)
     for item in (user_preprocessed / dataset).iterdir():
-        if item.name in ("splits_final.json", "diffaug_synthetic"):
+        if item.name in ("splits_final.json", "diffaug_synthetic", "diffaug_unlabeled"):  # the workspace's own
             continue
         link = pre / item.name
         if not link.exists() and not link.is_symlink():
