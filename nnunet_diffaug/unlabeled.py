@@ -218,10 +218,12 @@ class _HashCache:
             atomic_write_json(self.path, self.entries)
 
 
-def hash_images(files_per_case: list[list[str]], reader, cache: _HashCache) -> list[tuple[str, list[str]]]:
+def hash_images(files_per_case: list[list[str]], reader, cache: _HashCache,
+                progress: bool = False) -> list[tuple[str, list[str]]]:
     """(content hash, per-file byte hashes) of each case; reads only cases the cache does not know."""
+    from tqdm import tqdm
     out = []
-    for files in files_per_case:
+    for files in tqdm(files_per_case, desc="Hashing images", disable=not progress, leave=False):
         entry = cache.get(files)
         if entry is None:
             data, props = read_image(files, reader)
@@ -275,14 +277,14 @@ def validation_hashes(dataset_name: str, validation_cases: list[str], plans: dic
 
 
 def hash_and_check(images: list[UnlabeledImage], dataset_name: str, plans: dict, validation_cases: list[str],
-                   fold: int | None) -> None:
+                   fold: int | None, progress: bool = False) -> None:
     """Fills in the content hashes of ``images`` (reading each once; refusing unreadable ones) and refuses any
     that is one of the fold's validation cases, naming the file and the case. ``fold`` None: the cases given are
     every labelled case of the dataset (``--unlabeled-only``), each of which is some fold's validation case."""
     val = validation_hashes(dataset_name, validation_cases, plans, "--unlabeled")
     cache = _HashCache(cache_root(dataset_name) / HASHES_FILE)
     try:
-        hashes = hash_images([img.files for img in images], _reader(plans), cache)
+        hashes = hash_images([img.files for img in images], _reader(plans), cache, progress)
     finally:
         cache.save()
     for img, (content, per_file) in zip(images, hashes):

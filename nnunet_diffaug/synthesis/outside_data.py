@@ -224,7 +224,7 @@ def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources:
     if sources:
         images = unl.find_unlabeled_images([str(s) for s in sources], data.dataset_json)
         unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation,
-                           None if unlabeled_only else data.fold)
+                           None if unlabeled_only else data.fold, progress)
         outside.unlabeled_record = unl.record(images)
         outside.images = unl.preprocess_unlabeled(images, data.dataset_name, data.plans_manager.plans,
                                                   data.plans_identifier, data.configuration, data.dataset_json,
