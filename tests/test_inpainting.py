@@ -26,7 +26,7 @@ from nnunet_diffaug.synthesis.config import DDPM_SAMPLERS, DiffusionConfig
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.image_generator import build_train_scheduler
 from nnunet_diffaug.synthesis.inpainting import InpaintLabels, feather, parse_inpaint_settings
-from nnunet_diffaug.synthesis.label_modes import aligned_raw_space
+from nnunet_diffaug.synthesis.aligned_volumes import aligned_raw_space
 from nnunet_diffaug.synthesis.sampling import Sampler, sample_latents_inpaint
 
 TOY_ID, TOY_NAME = 993, "Dataset993_ToyLesions"

@@ -7,7 +7,7 @@ is a new class in :data:`LABEL_SOURCES`, not a new branch in the loop.
 - ``real``: a training label map of the fold (seeded round robin; 2D: a slice holding foreground),
   randomly deformed with a small affine transform;
 - ``real-aligned``: training case ``i mod n`` unchanged, whole volume on its own grid (for PatchMix);
-- ``generated``: a new map from the fold's label generator (:mod:`label_modes`);
+- ``generated``: a new map from the fold's label generator (:mod:`label_map_sampler`);
 - ``inpaint``: a real case with one structure edited and a region around it repainted (:mod:`inpainting`).
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from nnunet_diffaug.synthesis.config import SamplingConfig
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator
 from nnunet_diffaug.synthesis.inpainting import InpaintLabels, parse_inpaint_settings
-from nnunet_diffaug.synthesis.label_modes import aligned_source, open_generated_labels
+from nnunet_diffaug.synthesis.aligned_volumes import aligned_source
+from nnunet_diffaug.synthesis.label_map_sampler import open_label_map_sampler
 
 DEFAULT_MIN_COMPONENT_VOXELS = 5
 
@@ -127,9 +128,9 @@ class GeneratedLabelSource(LabelSource):
 
     @classmethod
     def open(cls, options, painter, real_dataset_json, device):
-        return cls(painter, open_generated_labels(painter.synthesizer_folder, painter.data, device,
-                                                  options.get("--guidance"), options.get("--volume"),
-                                                  options.get("min_component_voxels", DEFAULT_MIN_COMPONENT_VOXELS)))
+        return cls(painter, open_label_map_sampler(painter.synthesizer_folder, painter.data, device,
+                                                   options.get("--guidance"), options.get("--volume"),
+                                                   options.get("min_component_voxels", DEFAULT_MIN_COMPONENT_VOXELS)))
 
     def __init__(self, painter: Generator, generated):
         super().__init__(painter.data)

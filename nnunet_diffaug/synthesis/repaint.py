@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nnunet_diffaug.synthesis.autoencoder import encode_mean
 from nnunet_diffaug.synthesis.data import pad_to
 from nnunet_diffaug.synthesis.inpainting import feather
-from nnunet_diffaug.synthesis.label_modes import ALIGNED_SLICE_BATCH
+from nnunet_diffaug.synthesis.aligned_volumes import ALIGNED_SLICE_BATCH
 from nnunet_diffaug.synthesis.sampling import (Sampler, autocast, decode_latents, enable_fast_cpu_convolutions,
                                                padded_shape, sample_latents_inpaint)
 

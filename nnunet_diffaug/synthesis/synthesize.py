@@ -1,7 +1,7 @@
 """Label maps of the fold -> a synthetic nnU-Net raw dataset, painted by one ``--generator``.
 
-Generators (:data:`GENERATORS`): ``diffusion`` (the fold's trained synthesizer, below), ``randomised``
-and ``deformed-real`` (:mod:`generators`, no training). Label maps (``--labels``): one
+Generators (:data:`GENERATORS`, in :mod:`generators`): ``diffusion`` (the fold's trained synthesizer),
+``randomised`` and ``deformed-real`` (no training). Label maps (``--labels``): one
 :class:`~label_sources.LabelSource` per mode (:mod:`label_sources`: ``real``, ``real-aligned``,
 ``generated``, ``inpaint``).
 
@@ -16,30 +16,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from nnunet_diffaug import env_vars, paths
 from nnunet_diffaug.env_vars import env_float
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import folder_lock
-from nnunet_diffaug.provenance import SyntheticProvenance
 from nnunet_diffaug.raw_dataset import label_values, list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import output_folder
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
-from nnunet_diffaug.synthesis.checkpoint import weights_sha256
-from nnunet_diffaug.synthesis.class_stats import ClassIntensityPlan, normalised_value, parse_intensity_requests
 from nnunet_diffaug.synthesis.data import FoldData
-from nnunet_diffaug.synthesis.generators.base import CaseDraw, Generator, SynthesisRequest
+from nnunet_diffaug.synthesis.generators.base import Generator, SynthesisRequest
 from nnunet_diffaug.synthesis.generators.deformed_real import DeformedRealGenerator
+from nnunet_diffaug.synthesis.generators.diffusion import DiffusionGenerator
 from nnunet_diffaug.synthesis.generators.randomised import RandomisedGenerator
-from nnunet_diffaug.synthesis.label_modes import aligned_raw_space, paint_volume
-from nnunet_diffaug.synthesis.intensity_calibration import calibrate_class_intensity
+from nnunet_diffaug.synthesis.aligned_volumes import aligned_raw_space
 from nnunet_diffaug.synthesis.label_sources import (DEFAULT_MIN_COMPONENT_VOXELS, LABEL_MODES, LABEL_SOURCES)
 from nnunet_diffaug.synthesis.rawspace import RawSpace
-from nnunet_diffaug.synthesis.synthesizer import STAGES, Synthesizer, resolve_device
+from nnunet_diffaug.synthesis.synthesizer import resolve_device
 
 PART_LOCK_WAIT_S = 30.0  # then refuse: the other process is doing this part's work
-DEFAULT_RESAMPLE_JUMPS = 1  # RePaint redos per step: each doubles the model calls
 # Per-class intensity calibration is on by default for the diffusion generator: a small synthesizer paints thin
 # structures at the wrong brightness, and cases as painted cost Dice where calibrated ones did not (docs/measured.md).
 # Sets record it in their provenance only when on, so --no-calibrate-intensity continues older sets.
@@ -52,63 +47,6 @@ def case_id_for(index: int) -> str:
 
 def _case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
-
-
-def _hints(syn: Synthesizer, data: FoldData, source: str | None, source_image: np.ndarray | None,
-           rng: np.random.Generator, spacing: list[float] | None,
-           intensity: ClassIntensityPlan | None = None) -> tuple[dict, dict]:
-    """The optional extra conditioning of one case: keyword arguments for painting, and its record.
-
-    Edge hint: the source's real image edges when there is a source, else label boundaries only.
-    Spacing tag: ``spacing`` if given, else the source case's acquisition spacing, else (generated maps)
-    the spacing of a random training case, so the synthetic set follows the training distribution.
-    Class intensity: the statistics ``intensity`` gives for the source case, else (generated maps) for
-    that same random training case, so spacing and appearance come from one real case.
-    """
-    dcfg = syn.config.diffusion
-    kwargs, record = {}, {}
-    if dcfg.edge_hint:
-        kwargs["edge_images"] = None if source_image is None else source_image[None]
-        record["edge_hint"] = "labels" if source_image is None else "labels+image"
-    real_case = source
-    if real_case is None and ((dcfg.tag_conditioning and spacing is None) or intensity is not None):
-        real_case = data.training_cases[int(rng.integers(len(data.training_cases)))]
-    if dcfg.tag_conditioning:
-        if spacing is None:
-            spacing = data.acquisition_spacing(real_case)
-        kwargs["spacing"] = [float(v) for v in spacing]
-        record["spacing_tag"] = kwargs["spacing"]
-    if intensity is not None:
-        kwargs["class_stats"], record["class_intensity"] = intensity.for_case(real_case, rng)
-    return kwargs, record
-
-
-def _class_intensity_plan(syn: Synthesizer, data: FoldData, syn_folder: Path, jitter: float,
-                          requests: list[str] | None) -> ClassIntensityPlan | None:
-    """The per-class statistics plan of a synthesizer trained with ``class_intensity`` (None otherwise);
-    refuses the flags for one trained without. Requested means are in the synthetic raw images' units."""
-    if not syn.config.diffusion.class_intensity:
-        for flag, given in (("--intensity-jitter", jitter), ("--class-intensity", requests)):
-            if given:
-                raise DiffAugError(f"{flag}: the synthesizer in {syn_folder} was trained without class intensity "
-                                   f"conditioning (diffusion.class_intensity in its config.json), so it cannot take "
-                                   f"per-class intensities.")
-        return None
-    names = {k: int(v) for k, v in data.dataset_json["labels"].items()}
-    raw_means = parse_intensity_requests(requests, names, syn.spec.label_values, syn.spec.in_channels)
-    props = data.plans_manager.foreground_intensity_properties_per_channel
-    means = {k: [normalised_value(v, scheme, props.get(str(c), props.get(c)))
-                 for c, (v, scheme) in enumerate(zip(m, data.cm.normalization_schemes))] for k, m in raw_means.items()}
-    return _fold_statistics_plan(data, syn.spec.label_values, jitter, means)
-
-
-def _fold_statistics_plan(data: FoldData, label_values: list[int], jitter: float = 0.0,
-                          means: dict | None = None) -> ClassIntensityPlan:
-    """Every training case's per-class statistics (the targets of conditioning and of calibration)."""
-    name_of_value = {int(v): k for k, v in data.dataset_json["labels"].items()}
-    class_names = [name_of_value[v] for v in label_values] + ["outside"]
-    return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
-                              jitter, means)
 
 
 def _real_dataset_json(dataset_name: str, data: FoldData) -> dict:
@@ -133,141 +71,6 @@ def write_montage(folder: Path, dataset_json: dict, max_cases: int = 8) -> None:
     lo, hi = np.percentile(np.concatenate([i.ravel() for i in images]), [1, 99])
     save_montage(folder / MONTAGE_FILE, [("synthetic", images)], labels, max(label_values(dataset_json)) + 1,
                  f"{folder.name}: {', '.join(cid for cid, _ in cases)}", float(lo), float(hi))
-
-
-def _provenance(syn: Synthesizer, syn_folder: Path, smp, labels: str, seed: int) -> SyntheticProvenance:
-    """What the trainer needs to trust the set; identical requests give identical provenance (so reruns continue)."""
-    spec = syn.spec
-    return SyntheticProvenance(
-        source_dataset=spec.dataset_name, fold=spec.fold, configuration=spec.configuration,
-        training_cases=list(spec.training_cases),
-        generator={"kind": "label_conditioned_latent_diffusion", "conditioning": syn.config.diffusion.conditioning,
-                   "label_mode": labels, "config": syn.config.base, "plans_identifier": spec.plans_identifier,
-                   "checkpoint": str(syn_folder.relative_to(paths.nnunet_results())),  # relative: results may move
-                   "checkpoint_sha256": weights_sha256(syn_folder, STAGES),
-                   "sampler": smp.name, "steps": smp.steps,
-                   "augmentation": {k: getattr(syn.config.sampling, k)
-                                    for k in ("rotate_degrees", "scale_range", "translate_fraction")},
-                   **_extra_conditioning(syn), **_outside_data(syn, syn_folder)},
-        seed=seed)
-
-
-def _outside_data(syn: Synthesizer, syn_folder: Path) -> dict:
-    """Unlabelled images and init source of the synthesizer, and label guidance, recorded only when used: a set
-    made with them is never a continuation of one made without (see outside_data.py)."""
-    from nnunet_diffaug.synthesis.outside_data import provenance_entries
-    out = provenance_entries(syn_folder)
-    if syn.config.sampling.label_guidance != 1.0:
-        out["label_guidance"] = float(syn.config.sampling.label_guidance)
-    return out
-
-
-def _extra_conditioning(syn: Synthesizer) -> dict:
-    """Recorded only when on, so sets from synthesizers without them keep their provenance."""
-    dcfg = syn.config.diffusion
-    return {k: True for k in ("edge_hint", "tag_conditioning", "class_intensity") if getattr(dcfg, k)}
-
-
-class DiffusionGenerator(Generator):
-    """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
-    kind = "diffusion"
-    label_modes = LABEL_MODES
-    options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity", "--resample-jumps",
-               "--calibrate-intensity")
-
-    def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None,
-                 intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None,
-                 resample_jumps: int = DEFAULT_RESAMPLE_JUMPS, calibration: ClassIntensityPlan | None = None):
-        self.syn, self._syn_folder, self.data, self.smp, self.spacing = syn, syn_folder, data, smp, spacing
-        self.intensity, self.intensity_request = intensity, intensity_request
-        self.resample_jumps = resample_jumps
-        self.calibration = calibration  # targets of --calibrate-intensity (None: off)
-        self.sampling_config = syn.config.sampling
-        self.needs_source_image = syn.config.diffusion.edge_hint  # the edge hint reads the real image
-
-    @classmethod
-    def open(cls, request: SynthesisRequest) -> "DiffusionGenerator":
-        syn_folder = paths.synthesizer_folder(request.dataset_name, request.configuration, request.fold)
-        syn = Synthesizer.load(syn_folder, resolve_device(request.device))
-        spec = syn.spec
-        if request.plans_identifier not in (None, spec.plans_identifier):
-            raise DiffAugError(f"-plans {request.plans_identifier}: the synthesizer in {syn_folder} was trained on "
-                               f"{spec.plans_identifier}; drop -plans (diffusion uses the synthesizer's).")
-        data = FoldData(request.dataset_name, request.configuration, request.fold, spec.plans_identifier)
-        if data.training_cases != spec.training_cases:
-            raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {request.fold}'s training cases changed "
-                               f"since the synthesizer in {syn_folder} was trained; retrain it "
-                               f"(diffaug_train_synthesizer --overwrite).")
-        spacing = request.options.get("--spacing")
-        if spacing is not None and not syn.config.diffusion.tag_conditioning:
-            raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "
-                               f"(diffusion.tag_conditioning in its config.json), so it cannot take a spacing tag.")
-        jitter = request.options.get("--intensity-jitter") or 0.0
-        means = request.options.get("--class-intensity")
-        intensity = _class_intensity_plan(syn, data, syn_folder, jitter, means)
-        # another appearance request is another dataset, never a continuation
-        intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
-        smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
-        jumps = request.options.get("--resample-jumps")
-        calibration = None
-        if request.options.get("--calibrate-intensity"):
-            calibration = intensity or _fold_statistics_plan(data, syn.spec.label_values)
-        return cls(syn, syn_folder, data, smp, spacing, intensity, intensity_request,
-                   DEFAULT_RESAMPLE_JUMPS if jumps is None else int(jumps), calibration)
-
-    @property
-    def training_cases(self) -> list[str]:
-        return list(self.syn.spec.training_cases)
-
-    @property
-    def synthesizer_folder(self) -> Path:
-        return self._syn_folder
-
-    def provenance(self, labels: str, seed: int) -> SyntheticProvenance:
-        provenance = _provenance(self.syn, self._syn_folder, self.smp, labels, seed)
-        if self.spacing is not None:
-            provenance.generator["spacing_tag"] = [float(v) for v in self.spacing]
-        if self.intensity_request is not None:
-            provenance.generator["class_intensity_request"] = self.intensity_request
-        if self.calibration is not None:  # another set than an uncalibrated one, never a continuation of it
-            provenance.generator["calibrate_intensity"] = True
-        return provenance
-
-    def paint(self, draw: CaseDraw, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing,
-                                          self.intensity)
-        if draw.repaint is not None:  # inpaint: only the region is sampled, the rest is the real image
-            from nnunet_diffaug.synthesis.repaint import repaint_volume
-            hint_kwargs.pop("edge_images", None)  # label boundaries only: the real edges show the old structure
-            image, region = repaint_volume(self.syn, draw.labels, draw.source_image, draw.repaint,
-                                           draw.repaint_margin, self.smp, gen, self.resample_jumps, **hint_kwargs)
-            if "edge_hint" in hint_record:
-                hint_record["edge_hint"] = "labels"
-            image, calibrated = self._calibrate(image, draw, hint_kwargs, rng)
-            return image, {"sampler": self.smp.name, "steps": self.smp.steps, "resample_jumps": self.resample_jumps,
-                           **region, **hint_record, **calibrated}
-        if draw.whole_volume:  # the whole volume on the case's grid; 2D synthesizers paint it slice by slice
-            image = paint_volume(self.syn, draw.labels, self.smp, gen, **hint_kwargs)
-        else:
-            image = self.syn.generate(draw.labels[None], self.smp, gen, **hint_kwargs)[0]  # (C, *spatial)
-        image, calibrated = self._calibrate(image, draw, hint_kwargs, rng)
-        return image, {"sampler": self.smp.name, "steps": self.smp.steps, **hint_record, **calibrated}
-
-    def _calibrate(self, image: np.ndarray, draw: CaseDraw, hint_kwargs: dict,
-                   rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        """--calibrate-intensity: each foreground class moved to a real case's statistics (the ones the
-        model was conditioned on, when it was; else the source case's, or a random training case's)."""
-        if self.calibration is None:
-            return image, {}
-        target, stats_case = hint_kwargs.get("class_stats"), None
-        if target is None:  # drawn after painting: the painted case is the same with or without calibration
-            stats_case = draw.source or self.data.training_cases[int(rng.integers(len(self.data.training_cases)))]
-            target, _ = self.calibration.for_case(stats_case, rng)
-        foreground = list(range(1, len(self.data.label_values)))  # class indices; 0 background, last 'outside'
-        image, per_class = calibrate_class_intensity(image, draw.labels, np.asarray(target), foreground,
-                                                     within=draw.repaint)
-        return image, {"intensity_calibration": {"stats_case": stats_case, "classes": per_class}}
 
 
 # ``--generator`` name -> implementation; each refuses the label modes and flags it cannot take
