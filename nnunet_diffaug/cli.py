@@ -237,10 +237,12 @@ def demo_entry(argv=None):
                     "(equal real exposure) and stock nnU-Net at DiffAug's compute (stock_x150), and prints their "
                     "Dice on held-out real cases. Uses its own nnU-Net folders "
                     "inside the output folder.")
+    from nnunet_diffaug.demo import DEMO_CONFIGURATION, DEMO_EPOCHS, DEMO_ITERATIONS
     p.add_argument("-o", default="diffaug_demo_output", help="output folder")
+    p.add_argument("-c", default=DEMO_CONFIGURATION, choices=["2d", "3d_fullres"], help="nnU-Net configuration")
     p.add_argument("-device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=80, help="nnU-Net epochs per arm")
-    p.add_argument("--iterations", type=POSITIVE_INT, default=25, help="training iterations per epoch")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=DEMO_EPOCHS, help="nnU-Net epochs per arm")
+    p.add_argument("--iterations", type=POSITIVE_INT, default=DEMO_ITERATIONS, help="training iterations per epoch")
     p.add_argument("--n-synthetic", type=POSITIVE_INT, default=16, help="synthetic cases to generate")
     p.add_argument("--synthesizer-preset", default="tiny", help="synthesizer preset or config JSON file")
     p.add_argument("--verbose", action="store_true", help="show the output of every step")
@@ -248,7 +250,8 @@ def demo_entry(argv=None):
     ensure_trainer_discoverable()
     from nnunet_diffaug.demo import run_demo
     run_demo(args.o, device=args.device or _default_device(), epochs=args.epochs, iterations=args.iterations,
-             n_synthetic=args.n_synthetic, verbose=args.verbose, synthesizer_preset=args.synthesizer_preset)
+             n_synthetic=args.n_synthetic, verbose=args.verbose, synthesizer_preset=args.synthesizer_preset,
+             configuration=args.c)
 
 
 @_friendly_errors

@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_and_prints_the_comparison(tmp_path):
     assert "without nnU-Net's mirroring (--no-mirroring)" in proc.stdout
     # it reads this run only and points to the record, instead of repeating past figures that drift from it
     assert "docs/measured.md" in proc.stdout and "p 0." not in proc.stdout
-    bench = out / "benchmark"
+    bench = out / "benchmark_2d"  # the demo runs 2d unless -c 3d_fullres
     results = json.loads((bench / "benchmark_results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == {"stock", "stock_x150", "diffaug_r33_equalreal"}
     test_cases = set(results["test_cases"])
