@@ -233,10 +233,9 @@ def demo_entry(argv=None):
     p = argparse.ArgumentParser(
         prog="diffaug_demo", formatter_class=_formatter,
         description="End-to-end demo on the built-in example data (a real chest CT shipped by slicerio): builds an "
-                    "nnU-Net dataset, plans it, trains a synthesizer, synthesizes, trains stock nnU-Net, DiffAug nnU-Net "
-                    "(equal real exposure) and stock nnU-Net at DiffAug's compute (stock_x150), and prints their "
-                    "Dice on held-out real cases. Uses its own nnU-Net folders "
-                    "inside the output folder.")
+                    "nnU-Net dataset, plans it, trains a synthesizer, synthesizes, trains stock nnU-Net and "
+                    "nnUNetTrainerDiffAug with the same seed and iterations, and prints their Dice on held-out real "
+                    "cases. Uses its own nnU-Net folders inside the output folder.")
     from nnunet_diffaug.demo import DEMO_CONFIGURATION, DEMO_EPOCHS, DEMO_ITERATIONS
     p.add_argument("-o", default="diffaug_demo_output", help="output folder")
     p.add_argument("-c", default=DEMO_CONFIGURATION, choices=["2d", "3d_fullres"], help="nnU-Net configuration")
