@@ -174,6 +174,12 @@ def test_unlabelled_images_train_a_3d_synthesizer_too(example, with_unlabeled):
     assert len(list(preprocessed_folder(EXAMPLE_NAME, "nnUNetPlans", "3d_fullres").glob("*.b2nd"))) == 2
 
 
+def test_label_dropout_alone_trains_the_no_label_condition(example, with_unlabeled):
+    folder = _train({**MICRO, "diffusion": {**MICRO["diffusion"], "label_dropout": 0.5}})
+    assert json.loads((folder / "config.json").read_text())["diffusion"]["null_label"] is True
+    assert Synthesizer.load(folder, torch.device("cpu")).sampling_model(2.0) is not None  # guidance is available
+
+
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
     root, _ = example
     sets = sorted((root / "raw").glob("Dataset*_*SynthF0"))

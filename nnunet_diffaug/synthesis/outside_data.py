@@ -209,6 +209,8 @@ def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources:
     (the "no label" condition on with unlabelled images, or when the init source has it). ``unlabeled_only``: the
     images are checked against every labelled case of the dataset, not only the fold's validation cases."""
     outside = OutsideData(unlabeled_only=unlabeled_only)
+    if config.diffusion.label_dropout > 0 and not config.diffusion.null_label:  # dropped labels need the null channel
+        config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, null_label=True))
     if not sources and not init_from:
         return outside, config
     if unlabeled_only:  # blind to every labelled case: each is some fold's validation case
