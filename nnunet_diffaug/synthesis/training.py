@@ -143,7 +143,8 @@ def _seed_everything(seed: int) -> torch.Generator:
 
 def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, folder: Path,
                        device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None,
-                       unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None):
+                       unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None,
+                       outside: dict | None = None):
     acfg = cfg.autoencoder
     _seed_initialisation(seed, "autoencoder")
     ae = build_autoencoder(acfg, spec.spatial_dims, spec.in_channels).to(device)
@@ -163,7 +164,7 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
     loss_fn = AutoencoderLoss(acfg, disc)
     train_ae = distributed.for_training(ae)
     train_disc = None if disc is None else distributed.for_training(disc)
-    extra: dict = {}
+    extra: dict = dict(outside or {})  # unlabelled sources and init source: recorded in the weight files too
     weights = _class_balance("autoencoder", acfg.class_balance_max_weight, spec, patches, extra, log)
 
     def step_fn(step: int) -> dict[str, float]:
@@ -196,7 +197,8 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
 
 def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampler, ae: nn.Module, folder: Path,
                      device: torch.device, seed: int, log: TrainingLog, progress: bool, stop_after: int | None,
-                     unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None):
+                     unlabeled: UnlabeledPatchSampler | None = None, init: InitSource | None = None,
+                     outside: dict | None = None):
     dcfg = cfg.diffusion
     _seed_initialisation(seed, "diffusion")
     syn = Synthesizer(cfg, spec, device)
@@ -209,7 +211,7 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
             f"on the 'no label' condition")
     model, scheduler = syn.model, syn.train_scheduler
     optimizers = {"model": torch.optim.Adam(model.parameters(), lr=dcfg.learning_rate)}
-    extra: dict = {}
+    extra: dict = dict(outside or {})  # unlabelled sources and init source: recorded in the weight files too
     cpath = checkpoint_file(folder, "diffusion")
     if cpath.is_file():
         extra["scale_factor"] = float(ckpt.read_state(cpath)["extra"]["scale_factor"])
@@ -393,7 +395,7 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
             ae.eval()
         else:
             ae, _ = _train_autoencoder(config, spec, patches, folder, dev, seed, log, progress, stop_after,
-                                       unl_sampler, outside.init)
+                                       unl_sampler, outside.init, outside.run_entries())
             if not final_file(folder, "autoencoder").is_file():
                 return folder  # stopped early on request
             if distributed.is_main_process() and patches is not None:
@@ -407,7 +409,7 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
             log("diffusion: finished earlier, skipped")
         else:
             syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after,
-                                      unl_sampler, outside.init)
+                                      unl_sampler, outside.init, outside.run_entries())
             if not final_file(folder, "diffusion").is_file():
                 return folder  # stopped early on request
             if distributed.is_main_process() and patches is not None:
