@@ -290,6 +290,19 @@ def test_init_from_another_label_set_reinitialises_the_label_inputs(example, sou
     assert "label set differs" in (folder / "training_log.txt").read_text()
 
 
+def test_init_from_a_synthesizer_of_an_older_version_reads_what_it_saw_from_its_spec(example, source):
+    root, _ = example
+    older = root / "older_source"
+    shutil.rmtree(older, ignore_errors=True)
+    shutil.copytree(source, older)
+    (older / "seen_data.json").unlink()  # written since this version
+    folder = _train({**MICRO, "diffusion": {**MICRO["diffusion"], "steps": 1}, "autoencoder": {"steps": 1},
+                     "checkpoint_every": 1}, init_from=str(older))
+    assert json.loads((folder / "init_from_diffusion.json").read_text())["not_loaded"] == []  # same dataset and labels
+    seen = json.loads((folder / "seen_data.json").read_text())
+    assert seen["labelled_cases"][EXAMPLE_NAME] == ["chest_001", "chest_003", "chest_005", "chest_007"]
+
+
 @pytest.mark.parametrize("edit, message", [
     ("channels", r"trained on 2 channel\(s\), Dataset990_ChestCTSlabs has 1"),
     ("validation", r"its weights have seen validation case\(s\) \['chest_000'\] of fold 0"),
