@@ -176,8 +176,8 @@ def benchmark_entry(argv=None):
     p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
                    help="arms to run besides stock (always run): e.g. diffaug_r33 (constant share) "
                         "diffaug_r33_auto (the trainer's default schedule) diffaug_r33_linear "
-                        "diffaug_r33_cutoff50 diffaug_r33_equalreal patchmix synthetic_only deformed_real_r33 "
-                        "randomised_r33 (grammar in docs/benchmarking.md); default: diffaug_r33_auto")
+                        "diffaug_r33_cutoff50 diffaug_r33_equalreal diffaug_r33_auto_unlabeled patchmix synthetic_only "
+                        "deformed_real_r33 randomised_r33 (grammar in docs/benchmarking.md); default: diffaug_r33_auto")
     p.add_argument("--arms-file", default=None,
                    help="JSON file of custom arms: name -> {trainer, env, synthetic: {generator, labels} or null}")
     # older spellings of --arms diffaug_r<NN> / --arms synthetic_only, hidden from -h
@@ -463,6 +463,11 @@ def synthesize_entry(argv=None):
                         "spread toward that case's, the painted texture kept), so no structure looks like its "
                         "surroundings; --no-calibrate-intensity keeps the cases as painted (and continues sets made "
                         "before this was the default)")
+    p.add_argument("--label-guidance", type=_float_in(0), default=None, metavar="W",
+                   help="--generator diffusion, synthesizers trained with the 'no label' condition (--unlabeled or "
+                        "diffusion.label_dropout): classifier-free guidance weight on the label map, 1 = plain "
+                        "conditional sampling, > 1 pushes each image towards its label map at twice the model calls "
+                        "(default: the synthesizer config's sampling.label_guidance, 1)")
     inpaint = p.add_argument_group(
         "inpainting (--labels inpaint)", "edit one structure of a real case and repaint only the region around it; "
                                          "outside it every voxel is the real case's")
@@ -525,7 +530,7 @@ def synthesize_entry(argv=None):
                   intensity_jitter=args.intensity_jitter, class_intensity=args.class_intensity, verbose=args.verbose,
                   classes=args.classes, host=args.host, edit=args.edit, margin=args.margin,
                   scale_range=args.scale_range, resample_jumps=args.resample_jumps,
-                  calibrate_intensity=args.calibrate_intensity)
+                  calibrate_intensity=args.calibrate_intensity, label_guidance=args.label_guidance)
     if args.judge is None:
         if args.candidates is not None or args.min_class_dice is not None or args.disable_tta:
             raise DiffAugError("--candidates, --min-class-dice and --disable_tta need --judge MODEL.")

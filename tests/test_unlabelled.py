@@ -214,6 +214,30 @@ def test_label_guidance_needs_the_no_label_condition(example, plain, with_unlabe
         old.generate(labels, old.sampler("ddim", 2), torch.Generator().manual_seed(0), guidance=2.0)
 
 
+
+def _make_fold_synthesizer(copy: Path) -> None:
+    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
+    shutil.rmtree(folder)
+    shutil.copytree(copy, folder)
+
+
+def test_synthesize_takes_a_label_guidance_weight_and_records_it(example, plain, with_unlabeled, tmp_path):
+    before = shutil.copytree(synthesizer_folder(EXAMPLE_NAME, "2d", 0), tmp_path / "before")
+    _make_fold_synthesizer(with_unlabeled)
+    guided = synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False,
+                        label_guidance=2.5)
+    assert read_provenance(guided).generator["label_guidance"] == 2.5  # another set than the unguided one
+    unguided = synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False)
+    assert unguided != guided and "label_guidance" not in read_provenance(unguided).generator
+    _make_fold_synthesizer(plain)
+    with pytest.raises(DiffAugError, match=r"--label-guidance: .*trained without the 'no label' condition"):
+        synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False,
+                   label_guidance=2.0)
+    with pytest.raises(DiffAugError, match=r"--label-guidance do\(es\) not apply to --generator randomised"):
+        synthesize(EXAMPLE_NAME, "2d", 0, 1, generator="randomised", progress=False, label_guidance=2.0)
+    _make_fold_synthesizer(before)  # as it was, for the tests below
+
+
 def test_mixed_batches_hold_the_configured_share_on_the_null_condition(example, with_unlabeled):
     from nnunet_diffaug.synthesis.data import FoldData, PatchSampler
     from nnunet_diffaug.synthesis.unlabeled_data import MixedSampler, UnlabeledPatchSampler

@@ -92,7 +92,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                intensity_jitter: float = 0.0, class_intensity: list[str] | None = None, classes: str | None = None,
                host: str | None = None, edit: str | None = None, margin: int | None = None,
                scale_range: str | None = None, resample_jumps: int | None = None,
-               calibrate_intensity: bool | None = None) -> Path:
+               calibrate_intensity: bool | None = None, label_guidance: float | None = None) -> Path:
     """Writes (or continues) a synthetic raw dataset of the fold painted by ``generator``. Returns its folder.
 
     ``spacing``: acquisition-spacing tag for every case (synthesizers trained with tag conditioning).
@@ -106,6 +106,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     (see :mod:`inpainting`; comma-separated class names/values and edits, scale as ``LOW:HIGH``).
     ``calibrate_intensity``: move every foreground class to a real case's intensity statistics after
     painting (:mod:`intensity_calibration`); ``None`` = on for the diffusion generator, the only one it applies to.
+    ``label_guidance``: classifier-free guidance weight on the label map (synthesizers trained with the "no label"
+    condition); ``None`` = the synthesizer config's ``sampling.label_guidance``.
     """
     if generator not in GENERATORS:
         raise DiffAugError(f"--generator {generator!r} is not available; choose one of {tuple(GENERATORS)}.")
@@ -141,7 +143,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
         "--sampler": sampler, "--steps": steps, "--spacing": spacing, "--randomisation": randomisation,
         "--class-prior": class_prior,
         "--intensity-jitter": intensity_jitter or None, "--class-intensity": class_intensity or None,
-        "--resample-jumps": resample_jumps, "--calibrate-intensity": calibrate_intensity or None})
+        "--resample-jumps": resample_jumps, "--calibrate-intensity": calibrate_intensity or None,
+        "--label-guidance": label_guidance})
     kind.check_request(request)  # flags and label modes this generator cannot take: refused before any reading
     dev = resolve_device(device)
     painter = kind.open(request)

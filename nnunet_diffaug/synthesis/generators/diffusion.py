@@ -103,7 +103,7 @@ class DiffusionGenerator(Generator):
     kind = "diffusion"
     label_modes = LABEL_MODES
     options = ("--sampler", "--steps", "--spacing", "--intensity-jitter", "--class-intensity", "--resample-jumps",
-               "--calibrate-intensity")
+               "--calibrate-intensity", "--label-guidance")
 
     def __init__(self, syn: Synthesizer, syn_folder: Path, data: FoldData, smp, spacing: list[float] | None,
                  intensity: ClassIntensityPlan | None = None, intensity_request: dict | None = None,
@@ -138,6 +138,13 @@ class DiffusionGenerator(Generator):
         # another appearance request is another dataset, never a continuation
         intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
         smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
+        guidance = request.options.get("--label-guidance")
+        if guidance is not None:  # this run's weight; the provenance records it (another set than unguided)
+            try:
+                syn.sampling_model(guidance)  # refuses a model without the 'no label' condition
+            except DiffAugError as e:
+                raise DiffAugError(f"--label-guidance: {e} ({syn_folder})") from None
+            syn.config.sampling.label_guidance = float(guidance)
         jumps = request.options.get("--resample-jumps")
         calibration = None
         if request.options.get("--calibrate-intensity"):
