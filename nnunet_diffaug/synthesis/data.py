@@ -157,30 +157,35 @@ class FoldData:
 
     # ------------------------------------------------------------------ intensity range
     def intensity_range(self, rng: np.random.Generator, n_samples: int = 32) -> tuple[list[float], list[float]]:
-        """Per-channel [min, max] of the normalised training data; decoded images are clamped to it.
-
-        CT normalisation clips to known percentiles, so its range is exact; other schemes are
-        estimated from whole cases (up to ``n_samples``), widened by 5%.
-        """
-        props = self.plans_manager.foreground_intensity_properties_per_channel
-        lo, hi = [], []
+        """Per-channel [min, max] of the normalised training data (:func:`normalised_intensity_range`, estimated
+        from up to ``n_samples`` whole cases); decoded images are clamped to it."""
         cases = list(self.training_cases)
         rng.shuffle(cases)
-        for c, scheme in enumerate(self.cm.normalization_schemes):
-            p = props.get(str(c), props.get(c))
-            if scheme == "CTNormalization" and p is not None:
-                std = max(float(p["std"]), 1e-8)
-                lo.append((float(p["percentile_00_5"]) - float(p["mean"])) / std)
-                hi.append((float(p["percentile_99_5"]) - float(p["mean"])) / std)
-                continue
-            vmin, vmax = np.inf, -np.inf
-            for case_id in cases[:n_samples]:
-                arr = np.asarray(self.case(case_id)[0][c][...])
-                vmin, vmax = min(vmin, float(arr.min())), max(vmax, float(arr.max()))
-            margin = 0.05 * (vmax - vmin)
-            lo.append(vmin - margin)
-            hi.append(vmax + margin)
-        return lo, hi
+        return normalised_intensity_range(
+            self.plans_manager, self.cm,
+            lambda c: (np.asarray(self.case(case_id)[0][c][...]) for case_id in cases[:n_samples]))
+
+
+def normalised_intensity_range(plans_manager, cm, channel_arrays) -> tuple[list[float], list[float]]:
+    """Per-channel [min, max] of data in nnU-Net's normalised space. CT normalisation clips to known percentiles,
+    so its range is exact; other schemes are estimated from the arrays ``channel_arrays(c)`` yields for channel
+    ``c``, widened by 5%."""
+    props = plans_manager.foreground_intensity_properties_per_channel
+    lo, hi = [], []
+    for c, scheme in enumerate(cm.normalization_schemes):
+        p = props.get(str(c), props.get(c))
+        if scheme == "CTNormalization" and p is not None:
+            std = max(float(p["std"]), 1e-8)
+            lo.append((float(p["percentile_00_5"]) - float(p["mean"])) / std)
+            hi.append((float(p["percentile_99_5"]) - float(p["mean"])) / std)
+            continue
+        vmin, vmax = np.inf, -np.inf
+        for arr in channel_arrays(c):
+            vmin, vmax = min(vmin, float(arr.min())), max(vmax, float(arr.max()))
+        margin = 0.05 * (vmax - vmin)
+        lo.append(vmin - margin)
+        hi.append(vmax + margin)
+    return lo, hi
 
 
 def fit_patch_size(requested: list[int], volume_shapes: list[tuple[int, ...]], divisor: int) -> list[int]:

@@ -41,7 +41,7 @@ from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
 from nnunet_diffaug.synthesis import checkpoint as ckpt
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
-from nnunet_diffaug.synthesis.data import DataSpec, FoldData, fit_patch_size
+from nnunet_diffaug.synthesis.data import DataSpec, FoldData, fit_patch_size, normalised_intensity_range
 from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.synthesizer import STAGES, read_run_files
 
@@ -247,19 +247,8 @@ def unlabeled_only_spec(data: FoldData, config: SynthesizerConfig, images: list)
     (CT: the plans' clipping range, as for the folds)."""
     requested = config.data.patch_size_3d if data.spatial_dims == 3 else config.data.patch_size_2d
     shapes = [tuple(im.shape[2:]) if data.spatial_dims == 2 else tuple(im.shape[1:]) for im in images]
-    props = data.plans_manager.foreground_intensity_properties_per_channel
-    lo, hi = [], []
-    for c, scheme in enumerate(data.cm.normalization_schemes):
-        p = props.get(str(c), props.get(c))
-        if scheme == "CTNormalization" and p is not None:
-            std = max(float(p["std"]), 1e-8)
-            lo.append((float(p["percentile_00_5"]) - float(p["mean"])) / std)
-            hi.append((float(p["percentile_99_5"]) - float(p["mean"])) / std)
-            continue
-        values = [np.asarray(im.load()[c]) for im in images[:32]]
-        vmin, vmax = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-        lo.append(vmin - 0.05 * (vmax - vmin))
-        hi.append(vmax + 0.05 * (vmax - vmin))
+    lo, hi = normalised_intensity_range(data.plans_manager, data.cm,
+                                        lambda c: (np.asarray(im.load()[c]) for im in images[:32]))
     return DataSpec(dataset_name=data.dataset_name, configuration=data.configuration,
                     plans_identifier=data.plans_identifier, fold=-1, training_cases=[],
                     spatial_dims=data.spatial_dims, in_channels=data.in_channels, label_values=data.label_values,
