@@ -506,3 +506,21 @@ def test_the_benchmark_refuses_a_pool_image_that_is_a_test_case(tmp_path, monkey
                               test_cases=("toy_000", "toy_001", "toy_002"), arms=("diffaug_r33_unlabeled",))
     with pytest.raises(DiffAugError, match="leaves no pool case outside"):
         run_benchmark(s_all, tmp_path / "ws_all", runner=runner)
+
+
+def test_a_large_pool_keeps_a_bounded_number_of_files_open(tmp_path):
+    import os
+    import blosc2
+    from nnunet_diffaug.synthesis import unlabeled_data
+    from nnunet_diffaug.unlabeled import PreprocessedImage
+    images = []
+    for i in range(unlabeled_data.OPEN_ARRAYS + 40):
+        path = str(tmp_path / f"img{i}.b2nd")
+        blosc2.asarray(np.full((1, 2, 8, 8), i, dtype=np.float32), urlpath=path, mode="w")
+        images.append(PreprocessedImage(f"h{i}", path, [1.0, 1.0, 1.0], [1, 2, 8, 8]))
+    sampler = unlabeled_data.UnlabeledPatchSampler(images, [8, 8], spatial_dims=2)
+    before = len(os.listdir("/proc/self/fd"))
+    rng = np.random.default_rng(0)
+    seen = {int(sampler.sample(rng)[0].max()) for _ in range(2000)}
+    assert len(seen) == len(images)  # every image was read, each with its own content
+    assert len(os.listdir("/proc/self/fd")) - before <= unlabeled_data.OPEN_ARRAYS

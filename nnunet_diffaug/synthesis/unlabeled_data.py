@@ -9,6 +9,7 @@ stream), so synthesizers trained without them train as before.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from nnunet_diffaug.synthesis.data import PatchSampler, pad_to
 
 UNLABELED_PREFIX = "unlabeled:"  # the case id of an unlabelled sample in a batch
+OPEN_ARRAYS = 64  # memory-mapped pool images kept open: a pool of thousands must not exhaust file handles
 
 
 class UnlabeledPatchSampler:
@@ -24,14 +26,18 @@ class UnlabeledPatchSampler:
     def __init__(self, images: list, patch_size: list[int], spatial_dims: int):
         self.images = list(images)
         self.patch_size, self.spatial_dims = list(patch_size), spatial_dims
-        self._arrays: dict[int, np.ndarray] = {}
+        self._arrays: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
         units = np.array([im.shape[1] if spatial_dims == 2 else 1 for im in self.images], dtype=float)
         self.units = float(units.sum())          # slices (2D) or volumes (3D): the autoencoder's share
         self.p = units / units.sum()
 
     def _array(self, i: int) -> np.ndarray:
-        if i not in self._arrays:
-            self._arrays[i] = self.images[i].load()
+        if i in self._arrays:
+            self._arrays.move_to_end(i)
+            return self._arrays[i]
+        if len(self._arrays) >= OPEN_ARRAYS:
+            self._arrays.popitem(last=False)  # its memory map (and file handle) goes with its last reference
+        self._arrays[i] = self.images[i].load()
         return self._arrays[i]
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
