@@ -367,6 +367,8 @@ def train_synthesizer_entry(argv=None):
     args = p.parse_args(argv)
     if args.f is None and not args.unlabeled_only:
         p.error("the following arguments are required: -f")
+    if args.f is not None and args.unlabeled_only:
+        p.error("-f: an --unlabeled-only synthesizer belongs to no fold (it is refused every labelled case); drop -f")
     preset, plans = _preset_and_plans(args)
     from nnunet_diffaug.synthesis import distributed
     if args.nproc > 1 and not distributed.launched_by_torchrun():
@@ -463,10 +465,11 @@ def synthesize_entry(argv=None):
                         "spread toward that case's, the painted texture kept), so no structure looks like its "
                         "surroundings; --no-calibrate-intensity keeps the cases as painted (and continues sets made "
                         "before this was the default)")
-    p.add_argument("--label-guidance", type=_float_in(0), default=None, metavar="W",
+    p.add_argument("--label-guidance", type=_float_in(1), default=None, metavar="W",
                    help="--generator diffusion, synthesizers trained with the 'no label' condition (--unlabeled or "
                         "diffusion.label_dropout): classifier-free guidance weight on the label map, 1 = plain "
-                        "conditional sampling, > 1 pushes each image towards its label map at twice the model calls "
+                        "conditional sampling, > 1 pushes each image towards its label map at twice the model calls; below 1 "
+                        "images would follow their labels less, so it is refused "
                         "(default: the synthesizer config's sampling.label_guidance, 1)")
     inpaint = p.add_argument_group(
         "inpainting (--labels inpaint)", "edit one structure of a real case and repaint only the region around it; "

@@ -6,7 +6,8 @@ A source is a folder of images named as nnU-Net's imagesTs (``CASE_0000<file_end
 channel), or another nnU-Net raw dataset (its imagesTr and imagesTs; labels are ignored). Refused, with the
 file named: another file ending, a channel count other than the dataset's, unreadable or non-finite images,
 and an image whose content equals one of the fold's validation cases (compared by a content hash of the
-voxels and spacing as nnU-Net's reader returns them, so a renamed or re-compressed copy is found too).
+voxels and spacing as nnU-Net's reader returns them, so an exact voxel copy under another name or compression
+is found too; a resampled or cropped copy is not).
 
 Preprocessing is nnU-Net's own (``run_case_npy`` of the configuration's preprocessor, with the real plans),
 as the synthetic cases get; the results are cached by content hash in

@@ -70,3 +70,14 @@ def test_deprecated_spellings_are_hidden_from_help(command, old, capsys):
         command.__wrapped__(["-h"])
     shown = capsys.readouterr().out.split()
     assert not [flag for flag in old if flag in shown or f"{flag}," in shown]
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    (cli.synthesize_entry, SYNTH + ["--label-guidance", "0.5"], "--label-guidance: must lie in [1"),
+    (cli.train_synthesizer_entry, ["-d", "990", "-f", "0", "--unlabeled", "pool", "--unlabeled-only"],
+     "an --unlabeled-only synthesizer belongs to no fold"),
+])
+def test_contradicting_or_weakening_flags_are_refused_while_parsing(command, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        command.__wrapped__(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

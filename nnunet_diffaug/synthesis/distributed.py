@@ -11,6 +11,7 @@ Without torchrun every helper here does nothing, so single-process training is u
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Any, Iterator
 
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from nnunet_diffaug.errors import DiffAugError
+
+GROUP_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def launched_by_torchrun() -> bool:
@@ -80,7 +83,9 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     device = _device_of_this_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # process 0 alone hashes and preprocesses new unlabelled images before the others may read them: with a large
+    # pool that takes longer than the collectives' default 10 minutes, so the others wait up to a day
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=GROUP_TIMEOUT)
     try:
         yield device
     finally:
