@@ -524,3 +524,16 @@ def test_a_large_pool_keeps_a_bounded_number_of_files_open(tmp_path):
     seen = {int(sampler.sample(rng)[0].max()) for _ in range(2000)}
     assert len(seen) == len(images)  # every image was read, each with its own content
     assert len(os.listdir("/proc/self/fd")) - before <= unlabeled_data.OPEN_ARRAYS
+
+
+def test_init_from_a_source_without_the_no_label_condition_loads_no_half_layer(example, plain):
+    root, pool = example
+    folder = _train({**MICRO, "diffusion": {**MICRO["diffusion"], "steps": 1}, "autoencoder": {"steps": 1},
+                     "checkpoint_every": 1}, init_from=str(plain), unlabeled=[str(pool)])
+    record = json.loads((folder / "init_from_diffusion.json").read_text())
+    not_loaded = {r["tensor"]: r["why"] for r in record["not_loaded"]}
+    grown = {n[:-len("weight")] for n, why in not_loaded.items() if n.endswith(".weight") and why.startswith("shape")}
+    assert grown and all("mlp_shared" in layer for layer in grown)  # the layers that read the condition map
+    assert not [layer for layer in grown if layer + "bias" in record["loaded"]]
+    assert {not_loaded[layer + "bias"] for layer in grown if layer + "bias" in not_loaded} == \
+        {"its layer's weight was not loaded"}

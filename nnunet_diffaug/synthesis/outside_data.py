@@ -117,6 +117,12 @@ class InitSource:
             else:
                 merged[name] = theirs.to(value.device, value.dtype)
                 loaded.append(name)
+        # a layer is loaded whole or not at all: a source bias beside a freshly initialised weight is neither
+        not_loaded = {n for n, _ in skipped}
+        for name in [n for n in loaded if n.endswith(".bias") and n[:-len("bias")] + "weight" in not_loaded]:
+            merged[name] = own[name]
+            loaded.remove(name)
+            skipped.append((name, "its layer's weight was not loaded"))
         unused = sorted(set(source) - set(own))
         module.load_state_dict(merged)
         atomic_write_json(out_folder / f"init_from_{stage}.json",
