@@ -149,3 +149,12 @@ def read_json(path: str | os.PathLike, if_missing: str = ""):
         raise DiffAugError(f"{path} is not valid JSON: {e}") from None
     except UnicodeDecodeError:
         raise DiffAugError(f"{path} is not a text (JSON) file.") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

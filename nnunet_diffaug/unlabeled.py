@@ -29,7 +29,7 @@ import numpy as np
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.file_io import atomic_path, atomic_write_json, read_json
+from nnunet_diffaug.file_io import atomic_path, atomic_write_json, file_sha256, read_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, num_channels
 
 CACHE_DIR = "diffaug_unlabeled"
@@ -174,14 +174,6 @@ def content_sha256(data: np.ndarray, spacing) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([list(data.shape), [round(float(s), 4) for s in spacing]]).encode())
     h.update(np.ascontiguousarray(data, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

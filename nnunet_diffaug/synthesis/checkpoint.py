@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.file_io import atomic_path
+from nnunet_diffaug.file_io import atomic_path, file_sha256
 
 _STATE_KEY = "diffaug_state"
 
@@ -86,14 +86,6 @@ def optimizer_from_flat(name: str, optimizer: torch.optim.Optimizer, tensors: di
         pid, key = k.split(".", 1)
         state.setdefault(int(pid), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": json_part["param_groups"]})
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def final_file(folder: str | os.PathLike, stage: str) -> Path:
