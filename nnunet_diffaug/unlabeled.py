@@ -269,6 +269,28 @@ def validation_hashes(dataset_name: str, validation_cases: list[str], plans: dic
     return {h: c for (h, _), c in zip(hashes, validation_cases)}
 
 
+def cases_equal_to(validation: dict[str, str], other_dataset: str, cases: list[str], plans: dict,
+                   dataset_name: str) -> dict[str, str] | None:
+    """case -> the validation case (``validation``: content hash -> case) whose content it equals, for labelled
+    cases of ``other_dataset`` (what an --init-from source trained on); None when they cannot be compared (that
+    dataset's raw images are not in $nnUNet_raw, or not readable as this dataset's)."""
+    raw = paths.nnunet_raw() / other_dataset
+    if not (raw / "dataset.json").is_file():
+        return None
+    if not validation:
+        return {}
+    known = list_cases(raw, load_dataset_json(raw))
+    present = [c for c in cases if c in known]
+    cache = _HashCache(cache_root(dataset_name) / HASHES_FILE)
+    try:
+        hashes = hash_images([known[c]["images"] for c in present], _reader(plans), cache)
+    except DiffAugError:
+        return None
+    finally:
+        cache.save()
+    return {c: validation[h] for (h, _), c in zip(hashes, present) if h in validation}
+
+
 def hash_and_check(images: list[UnlabeledImage], dataset_name: str, plans: dict, validation_cases: list[str],
                    fold: int | None, progress: bool = False) -> None:
     """Fills in the content hashes of ``images`` (reading each once; refusing unreadable ones) and refuses any

@@ -330,6 +330,8 @@ def test_init_from_a_synthesizer_of_an_older_version_reads_what_it_saw_from_its_
 @pytest.mark.parametrize("edit, message", [
     ("channels", r"trained on 2 channel\(s\), Dataset990_ChestCTSlabs has 1"),
     ("validation", r"its weights have seen validation case\(s\) \['chest_000'\] of fold 0"),
+    ("copy", r"seen labelled cases of Dataset998_ChestCopy whose images are validation cases of fold 0 .*"
+             r"chest_000 = chest_000"),
 ])
 def test_init_from_is_refused_for_other_channels_or_a_source_that_saw_validation_cases(example, source, edit, message):
     root, _ = example
@@ -340,9 +342,16 @@ def test_init_from_is_refused_for_other_channels_or_a_source_that_saw_validation
         run = json.loads((bad / "synthesizer.json").read_text())
         run["spec"]["in_channels"] = 2
         (bad / "synthesizer.json").write_text(json.dumps(run))
-    else:  # as a synthesizer of fold 1 would have: fold 0's validation cases among its labelled cases
+    elif edit == "validation":  # as a synthesizer of fold 1 would have: fold 0's validation cases among its cases
         seen = json.loads((bad / "seen_data.json").read_text())
         seen["labelled_cases"][EXAMPLE_NAME].append("chest_000")
+        (bad / "seen_data.json").write_text(json.dumps(seen))
+    else:  # trained on a copy of this dataset under another name: only the contents can tell
+        copy = root / "raw" / "Dataset998_ChestCopy"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(root / "raw" / EXAMPLE_NAME, copy)
+        seen = json.loads((bad / "seen_data.json").read_text())
+        seen["labelled_cases"] = {"Dataset998_ChestCopy": ["chest_000", "chest_001"]}
         (bad / "seen_data.json").write_text(json.dumps(seen))
     with pytest.raises(DiffAugError, match=message):
         _train(MICRO, init_from=str(bad))

@@ -162,12 +162,26 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
                            f"{data.fold} of {data.dataset_name} (as labelled cases; a synthesizer of another fold "
                            f"trains on this fold's validation cases). Start from a synthesizer of another dataset "
                            f"or of this fold.")
-    if seen["unlabeled_content_sha256"]:
+    # another dataset's name can hide this dataset's cases (a copy, or "Dataset1xx = Dataset0xx + more"): compare
+    # the contents of what the source saw, not only names
+    others = {name: cases for name, cases in seen["labelled_cases"].items() if name != data.dataset_name and cases}
+    if seen["unlabeled_content_sha256"] or others:
         val = unl.validation_hashes(data.dataset_name, validation, data.plans_manager.plans, f"--init-from {src}")
         hit = sorted(val[h] for h in seen["unlabeled_content_sha256"] if h in val)
         if hit:
             raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {hit[:5]} of fold "
                                f"{data.fold} of {data.dataset_name} among its unlabelled images (same content hash).")
+        for name, cases in sorted(others.items()):
+            equal = unl.cases_equal_to(val, name, cases, data.plans_manager.plans, data.dataset_name)
+            if equal:
+                pairs = ", ".join(f"{c} = {v}" for c, v in sorted(equal.items())[:5])
+                raise DiffAugError(f"--init-from {src}: its weights have seen labelled cases of {name} whose images "
+                                   f"are validation cases of fold {data.fold} of {data.dataset_name} (same content "
+                                   f"hash: {pairs}). Start from a synthesizer that never saw them.")
+            if equal is None:
+                print(f"NOTE: --init-from {src}: the labelled cases it saw of {name} could not be compared by content "
+                      f"with fold {data.fold}'s validation cases ($nnUNet_raw/{name} is absent or unreadable here); "
+                      f"only their names were checked.")
     our_labels = dict(data.dataset_json["labels"])
     if seen.get("labels") is not None:
         same = seen["labels"] == our_labels
