@@ -54,6 +54,11 @@ class LabelConditionedUNet(nn.Module):
         return self.unet(z, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
+def classifier_free_guidance(conditional: torch.Tensor, null: torch.Tensor, weight: float) -> torch.Tensor:
+    """Ho & Salimans (arXiv 2207.12598, 2022): ``null + w * (conditional - null)``; w = 1 is the conditional model."""
+    return null + weight * (conditional - null)
+
+
 class GuidedModel(nn.Module):
     """Classifier-free guidance on the label map (Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv
     2207.12598, 2022): ``null + w * (conditional - null)``, the null branch on the learned "no label" condition
@@ -69,8 +74,7 @@ class GuidedModel(nn.Module):
         both = Condition(torch.cat([condition.spatial, null_spatial(condition.spatial)]),
                          None if spacing is None else torch.cat([spacing.reshape(-1, spacing.shape[-1])] * 2))
         out = self.model(torch.cat([z, z]), torch.cat([timesteps, timesteps]), both)
-        cond, null = out.chunk(2)
-        return null + self.guidance * (cond - null)
+        return classifier_free_guidance(*out.chunk(2), self.guidance)
 
 
 def build_image_generator(cfg: DiffusionConfig, spatial_dims: int, latent_channels: int, num_classes: int,

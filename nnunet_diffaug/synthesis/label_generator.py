@@ -25,7 +25,7 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.synthesis.checkpoint import final_file, load_checkpoint, unprefixed
 from nnunet_diffaug.synthesis.config import DiffusionConfig, LabelGeneratorConfig
 from nnunet_diffaug.synthesis.ema import ema_weights
-from nnunet_diffaug.synthesis.image_generator import build_train_scheduler
+from nnunet_diffaug.synthesis.image_generator import build_train_scheduler, classifier_free_guidance
 from nnunet_diffaug.synthesis.label_autoencoder import build_label_autoencoder, decode_to_classes
 from nnunet_diffaug.synthesis.sampling import Sampler, enable_fast_cpu_convolutions, padded_shape
 
@@ -166,8 +166,7 @@ class LabelGenerator:
             tt = torch.full((n,), t, device=self.device, dtype=torch.long)
             if guided:  # one batched call for the conditional and the null branch
                 both = self.model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([cond, null])).float()
-                out_c, out_u = both[:n], both[n:]
-                out = out_u + guidance * (out_c - out_u)
+                out = classifier_free_guidance(both[:n], both[n:], guidance)
             else:
                 out = self.model(z, tt, cond).float()
             z = sampler.step(out, t, z, generator if sampler.name == "ddpm" else None)

@@ -31,7 +31,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from nnunet_diffaug import paths
@@ -285,11 +284,3 @@ def provenance_entries(folder: Path) -> dict:
         return {}
     return {k: run[k] for k in ("unlabeled", "init_from") if k in run}
 
-
-def torch_mask_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``weights`` (B, ...) with the rows marked in ``rows`` (B,) set to 1 (samples without a label map)."""
-    if not bool(rows.any()):
-        return weights
-    out = weights.clone()
-    out[rows.to(out.device)] = 1.0
-    return out

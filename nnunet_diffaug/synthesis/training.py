@@ -35,7 +35,7 @@ from nnunet_diffaug.synthesis.label_training import train_label_generator
 from nnunet_diffaug.synthesis.stage_runner import INIT_STEP, TrainingLog, learning_rate_at, run_stage
 from nnunet_diffaug.synthesis.loss_weights import (class_voxel_fractions, class_weights, latent_weight_map,
                                                    voxel_weight_map, weighted_mean)
-from nnunet_diffaug.synthesis.outside_data import (UNLABELED_FILE, InitSource, gather, torch_mask_rows,
+from nnunet_diffaug.synthesis.outside_data import (UNLABELED_FILE, InitSource, gather,
                                                    unlabeled_only_folder, unlabeled_only_spec)
 from nnunet_diffaug.synthesis.plotting import save_montage
 from nnunet_diffaug.synthesis.unlabeled_data import (UNLABELED_PREFIX, MixedBatch, MixedSampler,
@@ -176,8 +176,8 @@ def _train_autoencoder(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSam
         with autocast(device, cfg.mixed_precision):
             recon, z_mu, z_sigma = train_ae(images)
         recon, z_mu, z_sigma = recon.float(), z_mu.float(), z_sigma.float()
-        voxel_weights = None if weights is None else torch_mask_rows(voxel_weight_map(labels.to(device), weights),
-                                                                     batch.unlabeled)
+        # unlabelled samples carry an all-background label map, whose class weight is 1: plain L1 for them
+        voxel_weights = None if weights is None else voxel_weight_map(labels.to(device), weights)
         loss, parts = loss_fn.generator_loss(images, recon, z_mu, z_sigma, step, voxel_weights)
         optimizers["autoencoder"].zero_grad(set_to_none=True)
         loss.backward()
