@@ -94,6 +94,7 @@ def trainer_path_entry(argv=None):
 
 @_friendly_errors
 def make_example_entry(argv=None):
+    from nnunet_diffaug.example_data import FOREGROUND_NAMES, build_example_dataset, select_labels
     p = argparse.ArgumentParser(
         prog="diffaug_make_example", formatter_class=_formatter,
         description="Write the built-in example dataset (real chest CT from the slicerio package, cut into "
@@ -102,11 +103,16 @@ def make_example_entry(argv=None):
     p.add_argument("--slab-slices", type=POSITIVE_INT, default=4, help="axial slices per case")
     p.add_argument("--in-plane-size", type=POSITIVE_INT, default=64, help="in-plane voxels per side (the CT has 128)")
     p.add_argument("--overwrite", action="store_true", help="rewrite the dataset if it exists")
+    p.add_argument("--labels", nargs="+", metavar="NAME", default=None,
+                   help="keep only these classes labelled (sparse labels, as most real datasets have), renumbered "
+                        "1..k in this order; every other voxel is background, the images are unchanged, and the "
+                        "dataset is named after them (--labels spine ribs: DatasetNNN_ChestCTSlabsSpineRibs). "
+                        f"Names: {', '.join(FOREGROUND_NAMES)}. None: keep all")
     args = p.parse_args(argv)
-    from nnunet_diffaug.example_data import build_example_dataset
     from nnunet_diffaug.paths import nnunet_raw
+    select_labels(args.labels)  # an unknown name is refused before $nnUNet_raw is looked at
     folder = build_example_dataset(nnunet_raw(), args.d, slab_slices=args.slab_slices,
-                                   in_plane_size=args.in_plane_size, overwrite=args.overwrite)
+                                   in_plane_size=args.in_plane_size, overwrite=args.overwrite, labels=args.labels)
     print(folder)
 
 
