@@ -88,7 +88,7 @@ def _cases(folder: Path):
 def _source_in_raw_units(data: FoldData, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     """The source case as the writer would write it unedited: (image, label), raw axis order."""
     image = np.asarray(data.case(case_id)[0][...], dtype=np.float32)
-    channels, label, _ = aligned_raw_space(data, case_id, data.label_values).convert(image, data.label_volume(case_id))
+    channels, label, _ = aligned_raw_space(data, case_id).convert(image, data.label_volume(case_id))
     return sitk.GetArrayFromImage(channels[0]), sitk.GetArrayFromImage(label)
 
 

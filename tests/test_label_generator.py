@@ -68,7 +68,7 @@ def _generator(folder: Path) -> LabelGenerator:
     cfg = load_config(str(folder / "config.json"))
     spec = json.loads((folder / "synthesizer.json").read_text())["spec"]
     return LabelGenerator.load(folder, cfg.label_generator, spec["spatial_dims"], len(spec["label_values"]) + 1,
-                               torch.device("cpu"))
+                               len(spec["label_values"]) - 1, torch.device("cpu"))
 
 
 def _real_maps(configuration: str, gen: LabelGenerator) -> list[np.ndarray]:
@@ -96,7 +96,7 @@ def test_label_stages_train_with_curves_and_montages(trained_2d):
 
 def test_trained_generator_is_closer_to_real_label_statistics_than_untrained(trained_2d):
     gen = _generator(trained_2d)
-    untrained = LabelGenerator(gen.cfg, gen.spatial_dims, gen.num_classes, torch.device("cpu"))
+    untrained = LabelGenerator(gen.cfg, gen.spatial_dims, gen.num_classes, gen.num_attributes, torch.device("cpu"))
     untrained.state = dict(gen.state)
     k = gen.num_attributes
     real_f, real_c = _stats(_real_maps("2d", gen), k)
@@ -194,7 +194,7 @@ def test_bad_label_requests_are_refused(trained_2d, root):
                                           "spine=0:0.1"])
     cfg = load_config(str(trained_2d / "config.json")).label_generator
     with pytest.raises(DiffAugError, match="trained without a label generator.*diffaug_train_synthesizer"):
-        LabelGenerator.load(trained_2d, dataclasses.replace(cfg, enabled=False), 2, 7, torch.device("cpu"))
+        LabelGenerator.load(trained_2d, dataclasses.replace(cfg, enabled=False), 2, 7, 5, torch.device("cpu"))
 
 
 def test_fragment_removal_relabels_only_small_pieces():

@@ -17,7 +17,9 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   the cases as the synthesizer painted them (``--no-calibrate-intensity``; every other diffusion set has its
   classes calibrated to real intensities, ``diffaug_synthesize``'s default), ``_unlabeled`` trains the
   fold's synthesizer also on the pool's unlabelled remainder: the images of the cases that were not drawn as the
-  fold's labelled cases, never the held-out test cases (``diffaug_train_synthesizer --unlabeled``).
+  fold's labelled cases, never the held-out test cases (``diffaug_train_synthesizer --unlabeled``);
+  ``_context`` trains the fold's synthesizer with context classes where the labels say background (a body
+  envelope split into :data:`CONTEXT_CLUSTERS` intensity clusters, the config's ``"context"`` block).
 - ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
   synthesized ones (control: is the gain just from more geometric augmentation?).
 - ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
@@ -62,12 +64,16 @@ CALIBRATE = ("--calibrate-intensity", "")
 # not change them
 RESERVED_ENV = (env_vars.NUM_EPOCHS, env_vars.ITERATIONS_PER_EPOCH, env_vars.VAL_ITERATIONS, env_vars.SEED,
                 env_vars.SYNTHETIC_DATASET, env_vars.MIRRORING)
+# The context of a _context arm's synthesizer (its config's "context" block); K = 3 inside the body: air (lungs,
+# bowel gas), fat and soft tissue in CT
+CONTEXT_CLUSTERS = 3
+CONTEXT = {"body": True, "clusters": CONTEXT_CLUSTERS}
 DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised_informed|randomised)_r(?P<ratio>\d{1,3})"
                      r"(?:_(?P<schedule>auto|linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
-                     r"(?P<judged>_judged)?(?P<painted>_painted)?(?P<unlabeled>_unlabeled)?$")
+                     r"(?P<judged>_judged)?(?P<painted>_painted)?(?P<unlabeled>_unlabeled)?(?P<context>_context)?$")
 _LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised",
@@ -77,7 +83,7 @@ INFORMED = ("--class-prior", "real")  # the option of a randomised_informed set
 GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, "
                 "randomised_r<NN>, randomised_informed_r<NN> (NN = synthetic share in %, "
                 "then optional _auto, _linear or _cutoff<FF> (else a constant share), _equalreal, "
-                "_generated or _inpaint, _judged, _painted, _unlabeled), e.g. "
+                "_generated or _inpaint, _judged, _painted, _unlabeled, _context), e.g. "
                 "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
@@ -90,6 +96,7 @@ class SyntheticSpec:
     judge: bool = False                  # keep the half of 2n candidates the fold's stock arm reads best
     options: tuple = ()                  # sorted (flag, value) pairs passed to diffaug_synthesize, e.g. --classes
     unlabeled: bool = False              # the synthesizer also learns from the pool's unlabelled remainder
+    context: bool = False                # the synthesizer conditions on context classes (CONTEXT)
 
     @property
     def calibrated(self) -> bool:
@@ -113,13 +120,20 @@ class SyntheticSpec:
             out["options"] = dict(self.options)
         if self.unlabeled:
             out["unlabeled"] = True
+        if self.context:
+            out["context"] = dict(CONTEXT)
         return out
 
     @property
     def key(self) -> str:
         key = f"{self.generator}__{self.labels}" + ("__judged" if self.judge else "")
         key += "".join(f"__{flag.strip('-')}={value}" for flag, value in self.options)
-        return key + ("__unlabeled" if self.unlabeled else "")
+        return key + ("__unlabeled" if self.unlabeled else "") + ("__context" if self.context else "")
+
+    @property
+    def synthesizer_variant(self) -> tuple[bool, bool]:
+        """Sets with the same variant share the fold's synthesizer."""
+        return self.unlabeled, self.context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,14 +182,14 @@ def builtin_arm(name: str) -> Arm | None:
             env[env_vars.SYNTHETIC_SCHEDULE] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env[env_vars.EQUAL_REAL_EXPOSURE] = 1
-        if (m["inpaint"] or m["painted"] or m["unlabeled"]) and m["source"] != "diffaug":
-            return None  # only the diffusion model repaints a region, has painted cases or learns from images
+        if (m["inpaint"] or m["painted"] or m["unlabeled"] or m["context"]) and m["source"] != "diffaug":
+            return None  # only the diffusion model repaints a region, has painted cases, learns from images or context
         labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
         generator = _SOURCE_GENERATOR[m["source"]]
         options = (CALIBRATE,) if generator == "diffusion" and not m["painted"] else ()
         if m["source"] == "randomised_informed":
             options = (INFORMED,)
-        spec = SyntheticSpec(generator, labels, bool(m["judged"]), options, bool(m["unlabeled"]))
+        spec = SyntheticSpec(generator, labels, bool(m["judged"]), options, bool(m["unlabeled"]), bool(m["context"]))
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.paths import console_script
-from nnunet_diffaug.benchmark.arms import Arm, SyntheticSpec, builtin_arm
+from nnunet_diffaug.benchmark.arms import CONTEXT, Arm, SyntheticSpec, builtin_arm
 from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
                                                keep_recorded_meaning, settings_arms)
@@ -62,16 +62,29 @@ def step_env(workdir: Path, results: str, extra: dict) -> dict:
     return env
 
 
-def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int, unlabeled: Path | None = None) -> list[str]:
-    """``unlabeled``: the fold's unlabelled remainder (``_unlabeled`` arms)."""
+def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int, unlabeled: Path | None = None,
+                        preset: str | None = None) -> list[str]:
+    """``unlabeled``: the fold's unlabelled remainder (``_unlabeled`` arms); ``preset``: a config file in place of
+    the settings' preset (``_context`` arms)."""
     cmd = [console_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
-           "-device", s.device, "--seed", str(seed), "--preset", s.synthesizer_preset, "-p", s.plans]
+           "-device", s.device, "--seed", str(seed), "--preset", preset or s.synthesizer_preset, "-p", s.plans]
     return cmd + (["--unlabeled", str(unlabeled)] if unlabeled is not None else [])
 
 
 def synthesizer_results(spec: SyntheticSpec) -> str:
-    """The results folder of the synthesizer a set needs: its own for one that also saw unlabelled images."""
-    return "synthesizer_unlabeled" if spec.unlabeled else "synthesizer"
+    """The results folder of the synthesizer a set needs: its own for one that also saw unlabelled images or
+    conditions on context."""
+    return "synthesizer" + ("_unlabeled" if spec.unlabeled else "") + ("_context" if spec.context else "")
+
+
+def context_preset(workdir: Path, s: BenchmarkSettings) -> Path:
+    """The settings' synthesizer preset with the _context arms' "context" block, written into the workspace."""
+    from nnunet_diffaug.synthesis.config import load_config
+    config = load_config(s.synthesizer_preset).to_json()
+    config["context"] = {**config["context"], **CONTEXT}
+    path = workdir / "synthesizer_context.json"
+    atomic_write_json(path, config)
+    return path
 
 
 def synthesize_command(s: BenchmarkSettings, fold: int, seed: int, spec: SyntheticSpec, dataset_name: str,
@@ -158,7 +171,7 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
     sets = SyntheticSets(workdir, s.dataset)
     todo = [(fold, arm) for fold in range(len(folds)) for arm in arms
             if not summary_file(workdir, arm, s.dataset, s.plans, s.configuration, fold).is_file()]
-    made_synthesizer: set[tuple[int, bool]] = set()
+    made_synthesizer: set[tuple[int, tuple]] = set()
     for fold, arm in tqdm(todo, desc="Benchmark arms", unit="arm"):
         seed = folds[fold]["seed"]
         synthetic = None
@@ -166,10 +179,12 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
             synthetic = sets.name(fold, arm.synthetic)
             if not sets.is_complete(fold, arm.synthetic):  # made once per fold, shared by the arms using it
                 results = synthesizer_results(arm.synthetic)
-                if arm.synthetic.needs_synthesizer and (fold, arm.synthetic.unlabeled) not in made_synthesizer:
-                    run(synthesizer_command(s, fold, seed, remainders.get(fold) if arm.synthetic.unlabeled else None),
-                        step_env(workdir, results, {}))  # resumes itself
-                    made_synthesizer.add((fold, arm.synthetic.unlabeled))
+                variant = (fold, arm.synthetic.synthesizer_variant)
+                if arm.synthetic.needs_synthesizer and variant not in made_synthesizer:
+                    preset = str(context_preset(workdir, s)) if arm.synthetic.context else None
+                    run(synthesizer_command(s, fold, seed, remainders.get(fold) if arm.synthetic.unlabeled else None,
+                                            preset), step_env(workdir, results, {}))  # resumes itself
+                    made_synthesizer.add(variant)
                 # a judged set's judge is the fold's stock arm: trained first, on the same real subset
                 judge = fold_folder(workdir, builtin_arm("stock"), s.dataset, s.plans, s.configuration, fold).parent
                 run(synthesize_command(s, fold, seed, arm.synthetic, synthetic, judge),

@@ -48,7 +48,7 @@ def make_workspace(workdir: Path, dataset: str, user_raw: Path, user_preprocesse
     pre = workdir / "preprocessed" / dataset
     pre.mkdir(parents=True, exist_ok=True)
     for item in (user_preprocessed / dataset).iterdir():
-        if item.name in ("splits_final.json", "diffaug_synthetic", "diffaug_unlabeled"):  # the workspace's own
+        if item.name in ("splits_final.json", "diffaug_synthetic", "diffaug_unlabeled", "diffaug_context"):  # its own
             continue
         link = pre / item.name
         if not link.exists() and not link.is_symlink():
@@ -141,7 +141,7 @@ class SyntheticSets:
         atomic_write_json(self.file, self.sets)
 
     def _legacy_set(self, fold: int, spec: SyntheticSpec) -> str | None:
-        if spec.generator != "diffusion" or spec.judge or spec.options or spec.unlabeled:  # earlier: plain painted sets
+        if spec.generator != "diffusion" or spec.judge or spec.options or spec.unlabeled or spec.context:  # earlier: plain painted sets
             return None
         taken = {v["dataset"] for v in self.sets.values()}
         for folder in find_synthetic_datasets(self.workdir / "raw", self.dataset, fold):

@@ -39,12 +39,12 @@ def paint_volume(syn, volume_labels: np.ndarray, sampler, generator: torch.Gener
     return np.concatenate(parts, axis=0).transpose(1, 0, 2, 3)  # (Z, C, H, W) -> (C, Z, H, W)
 
 
-def aligned_raw_space(data: FoldData, case_id: str, label_values: list[int]) -> RawSpace:
+def aligned_raw_space(data: FoldData, case_id: str) -> RawSpace:
     """A 3D RawSpace on the case's preprocessed grid. 2D plans keep each case's own spacing along the first
     (transposed) axis, so that axis takes the case's spacing: nnU-Net then preprocesses it to the same shape."""
+    space = RawSpace(data.plans_manager, data.cm, 3, data.label_values, data.num_classes - data.outside_class - 1)
     if data.spatial_dims == 3:
-        return RawSpace(data.plans_manager, data.cm, 3, label_values)
-    space = RawSpace(data.plans_manager, data.cm, 3, label_values)
+        return space
     props = data.case(case_id)[2]
     first_axis = float(props["spacing"][data.plans_manager.transpose_forward[0]])
     space.spacing = [first_axis] + [float(s) for s in data.cm.spacing[-2:]]

@@ -140,6 +140,19 @@ class LabelGeneratorConfig:
 
 
 @dataclass
+class ContextConfig:
+    """Context classes where the labels say "background" (context.py): off unless body or clusters is set."""
+    body: bool = False                              # a body-envelope class (MAISI's, Guo et al., WACV 2025)
+    clusters: int = 0                               # K intensity-cluster classes (SynthSeg's generation classes);
+                                                    # inside the body when body is on; 0 = none
+    body_threshold_hu: float = -500.0               # CT: the body is above this; other modalities: Otsu
+
+    @property
+    def enabled(self) -> bool:
+        return self.body or self.clusters > 0
+
+
+@dataclass
 class SynthesizerConfig:
     base: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +160,7 @@ class SynthesizerConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     label_generator: LabelGeneratorConfig = field(default_factory=LabelGeneratorConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     checkpoint_every: int = 50                      # steps between resumable checkpoints
     mixed_precision: bool = True                    # bf16 autocast on CUDA (training and sampling); CPU stays fp32
     montage_cases: int = 4
@@ -220,6 +234,8 @@ class SynthesizerConfig:
                                 f"{stage.class_balance_max_weight}")
         if dm.tag_dim < 1:
             problems.append(f"diffusion.tag_dim must be >= 1, not {dm.tag_dim}")
+        if not 0 <= self.context.clusters <= 32:
+            problems.append(f"context.clusters must be in [0, 32] (0 = none), not {self.context.clusters}")
         problems += _label_generator_problems(self.label_generator)
         if problems:
             raise DiffAugError(f"{where}: " + "; ".join(problems) + ".")

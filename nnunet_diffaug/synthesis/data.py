@@ -5,7 +5,8 @@ intensities). 2D configurations use slices along the first (transposed) axis, as
 
 Label maps are encoded as class indices: declared label value ``v`` -> its rank among the declared
 values; nnU-Net's ``-1`` ("outside the nonzero region", written by its cropping) -> one extra
-class, so the generator learns to paint the zero background there.
+class, so the generator learns to paint the zero background there. With context on (:mod:`context`),
+the context classes follow "outside" and replace background voxels.
 """
 from __future__ import annotations
 
@@ -37,21 +38,36 @@ class DataSpec:
     intensity_min: list[float]         # per channel, normalised space: decoded images are clamped to this
     intensity_max: list[float]
     patch_size: list[int]              # training crop actually used (a multiple of the config's divisor)
+    context: dict | None = None        # the fitted context.ContextModel (None: no context classes)
 
     @property
-    def num_classes(self) -> int:      # declared labels + "outside"
-        return len(self.label_values) + 1
+    def outside_class(self) -> int:    # nnU-Net's "outside the nonzero region"
+        return len(self.label_values)
+
+    @property
+    def context_model(self):
+        from nnunet_diffaug.synthesis.context import ContextModel
+        return ContextModel.from_json(self.context, "synthesizer.json")
+
+    @property
+    def num_classes(self) -> int:      # declared labels + "outside" + context classes
+        model = self.context_model
+        return len(self.label_values) + 1 + (model.num_classes if model else 0)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["context"] is None:  # absent, as in files from before context: those runs still resume
+            del out["context"]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict, where: str) -> "DataSpec":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(obj))
+        optional = {"context"}  # added later: files from before it had no context
+        missing = sorted(names - set(obj) - optional)
         if missing:
             raise DiffAugError(f"{where} lacks field(s) {missing}; it was not written by this version.")
-        return cls(**{k: obj[k] for k in names})
+        return cls(**{k: obj[k] for k in names if k in obj})
 
 
 class FoldData:
@@ -91,6 +107,7 @@ class FoldData:
         self._lut = self._label_lookup()
         self._cases: dict[str, tuple] = {}
         self._class_stats: dict[str, np.ndarray] = {}
+        self.context = None  # a context.ContextCache once use_context() is called
 
     # ------------------------------------------------------------------ fold and cases
     def _training_cases(self) -> list[str]:
@@ -117,6 +134,33 @@ class FoldData:
         lut[OUTSIDE_LABEL + 1] = len(self.label_values)
         return lut
 
+    # ------------------------------------------------------------------ classes
+    @property
+    def outside_class(self) -> int:
+        return len(self.label_values)
+
+    @property
+    def num_classes(self) -> int:
+        """Declared labels + "outside" + the context classes in use."""
+        return len(self.label_values) + 1 + (self.context.model.num_classes if self.context else 0)
+
+    def use_context(self, model) -> None:
+        """Label maps carry the context classes of ``model`` (a context.ContextModel; None: none) from now on."""
+        from nnunet_diffaug.synthesis.context import CACHE_FOLDER, ContextCache
+        self.context = None if model is None else ContextCache(
+            self.folder / CACHE_FOLDER / self.cm.data_identifier, model, self.outside_class)
+        self._class_stats.clear()
+
+    def _context_volume(self, case_id: str) -> np.ndarray:
+        return self.context.volume(case_id, lambda: (np.asarray(self.case(case_id)[0][...], dtype=np.float32),
+                                                     self.declared_label_volume(case_id)))
+
+    def _with_context(self, labels: np.ndarray, case_id: str, region: tuple = (...,)) -> np.ndarray:
+        if self.context is None:
+            return labels
+        from nnunet_diffaug.synthesis.context import merge
+        return merge(labels, np.asarray(self._context_volume(case_id)[region]), self.outside_class)
+
     def encode_labels(self, seg: np.ndarray, case_id: str = "") -> np.ndarray:
         seg = np.asarray(seg).astype(np.int64) + 1
         if seg.min() < 0 or seg.max() >= len(self._lut) or np.any(self._lut[seg] == 255):
@@ -141,18 +185,26 @@ class FoldData:
         """The case's original spacing (mm, nnU-Net's axis order, before resampling): the spacing tag."""
         return [float(v) for v in self.case(case_id)[2]["spacing"]]
 
-    def label_volume(self, case_id: str) -> np.ndarray:
-        """The class-index label volume of a case (3D, transposed axes)."""
+    def declared_label_volume(self, case_id: str) -> np.ndarray:
+        """The class-index label volume of a case as nnU-Net preprocessed it: declared labels and 'outside' only."""
         return self.encode_labels(self.case(case_id)[1][0][...], case_id)
 
+    def label_volume(self, case_id: str) -> np.ndarray:
+        """The class-index label volume of a case (3D, transposed axes), context classes included when in use."""
+        return self._with_context(self.declared_label_volume(case_id), case_id)
+
+    def label_crop(self, case_id: str, region: tuple) -> np.ndarray:
+        """Class indices of ``seg[0][region]`` (a crop of the volume), context classes included when in use."""
+        seg = self.case(case_id)[1]
+        return self._with_context(self.encode_labels(np.asarray(seg[(0, *region)]), case_id), case_id, region)
+
     def class_intensity_stats(self, case_id: str) -> np.ndarray:
-        """(classes incl. 'outside', C, 2): mean and sd of the normalised image over each class's voxels of the
+        """(classes incl. 'outside' and context, C, 2): mean and sd of the normalised image over each class's voxels of the
         whole case (NaN rows: absent classes). Cached: training asks for the same cases again and again."""
         if case_id not in self._class_stats:
             from nnunet_diffaug.synthesis.class_stats import case_class_stats
             image = np.asarray(self.case(case_id)[0][...], dtype=np.float32)
-            self._class_stats[case_id] = case_class_stats(image, self.label_volume(case_id),
-                                                          len(self.label_values) + 1)
+            self._class_stats[case_id] = case_class_stats(image, self.label_volume(case_id), self.num_classes)
         return self._class_stats[case_id]
 
     # ------------------------------------------------------------------ intensity range
@@ -248,14 +300,11 @@ class PatchSampler:
         for c, s, p in zip(center, shape, self.patch_size):
             start = int(np.clip(c - p // 2, 0, max(s - p, 0)))
             slices.append(slice(start, start + min(p, s)))
-        if self.data.spatial_dims == 2:
-            img = np.asarray(data[(slice(None), sl, *slices)])
-            lab = np.asarray(seg[(slice(None), sl, *slices)])
-        else:
-            img = np.asarray(data[(slice(None), *slices)])
-            lab = np.asarray(seg[(slice(None), *slices)])
+        region = (sl, *slices) if self.data.spatial_dims == 2 else tuple(slices)
+        img = np.asarray(data[(slice(None), *region)])
+        lab = self.data.label_crop(case_id, region)[None]
         img, _ = pad_to(img.astype(np.float32), self.patch_size)
-        lab, _ = pad_to(self.data.encode_labels(lab, case_id), self.patch_size)
+        lab, _ = pad_to(lab, self.patch_size)
         return img, lab, case_id
 
     def batch_with_cases(self, rng: np.random.Generator, batch_size: int):

@@ -90,9 +90,12 @@ def build_label_scheduler():
 class LabelGenerator:
     """Label autoencoder + attribute-conditioned latent diffusion; samples class-index maps."""
 
-    def __init__(self, cfg: LabelGeneratorConfig, spatial_dims: int, num_classes: int, device: torch.device):
+    def __init__(self, cfg: LabelGeneratorConfig, spatial_dims: int, num_classes: int, num_attributes: int,
+                 device: torch.device):
+        """``num_classes``: every class index of the maps (labels, 'outside', context); ``num_attributes``: the
+        declared foreground classes 1..A, whose volume fractions condition the model."""
         self.cfg, self.spatial_dims, self.num_classes, self.device = cfg, spatial_dims, num_classes, device
-        self.num_attributes = num_classes - 2  # foreground classes: neither background nor 'outside'
+        self.num_attributes = num_attributes
         self.autoencoder = build_label_autoencoder(cfg, spatial_dims, num_classes).to(device).eval()
         self.model = LabelDiffusionUNet(cfg, spatial_dims, self.num_attributes).to(device).eval()
         self.train_scheduler = build_label_scheduler()
@@ -102,7 +105,7 @@ class LabelGenerator:
 
     # ------------------------------------------------------------------ files
     @classmethod
-    def load(cls, folder: Path, cfg: LabelGeneratorConfig, spatial_dims: int, num_classes: int,
+    def load(cls, folder: Path, cfg: LabelGeneratorConfig, spatial_dims: int, num_classes: int, num_attributes: int,
              device: torch.device, synthesize_hint: str = "") -> "LabelGenerator":
         folder = Path(folder)
         if not cfg.enabled:
@@ -116,7 +119,7 @@ class LabelGenerator:
                 raise DiffAugError(f"{final_file(folder, stage)} does not exist: the label generator's {stage} "
                                    f"stage has not finished. Rerun diffaug_train_synthesizer with the same "
                                    f"arguments to finish it.")
-        gen = cls(cfg, spatial_dims, num_classes, device)
+        gen = cls(cfg, spatial_dims, num_classes, num_attributes, device)
         ae, _ = load_checkpoint(final_file(folder, "label_autoencoder"), device)
         gen.autoencoder.load_state_dict(unprefixed("label_autoencoder", ae))
         dm, state = load_checkpoint(final_file(folder, "label_diffusion"), device)

@@ -64,7 +64,10 @@ def open_label_map_sampler(syn_folder, data: FoldData, device, guidance: float |
         raise DiffAugError(f"{syn_folder}: its label generator was trained on other training cases or plans "
                            f"({spec.plans_identifier}) than fold {data.fold} of {data.folder / data.plans_identifier}"
                            f".json has now; retrain it (diffaug_train_synthesizer --overwrite) or pass its plans with -p.")
-    generator = LabelGenerator.load(syn_folder, cfg.label_generator, spec.spatial_dims, spec.num_classes, device,
+    if spec.context is not None and data.context is None:  # a painter without a model of its own (randomised)
+        data.use_context(spec.context_model)
+    generator = LabelGenerator.load(syn_folder, cfg.label_generator, spec.spatial_dims, spec.num_classes,
+                                    len(spec.label_values) - 1, device,
                                     synthesize_hint=f"-d {spec.dataset_name} -c {spec.configuration} -f {spec.fold} ")
     names = {k: int(v) for k, v in data.dataset_json["labels"].items() if k != "ignore"}
     requests = parse_volume_requests(volume, names, spec.label_values)

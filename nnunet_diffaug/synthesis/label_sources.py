@@ -67,7 +67,7 @@ def pick_source(data: FoldData, index: int, seed: int, rng: np.random.Generator)
     volume = data.label_volume(case_id)
     if data.spatial_dims == 3:
         return case_id, None, volume
-    background = {0, len(data.label_values)}  # class indices of background and 'outside'
+    background = {0, *range(data.outside_class, data.num_classes)}  # background, 'outside', context classes
     has_fg = [z for z in range(volume.shape[0]) if not set(np.unique(volume[z]).tolist()) <= background]
     z = int(rng.choice(has_fg)) if has_fg else int(rng.integers(volume.shape[0]))
     return case_id, z, volume[z]

@@ -50,8 +50,9 @@ class LabelMapSampler:
         lg = cfg.label_generator
         volumes = [data.label_volume(c) for c in data.training_cases]
         self.maps = volumes if spec.spatial_dims == 3 else [v[z] for v in volumes for z in range(v.shape[0])]
-        self.outside = spec.num_classes - 1
-        self.num_foreground = spec.num_classes - 2
+        self.outside = spec.outside_class
+        self.num_classes = spec.num_classes
+        self.num_foreground = len(spec.label_values) - 1  # declared foreground classes: the attributes
         max_shape = lg.max_shape_3d if spec.spatial_dims == 3 else lg.max_shape_2d
         self.canvas = canvas_shape([m.shape for m in self.maps], max_shape)
         self.padded = padded_shape(self.canvas, lg.divisor())
@@ -77,7 +78,7 @@ class LabelMapSampler:
         attrs = np.stack([self.attributes(m) for m in maps])
         padded = [np.pad(m, centre_pads(self.canvas, self.padded), constant_values=self.outside) for m in maps]
         idx = torch.from_numpy(np.stack(padded)[:, None].astype(np.int64))
-        return one_hot(idx, self.outside + 1), attrs, maps
+        return one_hot(idx, self.num_classes), attrs, maps
 
 
 def _montage(path: Path, title: str, rows: list[tuple[str, list[np.ndarray]]], num_classes: int) -> None:
@@ -94,7 +95,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
     maps = LabelMapSampler(data, spec, cfg)
     # initial weights must not depend on what ran before in this process (a resumed run skips finished stages)
     torch.manual_seed(_step_seed(seed, "label_autoencoder", INIT_STEP))
-    gen = LabelGenerator(lg, spec.spatial_dims, spec.num_classes, device)
+    gen = LabelGenerator(lg, spec.spatial_dims, spec.num_classes, len(spec.label_values) - 1, device)
     n_mont = min(cfg.montage_cases, 8)
     title = f"{spec.dataset_name} {spec.configuration} fold {spec.fold}"
 

@@ -51,21 +51,23 @@ def to_sitk(volume: np.ndarray, spacing_transposed: list[float], transpose_backw
 class RawSpace:
     """Converts one generated case (normalised image + class-index labels) to raw-dataset SimpleITK images."""
 
-    def __init__(self, plans_manager, configuration_manager, spatial_dims: int, label_values: list[int]):
+    def __init__(self, plans_manager, configuration_manager, spatial_dims: int, label_values: list[int],
+                 context_classes: int = 0):
         self.spatial_dims = spatial_dims
         self.spacing = raw_spacing(plans_manager, configuration_manager, spatial_dims)
         self.transpose_backward = list(plans_manager.transpose_backward)
         self.properties = plans_manager.foreground_intensity_properties_per_channel
         self.schemes = list(configuration_manager.normalization_schemes)
-        # class index -> label value; the extra last class ('outside' the nonzero mask) is background
-        self.value_of_class = np.array(list(label_values) + [0],
+        # class index -> label value; 'outside' the nonzero mask and the context classes after it are background
+        self.outside_class = len(label_values)
+        self.value_of_class = np.array(list(label_values) + [0] * (1 + context_classes),
                                        dtype=np.uint8 if max(label_values) < 256 else np.int16)
 
     def convert(self, image: np.ndarray, labels: np.ndarray) -> tuple[list, object, list[str]]:
         """(C, *spatial) normalised image, (*spatial) class indices -> (channel images, label image, notes)."""
         if self.spatial_dims == 2:
             image, labels = image[:, None], labels[None]  # one-slice 3D volume
-        outside = labels == len(self.value_of_class) - 1
+        outside = labels == self.outside_class
         channels, notes = [], []
         for c, scheme in enumerate(self.schemes):
             props = self.properties.get(str(c), self.properties.get(c))

@@ -163,7 +163,8 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
                                     holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
     with part_lock:
         writer = SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
-        raw_space = RawSpace(data.plans_manager, data.cm, data.spatial_dims, data.label_values)
+        raw_space = RawSpace(data.plans_manager, data.cm, data.spatial_dims, data.label_values,
+                             data.num_classes - data.outside_class - 1)
 
         mine = [i for i in range(num_cases) if i % num_parts == part_id]
         todo = [i for i in mine if not writer.has_case(case_id_for(i))]
@@ -176,7 +177,7 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
             draw = label_source.draw(i, seed, rng, painter)
             image, painted = painter.paint(draw, rng)  # (C, *spatial), normalised
             # real-aligned: the whole volume, on the case's own grid
-            space = aligned_raw_space(data, draw.source, data.label_values) if draw.whole_volume else raw_space
+            space = aligned_raw_space(data, draw.source) if draw.whole_volume else raw_space
             channels, label_img, notes = space.convert(image, draw.labels)
             seconds = time.perf_counter() - t0
             record = {"case_id": case_id_for(i), "index": i, "generator": painter.kind, "source_case": draw.source,

@@ -25,6 +25,7 @@ from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
                                                   encode_mean, estimate_scale_factor)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.context import fit_context
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
 from nnunet_diffaug.synthesis.conditioning import Condition
@@ -109,11 +110,26 @@ def build_spec(data: FoldData, config: SynthesizerConfig, seed: int) -> DataSpec
     shapes = [data.volume_shape(c) for c in data.training_cases]
     shapes = [s[1:] for s in shapes] if data.spatial_dims == 2 else shapes
     lo, hi = data.intensity_range(np.random.default_rng(seed))
+    context = fit_fold_context(data, config, seed)
+    data.use_context(context)  # from here on, every label map of the fold carries the context classes
     return DataSpec(dataset_name=data.dataset_name, configuration=data.configuration,
                     plans_identifier=data.plans_identifier, fold=data.fold, training_cases=list(data.training_cases),
                     spatial_dims=data.spatial_dims, in_channels=data.in_channels, label_values=data.label_values,
                     normalization_schemes=list(data.cm.normalization_schemes), intensity_min=lo, intensity_max=hi,
-                    patch_size=fit_patch_size(list(requested), shapes, config.divisor()))
+                    patch_size=fit_patch_size(list(requested), shapes, config.divisor()),
+                    context=None if context is None else context.to_json())
+
+
+def fit_fold_context(data: FoldData, config: SynthesizerConfig, seed: int):
+    """The context model (context.py) fitted on the fold's training cases, or None when the config has none."""
+    c = config.context
+    if not c.enabled:
+        return None
+    props = data.plans_manager.foreground_intensity_properties_per_channel
+    cases = lambda: ((np.asarray(data.case(cid)[0][...], dtype=np.float32), data.declared_label_volume(cid))  # noqa: E731
+                     for cid in data.training_cases)
+    return fit_context(c.body, c.clusters, c.body_threshold_hu, cases, data.cm.normalization_schemes[0],
+                       props.get("0", props.get(0)), data.outside_class, seed)
 
 
 # ---------------------------------------------------------------------------------------------- stage loop
@@ -353,6 +369,10 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
                        init_from: str | None = None, unlabeled_only: bool = False) -> Path:
     if unlabeled_only and not unlabeled:
         raise DiffAugError("--unlabeled-only needs --unlabeled SOURCE ...: the images to learn from.")
+    if unlabeled_only and config.context.enabled:
+        raise DiffAugError("--unlabeled-only: the config's context classes are fitted on a fold's labelled cases, and "
+                           "this run has none. Train the shared synthesizer without \"context\"; each fold's "
+                           "synthesizer adds it (diffaug_train_synthesizer ... --init-from FOLDER with context on).")
     with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
         data = FoldData(dataset, configuration, 0 if unlabeled_only else fold, plans_identifier)
     folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only

@@ -77,7 +77,8 @@ def _fold_statistics_plan(data: FoldData, label_values: list[int], jitter: float
                           means: dict | None = None) -> ClassIntensityPlan:
     """Every training case's per-class statistics (the targets of conditioning and of calibration)."""
     name_of_value = {int(v): k for k, v in data.dataset_json["labels"].items()}
-    class_names = [name_of_value[v] for v in label_values] + ["outside"]
+    class_names = [name_of_value[v] for v in label_values] + ["outside"] + (
+        data.context.model.class_names() if data.context else [])
     return ClassIntensityPlan({c: data.class_intensity_stats(c) for c in data.training_cases}, class_names,
                               jitter, means)
 
@@ -95,7 +96,10 @@ def _outside_data(syn: Synthesizer, syn_folder: Path) -> dict:
 def _extra_conditioning(syn: Synthesizer) -> dict:
     """Recorded only when on, so sets from synthesizers without them keep their provenance."""
     dcfg = syn.config.diffusion
-    return {k: True for k in ("edge_hint", "tag_conditioning", "class_intensity") if getattr(dcfg, k)}
+    out = {k: True for k in ("edge_hint", "tag_conditioning", "class_intensity") if getattr(dcfg, k)}
+    if syn.spec.context is not None:  # the fitted context (context.py): another set than one made without it
+        out["context"] = {**syn.spec.context, "key": syn.spec.context_model.key()}
+    return out
 
 
 class DiffusionGenerator(Generator):
@@ -128,6 +132,7 @@ class DiffusionGenerator(Generator):
             raise DiffAugError(f"{data.folder / 'splits_final.json'}: fold {request.fold}'s training cases changed "
                                f"since the synthesizer in {syn_folder} was trained; retrain it "
                                f"(diffaug_train_synthesizer --overwrite).")
+        data.use_context(spec.context_model)  # its label maps carry the context classes the model was trained on
         spacing = request.options.get("--spacing")
         if spacing is not None and not syn.config.diffusion.tag_conditioning:
             raise DiffAugError(f"--spacing: the synthesizer in {syn_folder} was trained without tag conditioning "

@@ -175,6 +175,8 @@ def _class_gaussians(r: RandomisationRanges, num_classes: int, prior: np.ndarray
     drawn as with the uniform prior)."""
     means = rng.uniform(*r.mean, size=num_classes)
     sds = rng.uniform(*r.sd, size=num_classes)
+    if r.class_prior == "real" and len(prior) < num_classes:  # context classes of generated maps: no real prior
+        prior = np.concatenate([prior, np.full((num_classes - len(prior), 2), np.nan)])
     if r.class_prior == "real":
         known = np.isfinite(prior[:num_classes]).all(axis=1)
         shifted = prior[:num_classes, 0] + rng.normal(0.0, r.prior_mean_shift, size=num_classes)
@@ -243,7 +245,6 @@ class RandomisedGenerator(Generator):
     def __init__(self, data: FoldData, ranges: RandomisationRanges, synthesizer_folder):
         self.data, self.ranges, self._syn_folder = data, ranges, synthesizer_folder
         self.sampling_config = SamplingConfig()  # label deformation as for the diffusion presets
-        self.num_classes = len(data.label_values) + 1  # + nnU-Net's 'outside'
         if ranges.clip is not None:
             self.clip = [tuple(ranges.clip)] * data.in_channels
         else:
@@ -298,5 +299,5 @@ class RandomisedGenerator(Generator):
             case = draw.source if draw.source in self.case_stats else str(rng.choice(sorted(self.case_stats)))
             stats = self.case_stats[case]
             prior, record = np.where(np.isfinite(stats), stats, self.fold_stats), {"prior_case": case}
-        image, drawn = paint_randomised(draw.labels, self.num_classes, self.clip, self.ranges, rng, frozen, prior)
+        image, drawn = paint_randomised(draw.labels, self.data.num_classes, self.clip, self.ranges, rng, frozen, prior)
         return image, {"randomisation": {**drawn, **record}}
