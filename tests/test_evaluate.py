@@ -234,6 +234,108 @@ def test_diversity_of_noise_is_high_and_identical_images_have_ms_ssim_one(result
 
 
 # ------------------------------------------------------------------------------------------------
+# the background: the judge's false positives there, realism of mostly-background tiles
+# ------------------------------------------------------------------------------------------------
+
+def test_background_false_positive_share_counts_background_voxels_only_and_names_the_class():
+    from nnunet_diffaug.evaluation.background import case_background_counts, share, summarise_false_positives
+    label = np.zeros((4, 10, 10), np.uint8)
+    label[0] = 1                                   # 100 foreground voxels (class 1), 300 background
+    prediction = label.copy()
+    prediction[1, 0, :7] = 2                       # 7 background voxels called class 2
+    prediction[2, 0, :3] = 1                       # 3 called class 1
+    prediction[0, :5] = 0                          # misses on foreground: not false positives on background
+    prediction[0, 5:, :] = 2                       # foreground called another class: not background either
+    a = case_background_counts(label, prediction, [1, 2])
+    assert a == {"background_voxels": 300, "false_positive_voxels": 10, "per_class_voxels": {"1": 3, "2": 7}}
+    assert share(a) == pytest.approx(10 / 300)
+    b = case_background_counts(np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8), [1, 2])  # a clean case
+    summary = summarise_false_positives({"a": a, "b": b}, [1, 2])
+    assert summary["pooled_share"] == pytest.approx(10 / 400)             # over the set's background voxels
+    assert summary["mean_case_share"] == pytest.approx((10 / 300 + 0) / 2)  # each case counts once
+    assert summary["per_class"]["2"] == {"pooled_share": pytest.approx(7 / 400),
+                                         "mean_case_share": pytest.approx(7 / 300 / 2)}
+    assert summary["per_class"]["1"]["pooled_share"] == pytest.approx(3 / 400)
+    assert summary["cases"] == 2 and summary["background_voxels"] == 400
+    with pytest.raises(ValueError, match="one grid"):
+        case_background_counts(label, prediction[:2], [1, 2])
+
+
+def _tiler(patch):
+    from types import SimpleNamespace
+    from nnunet_diffaug.evaluation.nnunet_model import TrainedModel
+    model = SimpleNamespace(patch_size=patch)
+    model.tiles = lambda *a, **k: TrainedModel.tiles(model, *a, **k)
+    return model, lambda seg, n: TrainedModel.tile_background_shares(model, seg, n)
+
+
+def test_tiles_split_by_their_label_content_at_the_image_tiles_positions():
+    from nnunet_diffaug.evaluation.background import BACKGROUND_TILE_SHARE, realism_by_content, split_by_content
+    model, shares_of = _tiler((4, 32, 32))
+    seg = np.zeros((1, 4, 32, 70), np.uint8)
+    seg[..., :20] = 1                              # a structure on the left; tiles start at x = 0, 13, 25, 38
+    shares = shares_of(seg, 100)
+    assert shares == pytest.approx([12 / 32, 25 / 32, 1.0, 1.0])
+    # the label tiles are the image tiles' positions: the same case as an image gives the same tiles
+    image_tiles = model.tiles(seg.astype(np.float32), 100)
+    assert [1 - t.mean() for t in image_tiles] == pytest.approx(list(shares))
+    # an evenly spread subset (max_tiles) keeps the pairing
+    assert shares_of(seg, 2) == pytest.approx([12 / 32, 1.0])
+    features = np.arange(8.0).reshape(4, 2)
+    mostly_background, content = split_by_content(features, shares)
+    assert mostly_background.tolist() == features[2:].tolist() and content.tolist() == features[:2].tolist()
+    assert BACKGROUND_TILE_SHARE == pytest.approx(0.9)
+    # padding beyond a case smaller than the patch is not background: an all-background case stays at 1
+    assert shares_of(np.zeros((1, 3, 20, 70), np.uint8), 100) == pytest.approx([1.0] * 4)
+    small = np.zeros((1, 3, 20, 70), np.uint8)
+    small[:, :, :2] = 1                            # 2 of 20 rows labelled: 0.9 background, a background tile
+    assert shares_of(small, 1)[0] == pytest.approx(0.9) and shares_of(small, 1)[0] >= BACKGROUND_TILE_SHARE
+    # 2d judges tile every axial slice
+    assert len(_tiler((32, 32))[1](small, 100)) == 3 * 4
+
+    # Fréchet distances per group; a group with fewer than 2 tiles of a set is missing, not an error
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(6, 3)) for k in ("synthetic", "training", "validation")}
+    tile_shares = {"synthetic": np.array([1, 1, 1, 0, 0, 0.5]), "training": np.array([1, 1, 0, 0, 0, 0]),
+                   "validation": np.array([0.95, 0, 0, 0, 0, 0])}
+    split = realism_by_content(feats, tile_shares)
+    assert split["background_tiles"]["tiles"] == {"synthetic": 3, "training": 2, "validation": 1}
+    assert np.isnan(split["background_tiles"]["frechet_synthetic_vs_validation"])
+    assert split["background_tiles"]["frechet_synthetic_vs_training"] >= 0
+    assert split["content_tiles"]["tiles"] == {"synthetic": 3, "training": 4, "validation": 5}
+    assert split["content_tiles"]["frechet_training_vs_validation"] >= 0
+
+
+def test_background_metrics_are_reported_for_every_set(results):
+    for name, r in results.items():
+        fp = r["background"]["false_positives"]
+        for k in ("synthetic", "training", "validation"):
+            assert fp[k]["cases"] == len(r["cases"][k]) and fp[k]["background_voxels"] > 0, (name, k)
+            assert 0 <= fp[k]["pooled_share"] <= 1 and 0 <= fp[k]["mean_case_share"] <= 1, (name, k)
+            assert set(fp[k]["per_class"]) == set(r["class_names"])
+            assert sum(c["pooled_share"] for c in fp[k]["per_class"].values()) == pytest.approx(fp[k]["pooled_share"])
+        for cid, case in r["per_synthetic_case"].items():
+            assert 0 <= case["background_false_positive_share"] <= 1, (name, cid)
+        rea = r["background"]["realism"]
+        for group in ("background_tiles", "content_tiles"):
+            assert set(rea[group]) >= {"frechet_synthetic_vs_validation", "frechet_training_vs_validation", "tiles"}
+        # every tile of the realism block is in exactly one group (in the example every tile holds labelled body:
+        # the background group is empty and its distances null; the split itself is tested on handmade tiles)
+        assert {k: rea["background_tiles"]["tiles"][k] + rea["content_tiles"]["tiles"][k]
+                for k in ("synthetic", "training", "validation")} == r["realism"]["tiles"]
+    # the reference does not depend on the synthetic set
+    assert results["noise"]["background"]["false_positives"]["validation"] == \
+        results["stand_in"]["background"]["false_positives"]["validation"]
+    # noise painted over the real label maps: the judge calls much of its background foreground (measured: pooled
+    # 0.48 against 0.035 on the validation cases); deformed real cases stay near the real value (0.037)
+    fp = {name: r["background"]["false_positives"] for name, r in results.items()}
+    assert fp["noise"]["synthetic"]["pooled_share"] > 5 * fp["noise"]["validation"]["pooled_share"]
+    assert fp["stand_in"]["synthetic"]["pooled_share"] < 2 * fp["stand_in"]["validation"]["pooled_share"]
+    report = (Path(results["stand_in"]["output_folder"]) / "evaluation.md").read_text()
+    assert "## Background" in report and "mostly-background tiles" in report
+
+
+# ------------------------------------------------------------------------------------------------
 # a real synthesizer: trained vs untrained, judged by the same evaluation
 # ------------------------------------------------------------------------------------------------
 
@@ -302,6 +404,15 @@ def test_console_script_writes_the_report(judge, tmp_path, capsys):
         [f"{c}.nii.gz" for c in report["cases"]["synthetic"]]
     md = (out / "evaluation.md").read_text()
     assert "Which cases each metric uses" in md and "regularised" in md
+    # background false positives: the real validation cases' predictions are nnU-Net's own, not segmented again;
+    # the training cases are segmented here (label fidelity never needs them)
+    fp = report["background"]["false_positives"]
+    assert fp["validation"]["predictions"].startswith("nnU-Net's final validation predictions")
+    assert not (out / "predictions_validation").exists()
+    assert sorted(p.name for p in (out / "predictions_training").glob("*.nii.gz")) == \
+        [f"{c}.nii.gz" for c in report["cases"]["training"]]
+    assert all(0 <= fp[k]["pooled_share"] <= 1 for k in ("synthetic", "training", "validation"))
+    assert "## Background" in md
     png = (out / "evaluation_montage.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Near-copies flagged" in capsys.readouterr().out

@@ -108,8 +108,11 @@ class TrainedModel:
         convs = [[m for m in stage.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)] for stage in stages]
         return net, [c[-1] for c in convs if c]
 
-    def tiles(self, data: np.ndarray, max_tiles: int) -> list[np.ndarray]:
-        """Patch-sized tiles at nnU-Net's sliding-window positions (2d: per slice), at most ``max_tiles``."""
+    def tiles(self, data: np.ndarray, max_tiles: int, pad_value: float = 0) -> list[np.ndarray]:
+        """Patch-sized tiles at nnU-Net's sliding-window positions (2d: per slice), at most ``max_tiles``.
+
+        The positions depend only on the array's shape, so a case's label map (``seg``, same grid as ``data``)
+        gives the label tile of every image tile at the same index (``tile_background_shares``)."""
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
         from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
         patch = self.patch_size
@@ -121,7 +124,7 @@ class TrainedModel:
         for img in slices:
             # cases smaller than the patch along an axis (common with nnU-Net's default plans) are
             # zero-padded up to it, as nnU-Net's sliding window does; np.pad takes `constant_values`
-            img = pad_nd_image(img, patch, "constant", {"constant_values": 0}, False)
+            img = pad_nd_image(img, patch, "constant", {"constant_values": pad_value}, False)
             steps = compute_steps_for_sliding_window(img.shape[1:], patch, 0.5)
             for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
                 sl = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch))
@@ -130,6 +133,16 @@ class TrainedModel:
             keep = np.unique(np.round(np.linspace(0, len(tiles) - 1, max_tiles)).astype(int))
             tiles = [tiles[i] for i in keep]
         return tiles
+
+    def tile_background_shares(self, seg: np.ndarray, max_tiles: int) -> np.ndarray:
+        """(tiles,) the share of background (label 0) among the case's own voxels in each tile that
+        ``encoder_features(data, max_tiles)`` makes of the same case; zero padding beyond the case counts as
+        neither (it is marked -1 here, a value no label map holds)."""
+        shares = []
+        for tile in self.tiles(np.asarray(seg, dtype=np.int32), max_tiles, pad_value=-1):
+            inside = int((tile >= 0).sum())
+            shares.append((tile == 0).sum() / inside if inside else 1.0)
+        return np.asarray(shares, dtype=np.float64)
 
     @torch.inference_mode()
     def encoder_features(self, data: np.ndarray, max_tiles: int = 16, batch_size: int = 8) -> np.ndarray:

@@ -43,6 +43,16 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = DEFAULT_EPS) -> 
     return max(d, 0.0)
 
 
+def frechet_table(f: dict[str, np.ndarray], eps: float = DEFAULT_EPS) -> dict:
+    """The three distances of the realism block between already standardised feature sets
+    {'synthetic', 'training', 'validation'} -> (tiles, dims)."""
+    def fd(a, b):  # a set of one tile has no covariance: report it as missing rather than fail the run
+        return frechet_distance(f[a], f[b], eps) if min(len(f[a]), len(f[b])) >= 2 else float("nan")
+    return {"frechet_synthetic_vs_validation": fd("synthetic", "validation"),
+            "frechet_training_vs_validation": fd("training", "validation"),
+            "frechet_synthetic_vs_training": fd("synthetic", "training")}
+
+
 def realism_report(features: dict[str, np.ndarray], eps: float = DEFAULT_EPS) -> dict:
     """``features``: {'synthetic', 'training', 'validation'} -> (tiles, dims).
 
@@ -51,13 +61,8 @@ def realism_report(features: dict[str, np.ndarray], eps: float = DEFAULT_EPS) ->
     """
     z = standardiser(np.concatenate([features["training"], features["validation"]]))
     f = {k: z(v) for k, v in features.items()}
-
-    def fd(a, b):  # a set of one tile has no covariance: report it as missing rather than fail the run
-        return frechet_distance(f[a], f[b], eps) if min(len(f[a]), len(f[b])) >= 2 else float("nan")
     return {
-        "frechet_synthetic_vs_validation": fd("synthetic", "validation"),
-        "frechet_training_vs_validation": fd("training", "validation"),
-        "frechet_synthetic_vs_training": fd("synthetic", "training"),
+        **frechet_table(f, eps),
         "feature_dims": int(f["synthetic"].shape[1]),
         "tiles": {k: int(len(v)) for k, v in f.items()},
         "covariance_regularisation_eps": eps,

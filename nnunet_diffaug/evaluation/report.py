@@ -17,6 +17,9 @@ CASES_USED = "\n".join([
     "case skipped) | each set's own spread |",
     "| label statistics | all evaluated | target: validation; reference: training vs validation | as for realism |",
     "| class intensity | all evaluated | training and validation together | a synthesizer should paint like both |",
+    "| background false positives | all evaluated | target: validation; training (seen by the judge) as a second "
+    "real value | as for label fidelity |",
+    "| background realism (Fréchet by tile content) | all evaluated | as for realism | as for realism |",
     "| memorisation | nearest training case | training cases among themselves (leave-one-case-out) | only the "
     "training cases can have been memorised |",
 ]) + "\n"
@@ -79,6 +82,7 @@ def render_markdown(r: dict) -> str:
         f"| class intensity: largest standardised difference of a class's mean intensity: "
         f"{_class(r, r['class_intensity']['worst_class'])} | {_f(r['class_intensity']['worst_standardised_difference'], 2)} | "
         f"0 | below ~1 (within the real spread) |",
+        *_background_rows(r),
         f"| memorisation: median distance to the nearest training case | {_f(mem['synthetic_nearest_median'])} | "
         f"{_f(mem['real_nearest_median'])} (training to training) | synthetic not far below real |",
         f"| memorisation: median texture distance (label map's class means removed) to the nearest training case | "
@@ -117,6 +121,7 @@ def render_markdown(r: dict) -> str:
     for c, row in r["class_intensity"]["per_class"].items():
         lines.append(f"| {_class(r, c)} | {_f(row['mean']['synthetic'][0])} | {_f(row['real_mean'][0])} ± "
                      f"{_f(row['real_sd'][0])} | {_f(row['standardised_difference'][0], 2)} |")
+    lines += _background_section(r)
     if r.get("inpainting"):
         inp = r["inpainting"]
         lines += [
@@ -149,10 +154,73 @@ def render_markdown(r: dict) -> str:
         f"- Memorisation: {mem['distance']}.",
         "- Label statistics on the raw label maps (Wasserstein-1 between per-case distributions).",
     ]
+    if r.get("background"):
+        bfp, t = r["background"]["false_positives"], r["background"]["realism"]["background_tile_share_threshold"]
+        lines.append(f"- Background: false positives from the same predictions as label fidelity, on the same grid "
+                     f"(the cases' raw geometry); validation predictions: {bfp['validation']['predictions']}; "
+                     f"training predictions: {bfp['training']['predictions']}. Tiles as for realism, z-scored with "
+                     f"all real tiles; a tile is a background tile when at least {t:g} of its voxels (padding beyond "
+                     f"the case excluded) are background in the case's label map.")
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in r["notes"]]
     lines += ["", "![montage](evaluation_montage.png)", ""]
     return "\n".join(lines)
+
+
+def _background_rows(r: dict) -> list[str]:
+    """The background's two rows of the summary table (none for a result written before they existed)."""
+    if not r.get("background"):
+        return []
+    fp, rea = r["background"]["false_positives"], r["background"]["realism"]["background_tiles"]
+    return [f"| background: share of background voxels the judge calls foreground (pooled) | "
+            f"{_f(fp['synthetic']['pooled_share'], 4)} | {_f(fp['validation']['pooled_share'], 4)} (validation "
+            f"cases) | synthetic close to real |",
+            f"| background: Fréchet distance of mostly-background tiles to the validation cases | "
+            f"{_f(rea['frechet_synthetic_vs_validation'], 2)} | {_f(rea['frechet_training_vs_validation'], 2)} "
+            f"(training cases) | synthetic close to real |"]
+
+
+def _background_section(r: dict) -> list[str]:
+    if not r.get("background"):
+        return []
+    fp, rea = r["background"]["false_positives"], r["background"]["realism"]
+    classes = list(fp["synthetic"]["per_class"])
+    lines = [
+        "",
+        "## Background (voxels the label map leaves unlabelled)",
+        "",
+        "A synthesizer that sees only the label map paints the background from its prior; nnU-Net learns from "
+        "every background voxel, so a wrong background teaches it wrong negatives. False positives: the share of "
+        "a set's background voxels the judge calls some foreground class (pooled over the set's voxels; mean over "
+        "cases), and to which class they go. The validation cases give the value a synthetic set with a realistic "
+        "background should approach: far above it, the judge mistakes the synthetic background for structures; "
+        "far below it, the background may be too easy to tell apart (e.g. no body). The training cases, seen by "
+        "the judge, are a second real value.",
+        "",
+        "| set | cases | pooled share | mean over cases | " + " | ".join(f"to {_class(r, c)}" for c in classes) + " |",
+        "|---|---|---|---|" + "---|" * len(classes),
+    ]
+    for name in ("synthetic", "validation", "training"):
+        row = fp[name]
+        lines.append(f"| {name} | {row['cases']} | {_f(row['pooled_share'], 4)} | {_f(row['mean_case_share'], 4)} | "
+                     + " | ".join(_f(row["per_class"][c]["pooled_share"], 4) for c in classes) + " |")
+    t = rea["background_tile_share_threshold"]
+    lines += [
+        "",
+        f"Realism by tile content: the realism block's Fréchet distances within the tiles that are at least "
+        f"{t:g} background (what the synthesizer paints as context) and within the others (the labelled "
+        f"structures and what surrounds them). n/a: fewer than two tiles of a set in that group.",
+        "",
+        "| tiles | synthetic vs validation | training vs validation (reference) | tiles synthetic / training / "
+        "validation |",
+        "|---|---|---|---|",
+    ]
+    for name, title in (("background_tiles", f"background (≥ {t:g})"), ("content_tiles", "the others")):
+        g = rea[name]
+        lines.append(f"| {title} | {_f(g['frechet_synthetic_vs_validation'], 2)} | "
+                     f"{_f(g['frechet_training_vs_validation'], 2)} | {g['tiles']['synthetic']} / "
+                     f"{g['tiles']['training']} / {g['tiles']['validation']} |")
+    return lines
 
 
 def write_report(result: dict, folder: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_diffaug.evaluation import (class_intensity, diversity, fidelity, grid, inpainting, label_stats,
-                                       memorisation, realism)
+from nnunet_diffaug.evaluation import (background, class_intensity, diversity, fidelity, grid, inpainting,
+                                       label_stats, memorisation, realism)
 from nnunet_diffaug.evaluation.inputs import EvaluationInputs
 from nnunet_diffaug.evaluation.montage import write_montage
 from nnunet_diffaug.evaluation.nnunet_model import PreprocessedCase, TrainedModel
@@ -92,18 +92,67 @@ def _label_fidelity(model: TrainedModel, inputs: EvaluationInputs, pre: dict, ou
     # nnU-Net's own final validation is reused when it was made the same way (mirroring on, same checkpoint)
     real = fidelity.validation_summary(inputs.model_folder, inputs.fold) \
         if s.use_mirroring and inputs.checkpoint == "checkpoint_final.pth" else None
+    validation_predictions = {}
     if real is None:
         real_cases = {}
         for cid, case in tqdm(pre["validation"].items(), desc="segmenting validation cases", disable=not s.progress):
-            f = segment_once(model, inputs.checkpoint_file, cid, case, inputs.real_cases[cid]["images"],
-                             out / "predictions_validation", s.use_mirroring)
+            f = validation_predictions[cid] = segment_once(model, inputs.checkpoint_file, cid, case,
+                                                           inputs.real_cases[cid]["images"],
+                                                           out / "predictions_validation", s.use_mirroring)
             real_cases[cid] = fidelity.case_dice(case.label_file, f, model.reader_writer, labels)
         real = {**fidelity.summarise(real_cases, labels),
                 "source": "predicted here with the same settings as the synthetic cases"}
     return {"synthetic": synthetic, "validation": real,
             "ratio_synthetic_to_validation": synthetic["foreground_mean_dice"] / real["foreground_mean_dice"]
             if real["foreground_mean_dice"] > 0 else float("nan"),
-            "test_time_mirroring": s.use_mirroring}, per_case, predictions
+            "test_time_mirroring": s.use_mirroring}, per_case, predictions, validation_predictions
+
+
+def _real_predictions(model: TrainedModel, inputs: EvaluationInputs, pre: dict, out: Path, s: Settings,
+                      validation_predictions: dict) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+    """The judge's prediction of every training and validation case, for the background false positives.
+
+    Validation: the files label fidelity segmented here, or, when it reused nnU-Net's own final validation,
+    the predictions nnU-Net wrote beside that summary (made the same way: final checkpoint, mirroring on);
+    a case missing there is segmented here. Training: segmented here (label fidelity never needs them), once,
+    and reused by a rerun like every other segmentation. Returns the files and, per set, where they came from.
+    """
+    files: dict[str, dict[str, Path]] = {"training": {}, "validation": dict(validation_predictions)}
+    sources = {"training": "predicted here with the same settings as the synthetic cases",
+               "validation": "predicted here with the same settings as the synthetic cases"}
+    if not validation_predictions:
+        nnunet_folder = inputs.model_folder / f"fold_{inputs.fold}" / "validation"
+        ending = model.predictor.dataset_json["file_ending"]
+        for cid in pre["validation"]:
+            if (nnunet_folder / f"{cid}{ending}").is_file():
+                files["validation"][cid] = nnunet_folder / f"{cid}{ending}"
+        if files["validation"]:
+            sources["validation"] = f"nnU-Net's final validation predictions ({nnunet_folder})" + (
+                "" if len(files["validation"]) == len(pre["validation"]) else "; the cases missing there predicted "
+                "here with the same settings as the synthetic cases")
+    for name in ("validation", "training"):
+        todo = {cid: case for cid, case in pre[name].items() if cid not in files[name]}
+        for cid, case in tqdm(todo.items(), desc=f"segmenting {name} cases", disable=not s.progress or not todo):
+            files[name][cid] = segment_once(model, inputs.checkpoint_file, cid, case,
+                                            inputs.real_cases[cid]["images"], out / f"predictions_{name}",
+                                            s.use_mirroring)
+    return files, sources
+
+
+def _background_false_positives(model: TrainedModel, pre: dict, predictions: dict[str, dict[str, Path]],
+                                sources: dict[str, str]) -> tuple[dict, dict[str, float]]:
+    """Per set: the judge's false positives among background voxels (``background``), and each synthetic
+    case's share. Label and prediction on the grid label fidelity's Dice uses (the case's raw geometry)."""
+    classes, read = model.foreground_labels, model.reader_writer.read_seg
+    report, synthetic_shares = {}, {}
+    for name in SETS:
+        counts = {cid: background.case_background_counts(read(case.label_file)[0], read(str(predictions[name][cid]))[0],
+                                                          classes)
+                  for cid, case in pre[name].items()}
+        report[name] = {**background.summarise_false_positives(counts, classes), "predictions": sources[name]}
+        if name == "synthetic":
+            synthetic_shares = {cid: background.share(c) for cid, c in counts.items()}
+    return report, synthetic_shares
 
 
 def _unit_items(model: TrainedModel, pre: dict) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
@@ -143,7 +192,11 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
         pre[name] = {cid: model.preprocess(cid, case)
                      for cid, case in tqdm(cases.items(), desc=f"preprocessing {name} cases", disable=not s.progress)}
 
-    fidelity_result, fid_per_case, predictions = _label_fidelity(model, inputs, pre, out, s)
+    fidelity_result, fid_per_case, predictions, validation_predictions = _label_fidelity(model, inputs, pre, out, s)
+    real_predictions, prediction_sources = _real_predictions(model, inputs, pre, out, s, validation_predictions)
+    false_positives, fp_per_case = _background_false_positives(
+        model, pre, {"synthetic": predictions, **real_predictions},
+        {"synthetic": "label fidelity's predictions", **prediction_sources})
     inpainted, clip = None, model.ct_clip_range()
     if inputs.provenance is not None and inputs.provenance.generator.get("label_mode") == "inpaint":
         inpainted = inpainting.inpainting_report(inputs.synthetic_cases,
@@ -154,6 +207,10 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
                                    for c in tqdm(pre[k].values(), desc=f"encoder features ({k})",
                                                  disable=not s.progress)]) for k in SETS}
     realism_result = realism.realism_report(features, s.frechet_eps)
+    # the same tiles' label content (positions depend on the shape only): features are not computed again
+    tile_background = {k: np.concatenate([model.tile_background_shares(c.seg, s.max_tiles_per_case)
+                                          for c in pre[k].values()]) for k in SETS}
+    background_realism = background.realism_by_content(features, tile_background, s.frechet_eps)
 
     items = _unit_items(model, pre)
     ssim_settings = diversity.choose_settings(items["synthetic"][0][1].shape[1:])
@@ -170,7 +227,8 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
         {k: [class_intensity.case_class_means(c.data, c.seg, classes) for c in pre[k].values()] for k in SETS}, classes)
 
     per_case = {cid: {"source_case": _source_case(inputs, cid), "dice": fid_per_case[cid],
-                      **{f"memorisation_{k}": v for k, v in memo["per_case"][cid].items()}}
+                      **{f"memorisation_{k}": v for k, v in memo["per_case"][cid].items()},
+                      "background_false_positive_share": fp_per_case[cid]}
                 for cid in inputs.synthetic_cases}
     result = {
         "dataset": inputs.dataset_name, "fold": inputs.fold,
@@ -181,6 +239,7 @@ def evaluate(inputs: EvaluationInputs, output_folder: str | Path | None = None,
         "class_names": model.class_names(),
         "label_fidelity": fidelity_result, "realism": realism_result, "diversity": div, "label_statistics": lab,
         "class_intensity": intensity,
+        "background": {"false_positives": false_positives, "realism": background_realism},
         **({"inpainting": inpainted} if inpainted is not None else {}),
         "memorisation": {k: v for k, v in memo.items() if k != "per_case"},
         "per_synthetic_case": per_case,
