@@ -92,7 +92,7 @@ class ContextModel:
         if not self.centres:
             out[free] = 1
             return out
-        values = smoothed(image)[:, free].T                     # (voxels, C)
+        values = smoothed(image, free)[:, free].T               # (voxels, C)
         out[free] = nearest_centre(values, np.asarray(self.centres, dtype=np.float32)) + 1
         return out
 
@@ -105,11 +105,17 @@ def merge(labels: np.ndarray, context: np.ndarray, outside_class: int) -> np.nda
     return out
 
 
-def smoothed(image: np.ndarray) -> np.ndarray:
-    """Gaussian-smoothed in the last two (in-plane) axes: nnU-Net's first axis is often much coarser."""
+def smoothed(image: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-smoothed in the last two (in-plane) axes (nnU-Net's first axis is often much coarser). ``within``:
+    a mask; only its voxels are averaged (normalised convolution), so the air around the body and the labelled
+    structures do not bleed into the clusters' border voxels."""
     from scipy.ndimage import gaussian_filter
     sigma = [0.0] * (image.ndim - 3) + [SMOOTHING_SIGMA] * 2  # (C, *spatial): per channel
-    return np.stack([gaussian_filter(np.asarray(c, dtype=np.float32), sigma) for c in image])
+    if within is None:
+        return np.stack([gaussian_filter(np.asarray(c, dtype=np.float32), sigma) for c in image])
+    weight = gaussian_filter(within.astype(np.float32), sigma)
+    return np.stack([gaussian_filter(np.where(within, np.asarray(c, dtype=np.float32), 0.0), sigma)
+                     / np.maximum(weight, 1e-6) for c in image])
 
 
 def nearest_centre(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -169,7 +175,7 @@ def fit_context(body: bool, clusters: int, body_threshold_hu: float, cases, sche
         free = labels == 0
         if body:
             free &= body_mask(image[0], threshold, (labels > 0) & (labels != outside_class))
-        values = smoothed(image)[:, free].T
+        values = smoothed(image, free)[:, free].T
         samples.append(values[_subsample_index(len(values), rng)])
     values = np.concatenate(samples)
     if len(values) < clusters:

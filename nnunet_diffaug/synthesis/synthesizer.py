@@ -91,6 +91,13 @@ class Synthesizer:
             raise DiffAugError(f"{folder} learned from unlabelled images only (--unlabeled-only): it has never seen a "
                                f"label map, so it cannot paint for one. Start a fold's synthesizer from it: "
                                f"diffaug_train_synthesizer ... --init-from {folder}.")
+        if config.context.enabled != (spec.context is not None):
+            raise DiffAugError(f"{folder / SPEC_FILE}: its config.json {'asks for' if config.context.enabled else 'has no'}"
+                               f" context classes, but its spec {'lacks' if config.context.enabled else 'holds'} the "
+                               f"fitted context; the model's condition has "
+                               f"{'one channel per context class' if config.context.enabled else 'none'}, so it cannot "
+                               f"paint label maps {'without' if config.context.enabled else 'with'} them. Restore the "
+                               f"file or retrain (diffaug_train_synthesizer --overwrite).")
         syn = cls(config, spec, device)
         for stage in STAGES:
             if not final_file(folder, stage).is_file():

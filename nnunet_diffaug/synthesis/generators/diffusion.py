@@ -187,6 +187,8 @@ class DiffusionGenerator(Generator):
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         hint_kwargs, hint_record = _hints(self.syn, self.data, draw.source, draw.source_image, rng, self.spacing,
                                           self.intensity)
+        if self.data.context is not None:  # which fitted context the label map carried (provenance: its model)
+            hint_record["context"] = self.data.context.model.key()
         if draw.repaint is not None:  # inpaint: only the region is sampled, the rest is the real image
             from nnunet_diffaug.synthesis.repaint import repaint_volume
             hint_kwargs.pop("edge_images", None)  # label boundaries only: the real edges show the old structure
