@@ -193,3 +193,43 @@ def trainer_accepts(folder: Path, configuration: str, root: Path) -> list[str]:
                                       verbose=False, expected_dimension=real_image_dimension(EXAMPLE_NAME))
     assert done == cases
     return cases
+
+
+def toy_benchmark_dataset(root: Path, monkeypatch, duplicate: tuple[str, str] | None = None) -> str:
+    """A benchmark's user dataset: 8 one-channel cases of random noise (real NIfTI files: the benchmark hashes their content); ``duplicate``:
+    (case, twin) gets twin's image under its own name."""
+    dataset = "Dataset501_ToyPool"
+    raw = root / "user_raw" / dataset
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = {f"toy_{i:03d}": rng.normal(size=(4, 8, 8)).astype(np.float32) for i in range(8)}
+    if duplicate:
+        images[duplicate[0]] = images[duplicate[1]]
+    for case, array in images.items():
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray((array > 0).astype(np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
+                                                  "numTraining": 8, "file_ending": ".nii.gz"}))
+    pre = root / "user_preprocessed" / dataset
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text("{}")
+    monkeypatch.setenv("nnUNet_raw", str(root / "user_raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root / "user_preprocessed"))
+    return dataset
+
+
+class RecordingRunner:
+    """Records the commands; 'trains' an arm by writing its summary.json."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cmd, env):
+        self.calls.append((Path(cmd[0]).name, cmd, env))
+        if Path(cmd[0]).name == "nnUNetv2_train":
+            trainer, plans = cmd[cmd.index("-tr") + 1], cmd[cmd.index("-p") + 1]
+            fold_dir = Path(env["nnUNet_results"]) / cmd[1] / f"{trainer}__{plans}__{cmd[2]}" / f"fold_{cmd[3]}"
+            (fold_dir / "validation").mkdir(parents=True)
+            (fold_dir / "validation" / "summary.json").write_text(json.dumps(
+                {"mean": {"1": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.5}}))

@@ -14,7 +14,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import console_script, nnunet_folders, nnunet_env, run, write_raw_dataset, write_splits
+from support import (RecordingRunner, console_script, nnunet_env, nnunet_folders, run, toy_benchmark_dataset,
+                     write_raw_dataset, write_splits)
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -231,3 +232,36 @@ def test_a_synthesizer_trained_with_context_refuses_to_sample_without_it(trained
         assert not list((toy_root / "raw").glob("Dataset964_*"))
     finally:
         run_file.write_text(saved)
+
+
+def test_the_context_arm_trains_its_own_synthesizer_from_the_preset_with_context(tmp_path, monkeypatch):
+    from nnunet_diffaug.benchmark import BenchmarkSettings, builtin_arm, run_benchmark
+    from nnunet_diffaug.benchmark.arms import CONTEXT as ARM_CONTEXT
+    arm = builtin_arm("diffaug_r33_auto_context")
+    assert arm.synthetic.context and arm.synthetic.key != builtin_arm("diffaug_r33_auto").synthetic.key
+    assert dict(arm.env) == dict(builtin_arm("diffaug_r33_auto").env)
+    assert builtin_arm("randomised_r33_context") is None
+    dataset = toy_benchmark_dataset(tmp_path, monkeypatch)
+    user_cache = tmp_path / "user_preprocessed" / dataset / "diffaug_context"
+    user_cache.mkdir()  # the user's own context maps (other splits): never linked into the workspace
+    s = BenchmarkSettings(dataset=dataset, train_sizes=(2,), seeds=(0,), epochs=1, iterations=1,
+                          test_cases=("toy_000", "toy_001", "toy_002"),
+                          arms=("diffaug_r33_auto", "diffaug_r33_auto_context"))
+    runner = RecordingRunner()
+    run_benchmark(s, tmp_path / "ws", runner=runner)
+    assert not (tmp_path / "ws" / "preprocessed" / dataset / "diffaug_context").exists()
+    trained = {Path(env["nnUNet_results"]).name: cmd for name, cmd, env in runner.calls
+               if name == "diffaug_train_synthesizer"}
+    assert sorted(trained) == ["synthesizer", "synthesizer_context"]
+    assert trained["synthesizer"][trained["synthesizer"].index("--preset") + 1] == "tiny"
+    preset = Path(trained["synthesizer_context"][trained["synthesizer_context"].index("--preset") + 1])
+    written = SynthesizerConfig.from_json(json.loads(preset.read_text()))
+    assert written.context.body == ARM_CONTEXT["body"] and written.context.clusters == ARM_CONTEXT["clusters"]
+    assert dataclass_without_context(written) == dataclass_without_context(SynthesizerConfig.from_json({"base": "tiny"}))
+    sets = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
+            for name, _, env in runner.calls if name == "nnUNetv2_train" and "DIFFAUG_SYNTHETIC_DATASET" in env}
+    assert sets["diffaug_r33_auto_context"] != sets["diffaug_r33_auto"]
+
+
+def dataclass_without_context(config: SynthesizerConfig) -> dict:
+    return {k: v for k, v in config.to_json().items() if k != "context"}

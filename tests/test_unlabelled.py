@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from support import EXAMPLE_NAME, nnunet_folders, private_copy_of_example
+from support import EXAMPLE_NAME, RecordingRunner, nnunet_folders, private_copy_of_example, toy_benchmark_dataset
 
 from nnunet_diffaug import cli
 from nnunet_diffaug.errors import DiffAugError
@@ -433,57 +433,17 @@ def test_unlabelled_only_refuses_any_labelled_case_of_the_dataset(example):
 
 # ---------------------------------------------------------------------------------------------- the benchmark arm
 
-def _benchmark_dataset(root: Path, monkeypatch, duplicate: tuple[str, str] | None = None) -> str:
-    """8 one-channel cases of random noise (real NIfTI files: the benchmark hashes their content); ``duplicate``:
-    (case, twin) gets twin's image under its own name."""
-    dataset = "Dataset501_ToyPool"
-    raw = root / "user_raw" / dataset
-    for sub in ("imagesTr", "labelsTr"):
-        (raw / sub).mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    images = {f"toy_{i:03d}": rng.normal(size=(4, 8, 8)).astype(np.float32) for i in range(8)}
-    if duplicate:
-        images[duplicate[0]] = images[duplicate[1]]
-    for case, array in images.items():
-        sitk.WriteImage(sitk.GetImageFromArray(array), str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray((array > 0).astype(np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
-                                                  "numTraining": 8, "file_ending": ".nii.gz"}))
-    pre = root / "user_preprocessed" / dataset
-    pre.mkdir(parents=True)
-    (pre / "nnUNetPlans.json").write_text("{}")
-    monkeypatch.setenv("nnUNet_raw", str(root / "user_raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(root / "user_preprocessed"))
-    return dataset
-
-
-class _Recorder:
-    """Records the commands; 'trains' an arm by writing its summary.json."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, cmd, env):
-        self.calls.append((Path(cmd[0]).name, cmd, env))
-        if Path(cmd[0]).name == "nnUNetv2_train":
-            trainer, plans = cmd[cmd.index("-tr") + 1], cmd[cmd.index("-p") + 1]
-            fold_dir = Path(env["nnUNet_results"]) / cmd[1] / f"{trainer}__{plans}__{cmd[2]}" / f"fold_{cmd[3]}"
-            (fold_dir / "validation").mkdir(parents=True)
-            (fold_dir / "validation" / "summary.json").write_text(json.dumps(
-                {"mean": {"1": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.5}}))
-
-
 def test_the_unlabeled_arm_gives_its_synthesizer_the_pool_remainder_and_never_a_test_case(tmp_path, monkeypatch):
     from nnunet_diffaug.benchmark import BenchmarkSettings, builtin_arm, run_benchmark
     arm = builtin_arm("diffaug_r33_equalreal_unlabeled")
     assert arm.synthetic.unlabeled and arm.synthetic.key != builtin_arm("diffaug_r33_equalreal").synthetic.key
     assert dict(arm.env) == dict(builtin_arm("diffaug_r33_equalreal").env)
     assert builtin_arm("deformed_real_r33_unlabeled") is None
-    dataset = _benchmark_dataset(tmp_path, monkeypatch)
+    dataset = toy_benchmark_dataset(tmp_path, monkeypatch)
     s = BenchmarkSettings(dataset=dataset, train_sizes=(2,), seeds=(0,), epochs=1, iterations=1,
                           test_cases=("toy_000", "toy_001", "toy_002"),
                           arms=("diffaug_r33", "diffaug_r33_unlabeled", "diffaug_r33_equalreal_unlabeled"))
-    runner = _Recorder()
+    runner = RecordingRunner()
     run_benchmark(s, tmp_path / "ws", runner=runner)
     trained = [(cmd, env) for name, cmd, env in runner.calls if name == "diffaug_train_synthesizer"]
     assert len(trained) == 2  # one plain synthesizer, one with the remainder (shared by both _unlabeled arms)
@@ -504,10 +464,10 @@ def test_the_unlabeled_arm_gives_its_synthesizer_the_pool_remainder_and_never_a_
 
 def test_the_benchmark_refuses_a_pool_image_that_is_a_test_case(tmp_path, monkeypatch):
     from nnunet_diffaug.benchmark import BenchmarkSettings, run_benchmark
-    dataset = _benchmark_dataset(tmp_path, monkeypatch, duplicate=("toy_007", "toy_001"))
+    dataset = toy_benchmark_dataset(tmp_path, monkeypatch, duplicate=("toy_007", "toy_001"))
     s = BenchmarkSettings(dataset=dataset, train_sizes=(2,), seeds=(0,), epochs=1, iterations=1,
                           test_cases=("toy_000", "toy_001", "toy_002"), arms=("diffaug_r33_unlabeled",))
-    runner = _Recorder()
+    runner = RecordingRunner()
     with pytest.raises(DiffAugError, match=r"Pool case toy_007's image .* same content as test case toy_001"):
         run_benchmark(s, tmp_path / "ws", runner=runner)
     assert runner.calls == []  # refused before anything ran
