@@ -75,7 +75,8 @@ def _real_maps(configuration: str, gen: LabelGenerator) -> list[np.ndarray]:
     data = FoldData(EXAMPLE_ID, configuration, 0)
     cfg = load_config("tiny")
     cfg = dataclasses.replace(cfg, label_generator=gen.cfg)
-    spec = type("Spec", (), {"spatial_dims": data.spatial_dims, "num_classes": gen.num_classes})()
+    spec = type("Spec", (), {"spatial_dims": data.spatial_dims, "num_classes": gen.num_classes,
+                             "outside_class": data.outside_class, "label_values": data.label_values})()
     sampler = LabelMapSampler(data, spec, cfg)
     return [sampler._fit(m, None) for m in sampler.maps]
 
