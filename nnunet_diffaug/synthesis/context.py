@@ -118,9 +118,14 @@ def smoothed(image: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
                      / np.maximum(weight, 1e-6) for c in image])
 
 
-def nearest_centre(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    distances = ((values[:, None, :] - centres[None]) ** 2).sum(-1)
-    return distances.argmin(1).astype(np.uint8)
+def nearest_centre(values: np.ndarray, centres: np.ndarray, chunk: int = 2**22) -> np.ndarray:
+    """(voxels, C) values -> (voxels,) index of the nearest centre; in chunks, so a whole CT (tens of millions of
+    voxels) never holds a (voxels, K, C) distance array at once."""
+    out = np.empty(len(values), dtype=np.uint8)
+    for start in range(0, len(values), chunk):
+        part = values[start:start + chunk]
+        out[start:start + chunk] = ((part[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    return out
 
 
 def body_mask(channel: np.ndarray, threshold: float, labelled: np.ndarray) -> np.ndarray:
