@@ -547,13 +547,9 @@ def synthesize_entry(argv=None):
         folder = synthesize(args.d, args.c, args.f, args.n, num_parts=args.num_parts, part_id=args.part_id,
                             output_id=args.output_dataset, overwrite=args.overwrite, device=args.device, **common)
     else:
-        from nnunet_diffaug.judge_filter import Judge, judge_folder, synthesize_filtered
+        from nnunet_diffaug.judge_filter import Judge, resolve_judge, synthesize_filtered
         from nnunet_diffaug.paths import resolve_dataset_name
-        model = args.judge if os.sep in args.judge or os.path.isdir(args.judge) else None
-        name = None if model else args.judge.split("__")
-        if name is not None and len(name) != 3:
-            raise DiffAugError(f"--judge {args.judge!r} is neither a folder nor a model name TRAINER__PLANS__CONFIG.")
-        folder = judge_folder(resolve_dataset_name(args.d), model, *(name or ("", "", "")))
+        folder = resolve_judge(resolve_dataset_name(args.d), args.judge)
         folder = synthesize_filtered(args.d, args.c, args.f, args.n, args.candidates or 2 * args.n,
                                      Judge(folder, use_mirroring=not args.disable_tta), args.min_class_dice,
                                      output_id=args.output_dataset, overwrite=args.overwrite, device=args.device,

@@ -16,6 +16,7 @@ trained with synthetic cases would prefer the synthesizer's own mistakes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,50 @@ def judge_folder(dataset_name: str, model: str | None, trainer: str, plans: str,
     if model:
         return Path(model).resolve()
     return paths.nnunet_results() / dataset_name / f"{trainer}__{plans}__{configuration}"
+
+
+def resolve_judge(dataset_name: str, text: str, what: str = "--judge") -> Path:
+    """A judge given as a model folder, or as its name TRAINER__PLANS__CONFIG in ``$nnUNet_results/<dataset>/``."""
+    model = text if os.sep in text or os.path.isdir(text) else None
+    name = None if model else text.split("__")
+    if name is not None and len(name) != 3:
+        raise DiffAugError(f"{what} {text!r} is neither a folder nor a model name TRAINER__PLANS__CONFIG.")
+    return judge_folder(dataset_name, model, *(name or ("", "", "")))
+
+
+def check_judge_space(judge: Judge, plans_identifier: str, configuration: str, plans_manager) -> None:
+    """Refuses a judge that does not work in the preprocessed space of (``plans_identifier``, ``configuration``):
+    other plans or another configuration (named as nnUNetv2_train names its model folders,
+    TRAINER__PLANS__CONFIGURATION), or plans of the same name that were planned differently since (its copy of the
+    plans differs in that configuration, the intensity normalisation or the axis order). ``plans_manager``: nnU-Net's
+    PlansManager of the plans the caller works in."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    folder = judge.model_folder
+    parts = folder.name.split("__")
+    if len(parts) != 3:
+        raise DiffAugError(f"{folder}: not named TRAINER__PLANS__CONFIGURATION as nnUNetv2_train names its model "
+                           f"folders, so its plans and configuration cannot be told; use the folder nnUNetv2_train "
+                           f"wrote.")
+    plans = read_json(folder / "plans.json")
+    theirs = plans.get("plans_name", parts[1])
+    if theirs != plans_identifier or parts[1] != plans_identifier:
+        raise DiffAugError(f"{folder}: the judge was trained with plans {theirs!r}, not {plans_identifier!r}; both "
+                           f"must work in the same preprocessed space. Train the judge with -p {plans_identifier}.")
+    if parts[2] != configuration:
+        raise DiffAugError(f"{folder}: the judge was trained on configuration {parts[2]!r}, not {configuration!r}; "
+                           f"both must work in the same preprocessed space. Train the judge with {configuration}.")
+    manager = PlansManager(plans)
+    same = (configuration in manager.available_configurations
+            and manager.get_configuration(configuration).configuration
+            == plans_manager.get_configuration(configuration).configuration
+            and manager.foreground_intensity_properties_per_channel
+            == plans_manager.foreground_intensity_properties_per_channel
+            and list(manager.transpose_forward) == list(plans_manager.transpose_forward))
+    if not same:
+        raise DiffAugError(f"{folder / 'plans.json'}: the judge's copy of {plans_identifier} differs from the plans in "
+                           f"nnUNet_preprocessed in configuration {configuration!r}, the intensity normalisation or "
+                           f"the axis order: the dataset was planned again since the judge was trained. Retrain the "
+                           f"judge on the current plans.")
 
 
 def check_judge(judge: Judge, dataset_name: str, fold: int, real_json: dict) -> None:
