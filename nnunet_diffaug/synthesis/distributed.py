@@ -113,15 +113,18 @@ def for_training(module: nn.Module) -> nn.Module:
     return DistributedDataParallel(module)
 
 
-def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+def mean_over_processes(values: dict[str, float | None]) -> dict[str, float | None]:
     """Each process's losses are those of its own batch; their mean is the loss of the whole global batch, the
-    same number in every process (so a diverged step stops all of them together)."""
+    same number in every process (so a diverged step stops all of them together). Every process passes the same
+    names; a value None (not measured in that process at this step, e.g. the consistency loss when no sample of
+    its batch qualified) is left out of the mean, and the mean is None where no process measured it."""
     if not is_distributed():
         return values
     names = list(values)
-    t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([[0.0, 0.0] if values[k] is None else [values[k], 1.0] for k in names], dtype=torch.float64,
+                     device=_collective_device())
     torch.distributed.all_reduce(t)
-    return {k: v / world_size() for k, v in zip(names, t.tolist())}
+    return {k: (total / n if n else None) for k, (total, n) in zip(names, t.tolist())}
 
 
 def value_of_main_process(value: Any) -> Any:

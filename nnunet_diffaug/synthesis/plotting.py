@@ -26,12 +26,13 @@ def plot_losses(path: str | os.PathLike, series: dict[str, list[float]], title: 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in series.items():
+        steps = np.array([i for i, v in enumerate(values) if v is not None])  # None: not measured at that step
         values = [v for v in values if v is not None]
         if not values:
             continue
         w = max(1, len(values) // 50)
         s = smooth(values, w)
-        ax.plot(np.arange(len(s)) + w - 1, s, label=f"{name} (moving mean of {w})")
+        ax.plot(steps[w - 1:w - 1 + len(s)], s, label=f"{name} (moving mean of {w})")
     if all(v > 0 for vals in series.values() for v in vals if v is not None):
         ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -60,22 +60,25 @@ def run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int,
 
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=stage,
                disable=not progress or not distributed.is_main_process(), dynamic_ncols=True)
+    latest = {k: _measured(v)[-1] for k, v in losses.items() if _measured(v)}  # the postfix shows the last value
     for step in bar:
         parts = distributed.mean_over_processes(step_fn(step))
-        if not all(math.isfinite(v) for v in parts.values()):
+        if not all(v is None or math.isfinite(v) for v in parts.values()):
             raise DiffAugError(f"{stage} loss became {parts} at step {step} ({folder}): training diverged. Lower the "
                                f"learning rate in a config file (--preset your.json, see {folder / CONFIG_FILE}) and "
                                f"pass --overwrite to start over.")
-        for k, v in parts.items():
+        for k, v in parts.items():  # None: a loss not measured at this step (e.g. the consistency loss)
             losses.setdefault(k, []).append(v)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()})
+            if v is not None:
+                latest[k] = v
+        bar.set_postfix({k: f"{v:.4g}" for k, v in latest.items()})
         done = step + 1
         if done % checkpoint_every == 0 and done < total_steps:
             save_checkpoint(done)
             if distributed.is_main_process():  # long runs can be watched while they train
                 plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, "
                             f"{folder.name}), step {done}")
-            log(f"{stage}: step {done}, " + ", ".join(f"{k} {np.mean(v[-checkpoint_every:]):.4g}"
+            log(f"{stage}: step {done}, " + ", ".join(f"{k} {_mean(v[-checkpoint_every:])}"
                                                        for k, v in losses.items()))
         if stop_after is not None and done >= stop_after and done < total_steps:
             save_checkpoint(done)
@@ -88,10 +91,20 @@ def run_stage(stage: str, folder: Path, total_steps: int, checkpoint_every: int,
         _save_final(folder, stage, total_steps, losses, modules, final_modules, extra_state)
         cpath.unlink(missing_ok=True)
         plot_losses(folder / f"{stage}_losses.png", losses, f"{stage} ({folder.parent.parent.name}, {folder.name})")
-    log(f"{stage}: finished; " + ", ".join(f"{k} first {np.mean(v[:20]):.4g} -> last {np.mean(v[-20:]):.4g}"
+    log(f"{stage}: finished; " + ", ".join(f"{k} first {_mean(_measured(v)[:20])} -> last {_mean(_measured(v)[-20:])}"
                                            for k, v in losses.items()))
     distributed.barrier()  # the final file is on disk before any process looks for it
     return losses
+
+
+def _measured(values: list) -> list[float]:
+    """The values of a loss series at the steps where it was measured."""
+    return [v for v in values if v is not None]
+
+
+def _mean(values: list) -> str:
+    measured = _measured(values)
+    return f"{np.mean(measured):.4g}" if measured else "n/a"
 
 
 def _resume(stage: str, cpath: Path, total_steps: int, modules: dict[str, nn.Module],
