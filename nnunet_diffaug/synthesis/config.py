@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,24 @@ class ContextConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Segmentation-consistency loss (consistency.py), after ControlNet++ (Li et al., "ControlNet++: Improving
+    Conditional Controls with Efficient Consistency Feedback", ECCV 2024): nnU-Net's Dice + cross-entropy between
+    the conditioning label map and a frozen real-trained nnU-Net's reading of the one-step denoised image. Off
+    unless weight > 0."""
+    judge: str = ""                                 # nnU-Net model folder (Trainer__Plans__Configuration) trained
+                                                    # on the same fold's real cases, same plans and configuration
+    weight: float = 0.0                             # 0 = off; the loss is added to the diffusion loss times this
+    max_timestep: float = 200.0                     # only samples with t <= this (of num_train_timesteps; rflow:
+                                                    # the same fraction of its time axis)
+    every: int = 1                                  # applied every k-th step
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass
 class SynthesizerConfig:
     base: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +180,7 @@ class SynthesizerConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     label_generator: LabelGeneratorConfig = field(default_factory=LabelGeneratorConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     checkpoint_every: int = 50                      # steps between resumable checkpoints
     mixed_precision: bool = True                    # bf16 autocast on CUDA (training and sampling); CPU stays fp32
     montage_cases: int = 4
@@ -237,6 +257,7 @@ class SynthesizerConfig:
         if not 0 <= self.context.clusters <= 32:
             problems.append(f"context.clusters must be in [0, 32] (0 = none), not {self.context.clusters}")
         problems += _label_generator_problems(self.label_generator)
+        problems += _consistency_problems(self.consistency, dm.num_train_timesteps)
         if problems:
             raise DiffAugError(f"{where}: " + "; ".join(problems) + ".")
 
@@ -266,6 +287,26 @@ def _label_generator_problems(lg: LabelGeneratorConfig) -> list[str]:
             problems.append(f"label_generator.{name} must be >= 1, not {getattr(lg, name)}")
     if lg.guidance < 0:
         problems.append(f"label_generator.guidance must be >= 0, not {lg.guidance}")
+    return problems
+
+
+def _consistency_problems(c: ConsistencyConfig, num_train_timesteps: int) -> list[str]:
+    problems = []
+    if not isinstance(c.judge, str):
+        problems.append(f"consistency.judge must be the path of an nnU-Net model folder (a string), not {c.judge!r}")
+    if not (math.isfinite(c.weight) and c.weight >= 0):
+        problems.append(f"consistency.weight must be a finite number >= 0 (0 = off), not {c.weight}")
+    elif c.weight > 0 and isinstance(c.judge, str) and not c.judge.strip():
+        problems.append("consistency.weight > 0 needs consistency.judge: the folder of an nnU-Net model trained on the "
+                        "same fold's real cases (nnUNet_results/DatasetX/Trainer__Plans__Configuration)")
+    elif c.weight == 0 and isinstance(c.judge, str) and c.judge.strip():
+        problems.append(f"consistency.judge is set ({c.judge}) but consistency.weight is 0, which turns the loss off; "
+                        f"give a weight > 0 (e.g. 0.1) or leave the judge out")
+    if not (math.isfinite(c.max_timestep) and 0 < c.max_timestep <= num_train_timesteps):
+        problems.append(f"consistency.max_timestep must lie in (0, diffusion.num_train_timesteps = "
+                        f"{num_train_timesteps}], not {c.max_timestep}")
+    if c.every < 1:
+        problems.append(f"consistency.every must be >= 1 (apply the loss every k-th step), not {c.every}")
     return problems
 
 

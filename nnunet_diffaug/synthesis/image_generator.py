@@ -118,3 +118,26 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if scheduler.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
+
+
+def predicted_original(scheduler, noisy: torch.Tensor, model_output: torch.Tensor,
+                       timesteps: torch.Tensor) -> torch.Tensor:
+    """The one-step estimate of the clean latents from ``noisy`` latents at ``timesteps`` and the model's output,
+    under the conventions of :func:`diffusion_target` and the schedulers' ``add_noise``: differentiable in
+    ``model_output``.
+
+    - rectified flow: ``x_t = (1 - s) x_0 + s noise`` with ``s = t / T`` and target ``x_0 - noise``, so
+      ``x_0 = x_t + s v``;
+    - v-prediction: ``x_t = a x_0 + b noise`` (``a = sqrt(alpha_bar_t)``, ``b = sqrt(1 - alpha_bar_t)``) and
+      ``v = a noise - b x_0``, so ``x_0 = a x_t - b v``;
+    - epsilon: ``x_0 = (x_t - b noise) / a``.
+    """
+    shape = (-1,) + (1,) * (noisy.ndim - 1)
+    if is_rflow(scheduler):
+        s = (timesteps.float() / scheduler.num_train_timesteps).view(shape).to(noisy.dtype)
+        return noisy + s * model_output
+    alpha_bar = scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps.long()].view(shape)
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if scheduler.prediction_type == "v_prediction":
+        return a * noisy - b * model_output
+    return (noisy - b * model_output) / a

@@ -277,10 +277,11 @@ def unlabeled_only_spec(data: FoldData, config: SynthesizerConfig, images: list)
 
 def provenance_entries(folder: Path) -> dict:
     """The provenance ``generator`` entries of a synthetic set made by the synthesizer in ``folder``: its
-    unlabelled images and init source, when it had any (absent otherwise, so older sets keep their provenance)."""
+    unlabelled images, init source and segmentation-consistency judge (consistency.py), when it had any (absent
+    otherwise, so older sets keep their provenance)."""
     try:
         run = json.loads((Path(folder) / "synthesizer.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return {k: run[k] for k in ("unlabeled", "init_from") if k in run}
+    return {k: run[k] for k in ("unlabeled", "init_from", "consistency") if k in run}
 

@@ -25,6 +25,8 @@ from nnunet_diffaug.synthesis import distributed
 from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoencoder, build_discriminator,
                                                   encode_mean, estimate_scale_factor)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.consistency import RUN_KEY as CONSISTENCY_KEY
+from nnunet_diffaug.synthesis.consistency import ConsistencyLoss, check_same_judge, open_judge
 from nnunet_diffaug.synthesis.context import fit_context
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
@@ -76,6 +78,7 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
         except DiffAugError:
             pass
         old_run = json.loads(spec_path.read_text())
+        check_same_judge(old_run.get(CONSISTENCY_KEY), run.get(CONSISTENCY_KEY), spec_path)
         for key, flag in (("unlabeled", "--unlabeled"), ("init_from", "--init-from")):
             if old_run.get(key) != run.get(key):  # checked first: --unlabeled also turns diffusion.null_label on
                 raise DiffAugError(f"{spec_path}: this fold's synthesizer was started "
@@ -252,6 +255,14 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         log(f"diffusion: gradient checkpointing of {enable_gradient_checkpointing(model)} UNet blocks")
     modules = {"model": model} if ema is None else {"model": model, EMA_MODULE: ema}
     train_model = distributed.for_training(model)
+    ccfg, consistency = cfg.consistency, None
+    if ccfg.enabled:
+        entry = (outside or {})[CONSISTENCY_KEY]
+        consistency = ConsistencyLoss(cfg, spec, entry, ae, scheduler, device, weights)
+        log(f"diffusion: segmentation-consistency loss x {ccfg.weight:g} on samples with t <= {ccfg.max_timestep:g} "
+            f"of {dcfg.num_train_timesteps}, every {ccfg.every} step(s); judge {entry['judge']} "
+            f"({entry['checkpoint']}, sha256 {entry['judge_sha256'][:16]}...)"
+            + (", cross-entropy class-balanced" if weights is not None else ""))
 
     def step_fn(step: int) -> dict[str, float]:
         s = _step_seed(seed, "diffusion", step, distributed.rank())
@@ -259,7 +270,8 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         rng = np.random.default_rng(s)
         batch = sampler.mixed_batch(rng, dcfg.batch_size)
         images, labels = batch.images.to(device), batch.labels.to(device)
-        condition = _training_condition(syn, patches, images, labels, batch.case_ids, rng, batch).to(device)
+        condition, no_label = _training_condition(syn, patches, images, labels, batch.case_ids, rng, batch)
+        condition = condition.to(device)
         with autocast(device, cfg.mixed_precision):
             z = encode_mean(ae, images).float() * extra["scale_factor"]
         noise = torch.randn(z.shape, generator=gen).to(device)
@@ -277,6 +289,13 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
         if weights is not None:
             loss = weighted_mean((pred.float() - target) ** 2, latent_weight_map(labels, weights, z.shape[2:]))
             parts["weighted_mse"] = float(loss.detach())
+        if consistency is not None:  # logged every step, None where not measured, so the curve keeps its steps
+            parts["consistency"] = None
+            chosen = consistency.selected(t, no_label) if consistency.applies(step) else None
+            if chosen is not None and bool(chosen.any()):
+                cons = consistency(noisy, pred, t, labels, extra["scale_factor"], chosen)
+                loss = loss + ccfg.weight * cons
+                parts["consistency"] = float(cons.detach())
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # guards against the NaN blow-ups users report
@@ -294,10 +313,12 @@ def _train_diffusion(cfg: SynthesizerConfig, spec: DataSpec, patches: PatchSampl
 
 
 def _training_condition(syn: Synthesizer, patches: PatchSampler, images: torch.Tensor, labels: torch.Tensor,
-                        case_ids: list[str], rng: np.random.Generator, batch: MixedBatch | None = None) -> Condition:
+                        case_ids: list[str], rng: np.random.Generator,
+                        batch: MixedBatch | None = None) -> tuple[Condition, torch.Tensor | None]:
     """The condition of a training batch, with the configured dropouts: image edges, spacing tags and class
     intensities are left out for a random share of samples, so sampling works without them. Unlabelled samples
-    (and, with diffusion.label_dropout, that share of labelled ones) get the "no label" condition."""
+    (and, with diffusion.label_dropout, that share of labelled ones) get the "no label" condition; returned
+    beside the condition: which samples those are ((B,) booleans, None when none can be)."""
     dcfg = syn.config.diffusion
     unlabeled = None if batch is None else batch.unlabeled
     use_image = torch.from_numpy(rng.random(len(case_ids)) >= dcfg.edge_image_dropout)
@@ -316,7 +337,7 @@ def _training_condition(syn: Synthesizer, patches: PatchSampler, images: torch.T
         spacing = torch.tensor(batch.spacings if batch is not None else
                                [patches.data.acquisition_spacing(c) for c in case_ids], dtype=torch.float32)
         spacing[torch.from_numpy(rng.random(len(case_ids)) < dcfg.tag_dropout)] = float("nan")
-    return Condition(spatial, spacing)
+    return Condition(spatial, spacing), unlabeled
 
 
 # ---------------------------------------------------------------------------------------------- montages
@@ -373,8 +394,13 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
         raise DiffAugError("--unlabeled-only: the config's context classes are fitted on a fold's labelled cases, and "
                            "this run has none. Train the shared synthesizer without \"context\"; each fold's "
                            "synthesizer adds it (diffaug_train_synthesizer ... --init-from FOLDER with context on).")
+    if unlabeled_only and config.consistency.enabled:
+        raise DiffAugError("--unlabeled-only: the config's segmentation-consistency loss compares the painted image with "
+                           "its label map, and this run has none. Train the shared synthesizer without "
+                           "\"consistency\"; each fold's synthesizer adds it (--init-from FOLDER with it on).")
     with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
         data = FoldData(dataset, configuration, 0 if unlabeled_only else fold, plans_identifier)
+    judge = open_judge(config, data)  # checked before anything is written; None when the loss is off
     folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only
               else paths.synthesizer_folder(data.dataset_name, configuration, fold))
     folder.mkdir(parents=True, exist_ok=True)
@@ -382,13 +408,14 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
     with distributed.main_process_first():  # the main process preprocesses new unlabelled images, the others reuse
         outside, config = gather(data, config, folder, unlabeled, init_from, early_log.append,
                                  progress and distributed.is_main_process(), unlabeled_only)
+    run_entries = {**outside.run_entries(), **({CONSISTENCY_KEY: judge} if judge else {})}
     # the lock keeps other runs out; the processes of this run share it through the main process
     lock = folder_lock(folder, timeout_s=5.0, name=".train.lock") if distributed.is_main_process() \
         else contextlib.nullcontext()
     with lock:
         spec = build_spec(data, config, seed) if not unlabeled_only else unlabeled_only_spec(data, config, outside.images)
         if distributed.is_main_process():
-            _prepare_folder(folder, config, spec, seed, overwrite, outside.run_entries())
+            _prepare_folder(folder, config, spec, seed, overwrite, run_entries)
             outside.write(folder, data)
         distributed.barrier()  # the others look into the folder only once it is prepared (--overwrite empties it)
         log = TrainingLog(folder / "training_log.txt", verbose)
@@ -429,7 +456,7 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
             log("diffusion: finished earlier, skipped")
         else:
             syn, _ = _train_diffusion(config, spec, patches, ae, folder, dev, seed, log, progress, stop_after,
-                                      unl_sampler, outside.init, outside.run_entries())
+                                      unl_sampler, outside.init, run_entries)
             if not final_file(folder, "diffusion").is_file():
                 return folder  # stopped early on request
             if distributed.is_main_process() and patches is not None:
