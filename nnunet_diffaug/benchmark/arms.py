@@ -19,7 +19,10 @@ Built-in names (a compact grammar, so any ratio or schedule is an arm without co
   fold's synthesizer also on the pool's unlabelled remainder: the images of the cases that were not drawn as the
   fold's labelled cases, never the held-out test cases (``diffaug_train_synthesizer --unlabeled``);
   ``_context`` trains the fold's synthesizer with context classes where the labels say background (a body
-  envelope split into :data:`CONTEXT_CLUSTERS` intensity clusters, the config's ``"context"`` block).
+  envelope split into :data:`CONTEXT_CLUSTERS` intensity clusters, the config's ``"context"`` block);
+  ``_consistency`` trains the fold's synthesizer with the segmentation-consistency loss (the config's
+  ``"consistency"`` block, :data:`CONSISTENCY`), whose judge is the fold's stock arm model (trained first, as for
+  ``_judged``).
 - ``deformed_real_r<NN>[...]``: the same mixing, with deformed copies of the real cases instead of
   synthesized ones (control: is the gain just from more geometric augmentation?).
 - ``randomised_r<NN>[...]``: the same mixing, with images painted by randomised intensities on the
@@ -68,12 +71,16 @@ RESERVED_ENV = (env_vars.NUM_EPOCHS, env_vars.ITERATIONS_PER_EPOCH, env_vars.VAL
 # bowel gas), fat and soft tissue in CT
 CONTEXT_CLUSTERS = 3
 CONTEXT = {"body": True, "clusters": CONTEXT_CLUSTERS}
+# The segmentation-consistency loss of a _consistency arm's synthesizer (its config's "consistency" block, the judge
+# added per workspace: the stock arm's model folder); t <= 200 of 1000 as ControlNet++ (Li et al., ECCV 2024)
+CONSISTENCY = {"weight": 1.0, "max_timestep": 200, "every": 1}
 DEFAULT_ARMS = ("stock", "diffaug_r33_auto")   # the trainer's defaults: r = 1/3, schedule 'auto'
 ALIASES = {"synthetic_only": "diffaug_r100"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIXING = re.compile(r"^(?P<source>diffaug|deformed_real|randomised_informed|randomised)_r(?P<ratio>\d{1,3})"
                      r"(?:_(?P<schedule>auto|linear)|_cutoff(?P<cutoff>\d{1,3}))?(?P<equal>_equalreal)?(?:(?P<gen>_generated)|(?P<inpaint>_inpaint))?"
-                     r"(?P<judged>_judged)?(?P<painted>_painted)?(?P<unlabeled>_unlabeled)?(?P<context>_context)?$")
+                     r"(?P<judged>_judged)?(?P<painted>_painted)?(?P<unlabeled>_unlabeled)?(?P<context>_context)?"
+                     r"(?P<consistency>_consistency)?$")
 _LONG_STOCK = re.compile(r"^stock_x(?P<percent>\d{3,4})$")
 _PATCHMIX = re.compile(r"^patchmix(?:_alpha(?P<alpha>\d{1,3}))?$")
 _SOURCE_GENERATOR = {"diffaug": "diffusion", "deformed_real": "deformed-real", "randomised": "randomised",
@@ -83,7 +90,7 @@ INFORMED = ("--class-prior", "real")  # the option of a randomised_informed set
 GRAMMAR_HELP = ("stock; stock_x<PPP> (PPP/100 times the iterations, e.g. stock_x150); diffaug_r<NN>, deformed_real_r<NN>, "
                 "randomised_r<NN>, randomised_informed_r<NN> (NN = synthetic share in %, "
                 "then optional _auto, _linear or _cutoff<FF> (else a constant share), _equalreal, "
-                "_generated or _inpaint, _judged, _painted, _unlabeled, _context), e.g. "
+                "_generated or _inpaint, _judged, _painted, _unlabeled, _context, _consistency), e.g. "
                 "diffaug_r33, diffaug_r50_cutoff75_equalreal, deformed_real_r33; synthetic_only (= diffaug_r100); "
                 "patchmix or patchmix_alpha<NN>; or a name defined in --arms-file")
 
@@ -97,6 +104,7 @@ class SyntheticSpec:
     options: tuple = ()                  # sorted (flag, value) pairs passed to diffaug_synthesize, e.g. --classes
     unlabeled: bool = False              # the synthesizer also learns from the pool's unlabelled remainder
     context: bool = False                # the synthesizer conditions on context classes (CONTEXT)
+    consistency: bool = False            # the synthesizer trains with the segmentation-consistency loss (CONSISTENCY)
 
     @property
     def calibrated(self) -> bool:
@@ -122,18 +130,21 @@ class SyntheticSpec:
             out["unlabeled"] = True
         if self.context:
             out["context"] = dict(CONTEXT)
+        if self.consistency:
+            out["consistency"] = dict(CONSISTENCY)
         return out
 
     @property
     def key(self) -> str:
         key = f"{self.generator}__{self.labels}" + ("__judged" if self.judge else "")
         key += "".join(f"__{flag.strip('-')}={value}" for flag, value in self.options)
-        return key + ("__unlabeled" if self.unlabeled else "") + ("__context" if self.context else "")
+        return (key + ("__unlabeled" if self.unlabeled else "") + ("__context" if self.context else "")
+                + ("__consistency" if self.consistency else ""))
 
     @property
-    def synthesizer_variant(self) -> tuple[bool, bool]:
+    def synthesizer_variant(self) -> tuple[bool, bool, bool]:
         """Sets with the same variant share the fold's synthesizer."""
-        return self.unlabeled, self.context
+        return self.unlabeled, self.context, self.consistency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,14 +193,17 @@ def builtin_arm(name: str) -> Arm | None:
             env[env_vars.SYNTHETIC_SCHEDULE] = f"cutoff:{cutoff / 100:g}"
         if m["equal"]:
             env[env_vars.EQUAL_REAL_EXPOSURE] = 1
-        if (m["inpaint"] or m["painted"] or m["unlabeled"] or m["context"]) and m["source"] != "diffaug":
+        if (m["inpaint"] or m["painted"] or m["unlabeled"] or m["context"] or m["consistency"]) \
+                and m["source"] != "diffaug":
             return None  # only the diffusion model repaints a region, has painted cases, learns from images or context
+                         # and trains with a segmentation-consistency loss
         labels = "generated" if m["gen"] else "inpaint" if m["inpaint"] else "real"
         generator = _SOURCE_GENERATOR[m["source"]]
         options = (CALIBRATE,) if generator == "diffusion" and not m["painted"] else ()
         if m["source"] == "randomised_informed":
             options = (INFORMED,)
-        spec = SyntheticSpec(generator, labels, bool(m["judged"]), options, bool(m["unlabeled"]), bool(m["context"]))
+        spec = SyntheticSpec(generator, labels, bool(m["judged"]), options, bool(m["unlabeled"]), bool(m["context"]),
+                             bool(m["consistency"]))
         return Arm(name, DIFFAUG_TRAINER, _env(**env), None if ratio == 0 else spec)
     m = _PATCHMIX.match(name)
     if m:

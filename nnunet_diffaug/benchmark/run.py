@@ -17,7 +17,7 @@ from typing import Callable
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.paths import console_script
-from nnunet_diffaug.benchmark.arms import CONTEXT, Arm, SyntheticSpec, builtin_arm
+from nnunet_diffaug.benchmark.arms import CONSISTENCY, CONTEXT, Arm, SyntheticSpec, builtin_arm
 from nnunet_diffaug.benchmark.report import collect_results, write_report
 from nnunet_diffaug.benchmark.settings import (BenchmarkSettings, check_arm_definitions, check_same_arm_settings,
                                                keep_recorded_meaning, settings_arms)
@@ -65,24 +65,39 @@ def step_env(workdir: Path, results: str, extra: dict) -> dict:
 def synthesizer_command(s: BenchmarkSettings, fold: int, seed: int, unlabeled: Path | None = None,
                         preset: str | None = None) -> list[str]:
     """``unlabeled``: the fold's unlabelled remainder (``_unlabeled`` arms); ``preset``: a config file in place of
-    the settings' preset (``_context`` arms)."""
+    the settings' preset (``_context`` and ``_consistency`` arms)."""
     cmd = [console_script("diffaug_train_synthesizer"), "-d", s.dataset, "-f", str(fold), "-c", s.configuration,
            "-device", s.device, "--seed", str(seed), "--preset", preset or s.synthesizer_preset, "-p", s.plans]
     return cmd + (["--unlabeled", str(unlabeled)] if unlabeled is not None else [])
 
 
 def synthesizer_results(spec: SyntheticSpec) -> str:
-    """The results folder of the synthesizer a set needs: its own for one that also saw unlabelled images or
-    conditions on context."""
-    return "synthesizer" + ("_unlabeled" if spec.unlabeled else "") + ("_context" if spec.context else "")
+    """The results folder of the synthesizer a set needs: its own for one that also saw unlabelled images,
+    conditions on context or trains with the segmentation-consistency loss."""
+    return ("synthesizer" + ("_unlabeled" if spec.unlabeled else "") + ("_context" if spec.context else "")
+            + ("_consistency" if spec.consistency else ""))
 
 
-def context_preset(workdir: Path, s: BenchmarkSettings) -> Path:
-    """The settings' synthesizer preset with the _context arms' "context" block, written into the workspace."""
+def stock_model_folder(workdir: Path, s: BenchmarkSettings) -> Path:
+    """The stock arm's nnU-Net model folder (fold_<f> inside for each fold): the judge of _judged sets and of the
+    _consistency arms' synthesizers, trained on the same real subset before them."""
+    return fold_folder(workdir, builtin_arm("stock"), s.dataset, s.plans, s.configuration, 0).parent
+
+
+def variant_preset(workdir: Path, s: BenchmarkSettings, spec: SyntheticSpec) -> Path | None:
+    """The settings' synthesizer preset with the _context arms' "context" block and / or the _consistency arms'
+    "consistency" block (judge: the stock arm's model), written into the workspace; None for the plain preset."""
+    if not spec.context and not spec.consistency:
+        return None
     from nnunet_diffaug.synthesis.config import load_config
     config = load_config(s.synthesizer_preset).to_json()
-    config["context"] = {**config["context"], **CONTEXT}
-    path = workdir / "synthesizer_context.json"
+    if spec.context:
+        config["context"] = {**config["context"], **CONTEXT}
+    if spec.consistency:
+        config["consistency"] = {**config["consistency"], **CONSISTENCY,
+                                 "judge": str(stock_model_folder(workdir, s))}
+    path = workdir / ("synthesizer" + ("_context" if spec.context else "")
+                      + ("_consistency" if spec.consistency else "") + ".json")
     atomic_write_json(path, config)
     return path
 
@@ -181,13 +196,13 @@ def run_benchmark(settings: BenchmarkSettings, workdir: str | os.PathLike, verbo
                 results = synthesizer_results(arm.synthetic)
                 variant = (fold, arm.synthetic.synthesizer_variant)
                 if arm.synthetic.needs_synthesizer and variant not in made_synthesizer:
-                    preset = str(context_preset(workdir, s)) if arm.synthetic.context else None
+                    preset = variant_preset(workdir, s, arm.synthetic)
                     run(synthesizer_command(s, fold, seed, remainders.get(fold) if arm.synthetic.unlabeled else None,
-                                            preset), step_env(workdir, results, {}))  # resumes itself
+                                            None if preset is None else str(preset)),
+                        step_env(workdir, results, {}))  # resumes itself
                     made_synthesizer.add(variant)
                 # a judged set's judge is the fold's stock arm: trained first, on the same real subset
-                judge = fold_folder(workdir, builtin_arm("stock"), s.dataset, s.plans, s.configuration, fold).parent
-                run(synthesize_command(s, fold, seed, arm.synthetic, synthetic, judge),
+                run(synthesize_command(s, fold, seed, arm.synthetic, synthetic, stock_model_folder(workdir, s)),
                     step_env(workdir, results, {}))
                 sets.mark_complete(fold, arm.synthetic)
         start = time.monotonic()

@@ -5,7 +5,10 @@ Layout (kept from the first version of the benchmark, so older workspaces resume
 - ``raw/<Dataset>`` (link) and the synthetic sets ``raw/DatasetYYY_<Task>SynthF<fold>``;
 - ``preprocessed/<Dataset>/`` (links) with the benchmark's own ``splits_final.json``;
 - ``results/synthesizer/`` (the fold's synthesizers), ``results/synthesizer_unlabeled/`` (those that also saw the
-  pool's unlabelled remainder, ``unlabeled/fold_<f>/``) and ``results/<arm>/`` (one nnU-Net results tree per arm);
+  pool's unlabelled remainder, ``unlabeled/fold_<f>/``), ``results/synthesizer_context/`` and
+  ``results/synthesizer_consistency/`` (those of ``_context`` and ``_consistency`` arms, their configs
+  ``synthesizer_context.json`` / ``synthesizer_consistency.json`` in the workspace) and ``results/<arm>/`` (one
+  nnU-Net results tree per arm);
 - ``benchmark_settings.json``, ``benchmark_arms.json`` (arm name -> definition),
   ``benchmark_synthetic_sets.json`` (fold and kind -> synthetic dataset), ``benchmark_timings.json``.
 """
@@ -141,7 +144,8 @@ class SyntheticSets:
         atomic_write_json(self.file, self.sets)
 
     def _legacy_set(self, fold: int, spec: SyntheticSpec) -> str | None:
-        if spec.generator != "diffusion" or spec.judge or spec.options or spec.unlabeled or spec.context:  # earlier: plain painted sets
+        if (spec.generator != "diffusion" or spec.judge or spec.options or spec.unlabeled or spec.context
+                or spec.consistency):  # earlier versions made plain painted sets only
             return None
         taken = {v["dataset"] for v in self.sets.values()}
         for folder in find_synthetic_datasets(self.workdir / "raw", self.dataset, fold):
