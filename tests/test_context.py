@@ -192,9 +192,9 @@ def test_the_painter_paints_the_lung_where_only_the_context_says_it_is(trained_w
     told_tissue = np.where(lung, tissue_class, labels)          # the same maps with the lung called tissue
     repainted = syn.generate(told_tissue, smp, torch.Generator().manual_seed(0))[:, 0]
     real = np.stack([np.asarray(data.case(c)[0][0, 0]) for c in data.training_cases])
-    real_contrast = np.array([r[t].mean() - r[l].mean() for r, t, l in zip(real, tissue, lung)])
-    contrast = np.array([p[t].mean() - p[l].mean() for p, t, l in zip(painted, tissue, lung)])
-    gone = np.array([p[t].mean() - p[l].mean() for p, t, l in zip(repainted, tissue, lung)])
+    real_contrast = np.array([r[t].mean() - r[lu].mean() for r, t, lu in zip(real, tissue, lung)])
+    contrast = np.array([p[t].mean() - p[lu].mean() for p, t, lu in zip(painted, tissue, lung)])
+    gone = np.array([p[t].mean() - p[lu].mean() for p, t, lu in zip(repainted, tissue, lung)])
     # measured: real contrast 1.3-1.4, painted with the context 0.9-1.2, with the lung called tissue 0.0-0.1
     assert np.all(real_contrast > 1.0)
     assert np.all(contrast > 0.5 * real_contrast)
