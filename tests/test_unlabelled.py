@@ -181,6 +181,10 @@ def test_label_dropout_alone_trains_the_no_label_condition(example, with_unlabel
     assert Synthesizer.load(folder, torch.device("cpu")).sampling_model(2.0) is not None  # guidance is available
 
 
+def _listing(folder: Path):
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+
+
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
     root, _ = example
     sets = sorted((root / "raw").glob("Dataset*_*SynthF0"))
@@ -327,6 +331,20 @@ def test_init_from_a_synthesizer_of_an_older_version_reads_what_it_saw_from_its_
     assert seen["labelled_cases"][EXAMPLE_NAME] == ["chest_001", "chest_003", "chest_005", "chest_007"]
 
 
+def _copy_of(source: Path, name: str, edit=None) -> Path:
+    """A copy of a synthesizer folder with ``edit(run_file_dict, seen_dict)`` applied to its synthesizer.json and
+    seen_data.json."""
+    copy = source.parent / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(source, copy)
+    if edit is not None:
+        run, seen = (json.loads((copy / f).read_text()) for f in ("synthesizer.json", "seen_data.json"))
+        edit(run, seen)
+        (copy / "synthesizer.json").write_text(json.dumps(run))
+        (copy / "seen_data.json").write_text(json.dumps(seen))
+    return copy
+
+
 @pytest.mark.parametrize("edit, message", [
     ("channels", r"trained on 2 channel\(s\), Dataset990_ChestCTSlabs has 1"),
     ("validation", r"its weights have seen validation case\(s\) \['chest_000'\] of fold 0"),
@@ -355,6 +373,26 @@ def test_init_from_is_refused_for_other_channels_or_a_source_that_saw_validation
         (bad / "seen_data.json").write_text(json.dumps(seen))
     with pytest.raises(DiffAugError, match=message):
         _train(MICRO, init_from=str(bad))
+
+
+@pytest.mark.parametrize("source_dims", [2, 3])
+def test_init_from_a_synthesizer_of_another_dimensionality_is_refused_naming_both_folders(example, plain,
+                                                                                          source_dims):
+    """A 2D synthesizer into a 3d_fullres fold, and (its files edited as a 3D one's would read) the reverse."""
+    def as_3d(run: dict, seen: dict) -> None:
+        run["spec"].update(spatial_dims=3, configuration="3d_fullres", patch_size=[4] + run["spec"]["patch_size"])
+    source = plain if source_dims == 2 else _copy_of(plain, "plain_as_3d", as_3d)
+    configuration = "3d_fullres" if source_dims == 2 else "2d"
+    folder = synthesizer_folder(EXAMPLE_NAME, configuration, 0)
+    before = _listing(folder)
+    with pytest.raises(DiffAugError) as e:
+        train_synthesizer(EXAMPLE_NAME, configuration, 0, _config(MICRO), device="cpu", seed=0, progress=False,
+                          overwrite=True, init_from=str(source))
+    dims = {2: "2D", 3: "3D"}
+    assert f"--init-from {source}: a {dims[source_dims]} synthesizer" in str(e.value)
+    assert f"this run's synthesizer ({folder}) is {dims[5 - source_dims]} (configuration {configuration!r})" \
+        in str(e.value)
+    assert _listing(folder) == before
 
 
 @pytest.mark.parametrize("conditioning, spatial_dims", [("controlnet", 3), ("spade", 3), ("controlnet", 2)])

@@ -77,7 +77,6 @@ class InitSource:
     """A finished synthesizer to start from."""
     folder: Path
     config: SynthesizerConfig
-    spatial_dims: int
     dataset_name: str
     fold: int
     same_labels: bool
@@ -151,9 +150,11 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
         raise DiffAugError(f"--init-from {src}: it was trained on {spec.in_channels} channel(s), "
                            f"{data.dataset_name} has {data.in_channels}; a synthesizer can only start from one with "
                            f"the same channels.")
-    if spec.spatial_dims != data.spatial_dims:
-        raise DiffAugError(f"--init-from {src}: it is a {spec.spatial_dims}D synthesizer ({spec.configuration}), "
-                           f"configuration {data.configuration!r} is {data.spatial_dims}D.")
+    if spec.spatial_dims != data.spatial_dims:  # no tensor of a 2D network fits a 3D one's (nor the reverse)
+        raise DiffAugError(f"--init-from {src}: a {spec.spatial_dims}D synthesizer (configuration "
+                           f"{spec.configuration!r}); this run's synthesizer ({out_folder}) is {data.spatial_dims}D "
+                           f"(configuration {data.configuration!r}). A synthesizer can only start from one of the same "
+                           f"dimension: give one trained on a {data.spatial_dims}D configuration.")
     seen = seen_data(src)
     leaked = sorted(set(seen["labelled_cases"].get(data.dataset_name, [])) & set(validation))
     if leaked:
@@ -186,8 +187,7 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
         same = seen["labels"] == our_labels
     else:  # older synthesizers recorded no label names: the same dataset with the same values counts as same
         same = spec.dataset_name == data.dataset_name and list(spec.label_values) == list(data.label_values)
-    return InitSource(src, config, spec.spatial_dims, spec.dataset_name, spec.fold, same,
-                      ckpt.weights_sha256(src, STAGES), seen)
+    return InitSource(src, config, spec.dataset_name, spec.fold, same, ckpt.weights_sha256(src, STAGES), seen)
 
 
 @dataclasses.dataclass

@@ -403,11 +403,11 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
     judge = open_judge(config, data)  # checked before anything is written; None when the loss is off
     folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only
               else paths.synthesizer_folder(data.dataset_name, configuration, fold))
-    folder.mkdir(parents=True, exist_ok=True)
     early_log: list[str] = []  # the log file is opened once the folder is prepared
     with distributed.main_process_first():  # the main process preprocesses new unlabelled images, the others reuse
         outside, config = gather(data, config, folder, unlabeled, init_from, early_log.append,
                                  progress and distributed.is_main_process(), unlabeled_only)
+    folder.mkdir(parents=True, exist_ok=True)  # after gather's checks: a refused run leaves no folder behind
     run_entries = {**outside.run_entries(), **({CONSISTENCY_KEY: judge} if judge else {})}
     # the lock keeps other runs out; the processes of this run share it through the main process
     lock = folder_lock(folder, timeout_s=5.0, name=".train.lock") if distributed.is_main_process() \
