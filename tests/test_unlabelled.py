@@ -6,6 +6,7 @@ Fold 0 of the example trains on chest_001/003/005/007 and validates on chest_000
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -450,6 +451,8 @@ def test_unlabelled_only_pretraining_serves_every_fold(example, source):
         assert json.loads((tuned / "config.json").read_text())["diffusion"]["null_label"] is True  # as its source
         record = json.loads((tuned / "init_from_diffusion.json").read_text())
         assert record["loaded"] and record["not_loaded"] == []
+        assert f"init-from: {folder} ({EXAMPLE_NAME}, unlabelled images only," in \
+            (tuned / "training_log.txt").read_text()  # no fold: it has none
     # a fold-0 synthesizer (it trained on fold 1's validation cases) is refused for fold 1
     with pytest.raises(DiffAugError, match=r"its weights have seen validation case\(s\) \['chest_001'"):
         train_synthesizer(EXAMPLE_NAME, "2d", 1, _config(MICRO), device="cpu", seed=0, progress=False,
@@ -467,6 +470,66 @@ def test_unlabelled_only_refuses_any_labelled_case_of_the_dataset(example):
                           overwrite=True, unlabeled=[str(bad)], unlabeled_only=True)
     with pytest.raises(SystemExit):
         cli.train_synthesizer_entry(["-d", EXAMPLE_NAME, "-c", "2d", "--preset", "tiny"])  # -f, or --unlabeled-only
+
+
+def _names_a_fold(text: str) -> bool:
+    """Speaks of one fold ("fold 0", "this fold", "the fold's"), where --unlabeled-only uses none."""
+    return re.search(r"fold -?\d|this fold|the fold's", text) is not None
+
+
+def _unlabelled_only(pool: Path, **kwargs) -> Path:
+    return train_synthesizer(EXAMPLE_NAME, "2d", None, _config(MICRO), device="cpu", progress=False,
+                             unlabeled=[str(pool)], unlabeled_only=True, **{"seed": 0, **kwargs})
+
+
+@pytest.mark.parametrize("seen_kind, message", [
+    ("labelled", r"its weights have seen labelled case\(s\) \['chest_001', 'chest_003'"),
+    ("unlabelled", r"its weights have seen labelled case\(s\) \['chest_000'\] of \S+ among its unlabelled images"),
+    ("copy", r"labelled cases of Dataset998_ChestCopy whose images are labelled cases of \S+ .*chest_000 = chest_000"),
+], ids=["labelled", "unlabelled", "copy"])
+def test_unlabelled_only_refuses_an_init_source_naming_the_labelled_cases_not_a_fold(example, source, seen_kind,
+                                                                                     message):
+    root, pool = example
+
+    def edit(run: dict, seen: dict) -> None:
+        if seen_kind == "unlabelled":  # the source saw chest_000's image as an unlabelled image
+            from nnunet_diffaug.unlabeled import validation_hashes
+            plans = json.loads((root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans.json").read_text())
+            seen["labelled_cases"] = {}
+            seen["unlabeled_content_sha256"] = list(validation_hashes(EXAMPLE_NAME, ["chest_000"], plans, "test"))
+        elif seen_kind == "copy":
+            copy = root / "raw" / "Dataset998_ChestCopy"
+            if not copy.is_dir():
+                shutil.copytree(root / "raw" / EXAMPLE_NAME, copy)
+            seen["labelled_cases"] = {"Dataset998_ChestCopy": ["chest_000"]}
+    bad = _copy_of(source, f"unlabelled_only_bad_source_{seen_kind}", edit)
+    with pytest.raises(DiffAugError, match=message) as e:
+        _unlabelled_only(pool, overwrite=True, init_from=str(bad))
+    assert not _names_a_fold(str(e.value)), str(e.value)
+
+
+def test_unlabelled_only_needs_no_fold_and_its_messages_name_none(example, source, capsys):
+    """Fold 0's cases are not read (one of them missing is no matter); the note on a source's labelled cases that
+    cannot be compared and the refusals of a changed rerun speak of the dataset's labelled cases, not of a fold."""
+    root, pool = example
+
+    def absent_dataset(run: dict, seen: dict) -> None:
+        seen["labelled_cases"] = {"Dataset997_Absent": ["case_a"]}
+    other = _copy_of(source, "source_of_an_absent_dataset", absent_dataset)
+    case = root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans_2d" / "chest_001.b2nd"  # a training case of fold 0
+    aside = case.with_name("aside.b2nd")
+    case.rename(aside)
+    try:
+        folder = _unlabelled_only(pool, overwrite=True, init_from=str(other), stop_after=1)
+        out = capsys.readouterr().out
+        assert "could not be compared by content with the dataset's labelled cases" in out
+        assert not _names_a_fold(out), out
+        for kwargs in ({"seed": 1, "init_from": str(other)}, {}):
+            with pytest.raises(DiffAugError, match=re.escape(str(folder))) as e:
+                _unlabelled_only(pool, **kwargs)
+            assert not _names_a_fold(str(e.value)), str(e.value)
+    finally:
+        aside.rename(case)
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark arm

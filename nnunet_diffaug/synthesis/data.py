@@ -73,12 +73,14 @@ class DataSpec:
 class FoldData:
     """The preprocessed training cases of one fold, read lazily (blosc2 slices only what a crop needs)."""
 
-    def __init__(self, dataset: str | int, configuration: str, fold: int, plans_identifier: str = "nnUNetPlans"):
+    def __init__(self, dataset: str | int, configuration: str, fold: int | None,
+                 plans_identifier: str = "nnUNetPlans"):
+        """``fold`` None: the plans, labels and channels only, no fold's cases (``--unlabeled-only``)."""
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         self.dataset_name = paths.resolve_dataset_name(dataset)
         self.configuration = configuration
-        self.fold = int(fold)
+        self.fold = None if fold is None else int(fold)
         self.plans_identifier = plans_identifier
         self.folder = paths.nnunet_preprocessed() / self.dataset_name
         plans_file = self.folder / f"{plans_identifier}.json"
@@ -103,7 +105,7 @@ class FoldData:
                                f"the synthesizer needs fully labelled maps to condition on.")
         self.label_values = sorted(labels.values())
         self.in_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
-        self.training_cases = self._training_cases()
+        self.training_cases = [] if fold is None else self._training_cases()
         self._lut = self._label_lookup()
         self._cases: dict[str, tuple] = {}
         self._class_stats: dict[str, np.ndarray] = {}

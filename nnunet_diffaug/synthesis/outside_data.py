@@ -78,7 +78,7 @@ class InitSource:
     folder: Path
     config: SynthesizerConfig
     dataset_name: str
-    fold: int
+    fold: int                          # -1: an --unlabeled-only synthesizer
     same_labels: bool
     weights_sha256: str
     seen: dict
@@ -132,9 +132,10 @@ class InitSource:
             + f"; loaded tensors listed in init_from_{stage}.json")
 
 
-def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: list[str]) -> InitSource:
+def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: list[str],
+                     unlabeled_only: bool = False) -> InitSource:
     """Checks a synthesizer folder to start from: finished, same channels and dimension, and blind to this fold's
-    validation cases."""
+    validation cases (``unlabeled_only``: to every labelled case of the dataset, given as ``validation``)."""
     src = Path(folder).resolve()
     if src == Path(out_folder).resolve():
         raise DiffAugError(f"--init-from {src} is this run's own folder; to continue a run, run the same command "
@@ -155,8 +156,16 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
                            f"{spec.configuration!r}); this run's synthesizer ({out_folder}) is {data.spatial_dims}D "
                            f"(configuration {data.configuration!r}). A synthesizer can only start from one of the same "
                            f"dimension: give one trained on a {data.spatial_dims}D configuration.")
+    # what the source must not have seen: with --unlabeled-only every labelled case of the dataset (no fold is used)
+    cases, of = (("labelled case(s)", f"of {data.dataset_name}") if unlabeled_only
+                 else ("validation case(s)", f"of fold {data.fold} of {data.dataset_name}"))
     seen = seen_data(src)
     leaked = sorted(set(seen["labelled_cases"].get(data.dataset_name, [])) & set(validation))
+    if leaked and unlabeled_only:
+        raise DiffAugError(f"--init-from {src}: its weights have seen labelled case(s) {leaked[:5]} {of}: an "
+                           f"--unlabeled-only synthesizer must be blind to every labelled case of the dataset (each is "
+                           f"some fold's validation case). Start from a synthesizer of another dataset, or from "
+                           f"another --unlabeled-only one.")
     if leaked:
         raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {leaked[:5]} of fold "
                            f"{data.fold} of {data.dataset_name} (as labelled cases; a synthesizer of another fold "
@@ -164,24 +173,26 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
                            f"or of this fold.")
     # another dataset's name can hide this dataset's cases (a copy, or "Dataset1xx = Dataset0xx + more"): compare
     # the contents of what the source saw, not only names
-    others = {name: cases for name, cases in seen["labelled_cases"].items() if name != data.dataset_name and cases}
+    others = {name: ids for name, ids in seen["labelled_cases"].items() if name != data.dataset_name and ids}
     if seen["unlabeled_content_sha256"] or others:
         val = unl.validation_hashes(data.dataset_name, validation, data.plans_manager.plans, f"--init-from {src}")
         hit = sorted(val[h] for h in seen["unlabeled_content_sha256"] if h in val)
         if hit:
-            raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {hit[:5]} of fold "
-                               f"{data.fold} of {data.dataset_name} among its unlabelled images (same content hash).")
-        for name, cases in sorted(others.items()):
-            equal = unl.cases_equal_to(val, name, cases, data.plans_manager.plans, data.dataset_name)
+            raise DiffAugError(f"--init-from {src}: its weights have seen {cases} {hit[:5]} {of} among its "
+                               f"unlabelled images (same content hash).")
+        for name, other_cases in sorted(others.items()):
+            equal = unl.cases_equal_to(val, name, other_cases, data.plans_manager.plans, data.dataset_name)
             if equal:
                 pairs = ", ".join(f"{c} = {v}" for c, v in sorted(equal.items())[:5])
                 raise DiffAugError(f"--init-from {src}: its weights have seen labelled cases of {name} whose images "
-                                   f"are validation cases of fold {data.fold} of {data.dataset_name} (same content "
-                                   f"hash: {pairs}). Start from a synthesizer that never saw them.")
+                                   f"are {cases.replace('(s)', 's')} {of} (same content hash: {pairs}). Start from a "
+                                   f"synthesizer that never saw them.")
             if equal is None:
+                against = ("the dataset's labelled cases" if unlabeled_only
+                           else f"fold {data.fold}'s validation cases")
                 print(f"NOTE: --init-from {src}: the labelled cases it saw of {name} could not be compared by content "
-                      f"with fold {data.fold}'s validation cases ($nnUNet_raw/{name} is absent or unreadable here); "
-                      f"only their names were checked.")
+                      f"with {against} ($nnUNet_raw/{name} is absent or unreadable here); only their names were "
+                      f"checked.")
     our_labels = dict(data.dataset_json["labels"])
     if seen.get("labels") is not None:
         same = seen["labels"] == our_labels
@@ -241,7 +252,7 @@ def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources:
     else:
         validation = read_fold(data.folder, data.fold)[1]
     if init_from:
-        outside.init = open_init_source(init_from, data, out_folder, validation)
+        outside.init = open_init_source(init_from, data, out_folder, validation, unlabeled_only)
     if sources:
         images = unl.find_unlabeled_images([str(s) for s in sources], data.dataset_json)
         unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation,

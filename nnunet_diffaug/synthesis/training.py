@@ -81,18 +81,18 @@ def _prepare_folder(folder: Path, config: SynthesizerConfig, spec: DataSpec, see
         check_same_judge(old_run.get(CONSISTENCY_KEY), run.get(CONSISTENCY_KEY), spec_path)
         for key, flag in (("unlabeled", "--unlabeled"), ("init_from", "--init-from")):
             if old_run.get(key) != run.get(key):  # checked first: --unlabeled also turns diffusion.null_label on
-                raise DiffAugError(f"{spec_path}: this fold's synthesizer was started "
+                raise DiffAugError(f"{spec_path}: this synthesizer was started "
                                    f"{'with other' if old_run.get(key) and run.get(key) else 'with' if old_run.get(key) else 'without'} "
                                    f"{flag} ({json.dumps(old_run.get(key))[:300]}). Pass the same {flag} to continue "
                                    f"it, or --overwrite to start over.")
         if old_cfg != json.loads(json.dumps(config.to_json())):
-            raise DiffAugError(f"{cfg_path}: this fold's synthesizer was started with a different config. Rerun with "
+            raise DiffAugError(f"{cfg_path}: this synthesizer was started with a different config. Rerun with "
                                f"--preset {cfg_path} to continue it, or pass --overwrite to start over.")
         if old_run != json.loads(json.dumps(run)):
             changed = [k for k in run["spec"] if old_run.get("spec", {}).get(k) != run["spec"][k]]
             if old_run.get("seed") != seed:
                 changed.append("seed")
-            raise DiffAugError(f"{spec_path}: this fold's synthesizer was started with different data or seed "
+            raise DiffAugError(f"{spec_path}: this synthesizer was started with different data or seed "
                                f"(changed: {changed}). Pass the same --seed to continue, or --overwrite to start over.")
         return
     if overwrite:
@@ -399,7 +399,7 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
                            "its label map, and this run has none. Train the shared synthesizer without "
                            "\"consistency\"; each fold's synthesizer adds it (--init-from FOLDER with it on).")
     with distributed.main_process_first():  # it may write nnU-Net's default split, which the others then read
-        data = FoldData(dataset, configuration, 0 if unlabeled_only else fold, plans_identifier)
+        data = FoldData(dataset, configuration, None if unlabeled_only else fold, plans_identifier)  # None: no fold
     judge = open_judge(config, data)  # checked before anything is written; None when the loss is off
     folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only
               else paths.synthesizer_folder(data.dataset_name, configuration, fold))
@@ -426,8 +426,11 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
         for line in early_log:
             log(line)
         if outside.init is not None:
-            log(f"init-from: {outside.init.folder} ({outside.init.dataset_name} fold {outside.init.fold}, weights "
-                f"sha256 {outside.init.weights_sha256[:16]}, label set {'same' if outside.init.same_labels else 'differs'})")
+            init = outside.init  # fold -1: an --unlabeled-only synthesizer, which has no fold
+            trained_on = f"{init.dataset_name}, unlabelled images only" if init.fold < 0 else \
+                f"{init.dataset_name} fold {init.fold}"
+            log(f"init-from: {init.folder} ({trained_on}, weights sha256 {init.weights_sha256[:16]}, label set "
+                f"{'same' if init.same_labels else 'differs'})")
         _seed_everything(seed)
         patches = (None if unlabeled_only else
                    PatchSampler(data, spec.patch_size, config.data.foreground_crop_probability))
