@@ -186,6 +186,20 @@ def _listing(folder: Path):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
 
 
+@pytest.mark.parametrize("section, key, value", [("diffusion", "null_label", True),
+                                                 ("sampling", "label_guidance", 2.0),
+                                                 ("sampling", "label_guidance", 0.0)])
+def test_a_no_label_condition_that_nothing_trains_is_refused_before_anything_is_written(example, section, key,
+                                                                                        value):
+    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
+    before = _listing(folder)
+    config = {**MICRO, section: {**MICRO.get(section, {}), key: value}}
+    with pytest.raises(DiffAugError, match=r"nothing trains the 'no label' condition.*--unlabeled SOURCE.*"
+                                           r'"label_dropout": 0\.1'):
+        _train(config)
+    assert _listing(folder) == before  # not even the folder when it was not there
+
+
 def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain, with_unlabeled):
     root, _ = example
     sets = sorted((root / "raw").glob("Dataset*_*SynthF0"))
@@ -332,6 +346,9 @@ def test_init_from_a_synthesizer_of_an_older_version_reads_what_it_saw_from_its_
     assert seen["labelled_cases"][EXAMPLE_NAME] == ["chest_001", "chest_003", "chest_005", "chest_007"]
 
 
+GUIDED = {**MICRO, "sampling": {"label_guidance": 2.0}}
+
+
 def _copy_of(source: Path, name: str, edit=None) -> Path:
     """A copy of a synthesizer folder with ``edit(run_file_dict, seen_dict)`` applied to its synthesizer.json and
     seen_data.json."""
@@ -344,6 +361,50 @@ def _copy_of(source: Path, name: str, edit=None) -> Path:
         (copy / "synthesizer.json").write_text(json.dumps(run))
         (copy / "seen_data.json").write_text(json.dumps(seen))
     return copy
+
+
+def _other_labels(run: dict, seen: dict) -> None:
+    seen["labels"] = {"background": 0, **{f"renamed_{k}": v for k, v in seen["labels"].items() if k != "background"}}
+
+
+def test_the_no_label_condition_counts_as_trained_by_images_dropout_or_a_loaded_init_source(example, with_unlabeled):
+    """Accepted (one step each): guidance with --unlabeled, with label dropout, or from an init source whose trained
+    'no label' input is loaded; a run started with --unlabeled resumed with its own config.json (null_label on,
+    label_dropout 0); null_label on from a source whose 'no label' input is not loaded (the channel is carried for
+    the source's tensors to fit, as without the key)."""
+    root, pool = example
+    own = json.loads((with_unlabeled / "config.json").read_text())
+    assert own["diffusion"]["null_label"] is True and own["diffusion"]["label_dropout"] == 0.0
+    relabelled = _copy_of(with_unlabeled, "null_source_other_labels", _other_labels)
+    for config, kwargs in [
+            (GUIDED, {"unlabeled": [str(pool)]}),
+            (own, {"unlabeled": [str(pool)]}),
+            ({**GUIDED, "diffusion": {**MICRO["diffusion"], "label_dropout": 0.1}}, {}),
+            (GUIDED, {"init_from": str(with_unlabeled)}),
+            ({**MICRO, "diffusion": {**MICRO["diffusion"], "null_label": True}}, {"init_from": str(relabelled)})]:
+        folder = _train(config, stop_after=1, **kwargs)
+        assert json.loads((folder / "config.json").read_text())["diffusion"]["null_label"] is True
+
+
+@pytest.mark.parametrize("case, message", [
+    ("without", r"was trained without the 'no label' condition"),
+    ("other_labels", r"its label set differs"),
+    ("other_layout", r"reads the label map with another layout"),
+    ("never_trained", r"never trained it"),
+], ids=["without", "other_labels", "other_layout", "never_trained"])
+def test_guidance_from_an_init_source_whose_no_label_input_is_not_loaded_is_refused(example, plain, with_unlabeled,
+                                                                                    case, message):
+    def untrained(run: dict, seen: dict) -> None:  # null_label on, but no unlabelled images, no dropout
+        del run["unlabeled"]
+    source = {"without": plain, "other_layout": with_unlabeled,
+              "other_labels": _copy_of(with_unlabeled, "null_source_other_labels", _other_labels),
+              "never_trained": _copy_of(with_unlabeled, "null_source_never_trained", untrained)}[case]
+    config = {**GUIDED, "diffusion": {**MICRO["diffusion"], "edge_hint": case == "other_layout"}}
+    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
+    before = _listing(folder)
+    with pytest.raises(DiffAugError, match=f"nothing trains the 'no label' condition.*{message}.*--unlabeled SOURCE"):
+        _train(config, init_from=str(source))
+    assert _listing(folder) == before
 
 
 @pytest.mark.parametrize("edit, message", [

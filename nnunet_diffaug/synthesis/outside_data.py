@@ -39,10 +39,11 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
 from nnunet_diffaug.synthesis import checkpoint as ckpt
-from nnunet_diffaug.synthesis.config import SynthesizerConfig
+from nnunet_diffaug.synthesis.conditioning import condition_channels
+from nnunet_diffaug.synthesis.config import ContextConfig, SynthesizerConfig
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, fit_patch_size, normalised_intensity_range
 from nnunet_diffaug.synthesis.ema import ema_weights
-from nnunet_diffaug.synthesis.synthesizer import STAGES, read_run_files
+from nnunet_diffaug.synthesis.synthesizer import SPEC_FILE, STAGES, read_run_files
 
 UNLABELED_FILE = "unlabeled_images.json"
 SEEN_FILE = "seen_data.json"
@@ -72,6 +73,33 @@ def _merge_seen(a: dict, b: dict) -> dict:
             "labels": a.get("labels")}
 
 
+def _context_classes(context: ContextConfig) -> int:
+    """How many context classes a config's context adds to the label maps (as context.ContextModel.num_classes)."""
+    return context.clusters if context.clusters else int(context.body)
+
+
+def _label_input_layout(config: SynthesizerConfig, num_classes: int, image_channels: int) -> tuple:
+    """What the shapes of the tensors that read the condition map (LABEL_INPUT_TENSORS, the "no label" channel's
+    weights among them) depend on: the conditioning, its input channels (with the "no label" one) and the width
+    they feed."""
+    d = config.diffusion
+    channels = condition_channels(num_classes, d.edge_hint, d.tag_dim if d.tag_conditioning else 0,
+                                  image_channels if d.class_intensity else 0, null_label=True)
+    return d.conditioning, channels, (d.spade_hidden_channels if d.conditioning == "spade"
+                                      else d.controlnet_embedding_channels[0])
+
+
+def _null_input_trained(config: SynthesizerConfig, run: dict) -> bool:
+    """Whether a finished synthesizer's "no label" input was trained: by unlabelled images, by label dropout, or
+    loaded from its own init source with the same label set. That last one is trusted, not followed down the chain
+    (the source's source may be gone); since diffaug_train_synthesizer refuses a "no label" condition that nothing
+    trains (check_no_label_condition), a synthesizer has it on only then, or where it was carried for its source's
+    tensors to fit."""
+    d = config.diffusion
+    return d.null_label and bool(run.get("unlabeled") or run.get("unlabeled_only") or d.label_dropout > 0
+                                 or (run.get("init_from") or {}).get("same_labels"))
+
+
 @dataclasses.dataclass
 class InitSource:
     """A finished synthesizer to start from."""
@@ -82,6 +110,28 @@ class InitSource:
     same_labels: bool
     weights_sha256: str
     seen: dict
+    null_trained: bool = False         # its "no label" input was trained (_null_input_trained)
+    label_input_layout: tuple = ()     # _label_input_layout of its tensors that read the condition map
+
+    def null_input_not_loaded(self, config: SynthesizerConfig, data: FoldData) -> str | None:
+        """Why this source gives a run with ``config`` no trained "no label" input (None: it does). Its input is
+        part of the tensors that read the condition map: they are loaded only when the label set and their shapes
+        agree (load_stage)."""
+        if not self.config.diffusion.null_label:
+            return f"{self.folder} was trained without the 'no label' condition"
+        if not self.null_trained:
+            return (f"{self.folder} has the 'no label' input, but never trained it (no unlabelled images, no "
+                    f"label dropout)")
+        if not self.same_labels:
+            return (f"its label set differs from {data.dataset_name}'s, so the tensors that read the label map, the "
+                    f"'no label' input among them, are re-initialised")
+        ours = _label_input_layout(config, len(data.label_values) + 1 + _context_classes(config.context),
+                                   data.in_channels)
+        if ours != self.label_input_layout:
+            return (f"this config reads the label map with another layout (conditioning, condition channels, "
+                    f"width: {list(ours)}) than {self.folder} ({list(self.label_input_layout)}), so the tensors that "
+                    f"read it, the 'no label' input among them, are re-initialised")
+        return None
 
     def record(self) -> dict:
         return {"folder": str(self.folder), "weights_sha256": self.weights_sha256, "dataset": self.dataset_name,
@@ -198,7 +248,47 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
         same = seen["labels"] == our_labels
     else:  # older synthesizers recorded no label names: the same dataset with the same values counts as same
         same = spec.dataset_name == data.dataset_name and list(spec.label_values) == list(data.label_values)
-    return InitSource(src, config, spec.dataset_name, spec.fold, same, ckpt.weights_sha256(src, STAGES), seen)
+    run = json.loads((src / SPEC_FILE).read_text())
+    return InitSource(src, config, spec.dataset_name, spec.fold, same, ckpt.weights_sha256(src, STAGES), seen,
+                      _null_input_trained(config, run),
+                      _label_input_layout(config, spec.num_classes, spec.in_channels))
+
+
+def check_no_label_condition(requested: SynthesizerConfig, data: FoldData, trains: bool,
+                             init: InitSource | None) -> None:
+    """Refuses a config that asks for the "no label" condition (diffusion.null_label, or a sampling.label_guidance
+    other than 1, which samples from it: null + w x (conditional - null)) when nothing trains it, before anything
+    is written: its input would stay at its random initialisation and guidance would extrapolate from an untrained
+    branch. ``requested``: the config as given (before gather turns null_label on); ``trains``: unlabelled images
+    (--unlabeled, --unlabeled-only) are used.
+
+    What trains it: unlabelled images, diffusion.label_dropout > 0, or an init source whose trained "no label" input
+    is loaded. Loaded counts as trained: that input was learned on the source's null samples along with the rest of
+    the network, and fine-tuning here starts from both (it may drift from the fine-tuned rest without null samples
+    here; label_dropout keeps it in step). It is loaded only when the label set and the shapes of the tensors that
+    read the condition map agree (InitSource.null_input_not_loaded); otherwise it starts fresh like any other.
+
+    diffusion.null_label alone is not refused when the init source has the condition: gather adds the channel for
+    the source's tensors to fit whatever the config says (and a run resumed with its folder's config.json, where
+    gather wrote null_label true, must not be refused for it)."""
+    d, guidance = requested.diffusion, float(requested.sampling.label_guidance)
+    carried = init is not None and init.config.diffusion.null_label
+    asked = [f"sampling.label_guidance is {guidance:g}"] if guidance != 1.0 else []
+    if d.null_label and not carried:
+        asked.insert(0, "diffusion.null_label is true")
+    if not asked or trains or d.label_dropout > 0:
+        return
+    why = None if init is None else init.null_input_not_loaded(requested, data)
+    if init is not None and why is None:
+        return
+    raise DiffAugError(
+        f"config: {' and '.join(asked)}, but nothing trains the 'no label' condition"
+        + (f" (--init-from {init.folder}: {why})" if why else "")
+        + ": its input would stay untrained and guided sampling would extrapolate from an untrained branch. Add "
+          "--unlabeled SOURCE (unlabelled images, trained on that condition), or \"label_dropout\": 0.1 in the "
+          "diffusion block of the config (that share of labelled samples trains it)"
+        + (", or set sampling.label_guidance to 1 (plain conditional sampling)" if guidance != 1.0 else "")
+        + (", or leave diffusion.null_label out" if d.null_label and not carried else "") + ".")
 
 
 @dataclasses.dataclass
@@ -236,23 +326,26 @@ def gather(data: FoldData, config: SynthesizerConfig, out_folder: Path, sources:
            init_from: str | None, log, progress: bool,
            unlabeled_only: bool = False) -> tuple[OutsideData, SynthesizerConfig]:
     """Checks and prepares the unlabelled images and the init source; returns them and the config to train with
-    (the "no label" condition on with unlabelled images, or when the init source has it). ``unlabeled_only``: the
-    images are checked against every labelled case of the dataset, not only the fold's validation cases."""
+    (the "no label" condition on with unlabelled images, or when the init source has it). Refuses a "no label"
+    condition that nothing would train (check_no_label_condition), before any image is preprocessed.
+    ``unlabeled_only``: the images are checked against every labelled case of the dataset, not only the fold's
+    validation cases."""
     outside = OutsideData(unlabeled_only=unlabeled_only)
+    requested = config
     if config.diffusion.label_dropout > 0 and not config.diffusion.null_label:  # dropped labels need the null channel
         config = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, null_label=True))
-    if not sources and not init_from:
-        return outside, config
-    if unlabeled_only:  # blind to every labelled case: each is some fold's validation case
+    validation: list[str] = []
+    if (sources or init_from) and unlabeled_only:  # blind to every labelled case: each is some fold's validation case
         raw = paths.nnunet_raw() / data.dataset_name
         validation = sorted(list_cases(raw, load_dataset_json(raw))) if (raw / "dataset.json").is_file() else []
         if not validation:
             raise DiffAugError(f"{raw} does not exist: --unlabeled-only checks the images against every labelled "
                                f"case's raw image (set nnUNet_raw to the dataset's raw folder).")
-    else:
+    elif sources or init_from:
         validation = read_fold(data.folder, data.fold)[1]
     if init_from:
         outside.init = open_init_source(init_from, data, out_folder, validation, unlabeled_only)
+    check_no_label_condition(requested, data, bool(sources) or unlabeled_only, outside.init)
     if sources:
         images = unl.find_unlabeled_images([str(s) for s in sources], data.dataset_json)
         unl.hash_and_check(images, data.dataset_name, data.plans_manager.plans, validation,
