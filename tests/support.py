@@ -233,3 +233,18 @@ class RecordingRunner:
             (fold_dir / "validation").mkdir(parents=True)
             (fold_dir / "validation" / "summary.json").write_text(json.dumps(
                 {"mean": {"1": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.5}}))
+
+
+# Ways to spoil a trained judge's folder (fold 0), shared by the tests of every place that checks judges
+def judge_validated_on_another_split(folder: Path, splits: list[dict]) -> None:
+    """Its validation summary names a training case of fold 0: it was trained on another fold or split."""
+    summary = folder / "fold_0" / "validation" / "summary.json"
+    s = json.loads(summary.read_text())
+    for case in s["metric_per_case"]:
+        case["reference_file"] = case["reference_file"].replace(splits[0]["val"][0], splits[0]["train"][0])
+    summary.write_text(json.dumps(s))
+
+
+def judge_trained_with_synthetic_cases(folder: Path) -> None:
+    debug = folder / "fold_0" / "debug.json"
+    debug.write_text(json.dumps({**json.loads(debug.read_text()), "synthetic_dataset_folder": "/x/Dataset950_S"}))

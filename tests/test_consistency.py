@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, RecordingRunner, console_script, nnunet_env, nnunet_folders,
+                     judge_trained_with_synthetic_cases, judge_validated_on_another_split,
                      private_copy_of_example, toy_benchmark_dataset)
 
 from nnunet_diffaug.errors import DiffAugError
@@ -200,16 +201,11 @@ def test_judges_that_do_not_fit_are_refused_before_anything_is_written(judged_ex
     fresh = private_copy_of_example(judged_example, tmp_path / "fresh")
     judge = _judge_folder(judged_example)
 
-    def other_split(folder):
-        summary = folder / "fold_0" / "validation" / "summary.json"
-        s = json.loads(summary.read_text())
-        for case in s["metric_per_case"]:
-            case["reference_file"] = case["reference_file"].replace(splits[0]["val"][0], splits[0]["train"][0])
-        summary.write_text(json.dumps(s))
+    def other_split(folder):  # validated on cases that are not fold 0's validation cases
+        judge_validated_on_another_split(folder, splits)
 
     def synthetic_trained(folder):
-        debug = folder / "fold_0" / "debug.json"
-        debug.write_text(json.dumps({**json.loads(debug.read_text()), "synthetic_dataset_folder": "/x/Dataset950_S"}))
+        judge_trained_with_synthetic_cases(folder)
 
     def other_plans(folder):
         plans = folder / "plans.json"

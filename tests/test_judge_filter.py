@@ -22,8 +22,8 @@ from nnunet_diffaug.provenance import CASE_RECORDS_DIR, read_provenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import find_synthetic_datasets
 from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
-from support import (EXAMPLE_NAME, JUDGE, make_stand_in_synthetic_set, nnunet_env, nnunet_folders,
-                     private_copy_of_example)
+from support import (EXAMPLE_NAME, JUDGE, judge_trained_with_synthetic_cases, judge_validated_on_another_split,
+                     make_stand_in_synthetic_set, nnunet_env, nnunet_folders, private_copy_of_example)
 
 pytestmark = pytest.mark.slow
 TRAINER, PLANS, CONFIG = JUDGE
@@ -99,15 +99,10 @@ def test_judges_of_another_fold_dataset_or_trained_on_synthetic_cases_are_refuse
     root, splits, candidates, judge = judged
 
     def other_split(folder):  # validated on cases that are not fold 0's validation cases
-        summary = folder / "fold_0" / "validation" / "summary.json"
-        s = json.loads(summary.read_text())
-        for case in s["metric_per_case"]:
-            case["reference_file"] = case["reference_file"].replace(splits[0]["val"][0], splits[0]["train"][0])
-        summary.write_text(json.dumps(s))
+        judge_validated_on_another_split(folder, splits)
 
     def synthetic_trained(folder):
-        debug = folder / "fold_0" / "debug.json"
-        debug.write_text(json.dumps({**json.loads(debug.read_text()), "synthetic_dataset_folder": "/x/Dataset950_S"}))
+        judge_trained_with_synthetic_cases(folder)
 
     def other_dataset(folder):
         plans = folder / "plans.json"
