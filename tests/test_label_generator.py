@@ -31,6 +31,7 @@ from nnunet_diffaug.synthesis.label_attributes import (component_counts, parse_v
                                                        remove_small_fragments, volume_fractions)
 from nnunet_diffaug.synthesis.label_generator import LabelGenerator
 from nnunet_diffaug.synthesis.label_training import LabelMapSampler
+from nnunet_diffaug.synthesis.label_map_sampler import LabelMapSampler as GeneratedMapSampler
 
 pytestmark = pytest.mark.slow
 
@@ -203,8 +204,33 @@ def test_fragment_removal_relabels_only_small_pieces():
     m[2:8, 2:8] = 3
     m[10, 10] = 3          # a 1-voxel speck in background
     m[4, 4] = 1            # a 1-voxel speck inside class 3
-    out = remove_small_fragments(m, 3, 5)
+    out = remove_small_fragments(m, 3, range(1, 6))
     assert out[10, 10] == 0 and out[4, 4] == 3 and (out == 3).sum() == 36
+
+
+class _MapOnlyGenerator:
+    """Stands in for a trained label generator: 2 declared classes, 'outside' (3), context classes 4 and 5."""
+    num_attributes, num_classes, canvas = 2, 6, (12, 12)
+    training_attributes = np.full((1, 2), 0.1)
+
+    def sampler(self, name):
+        return None
+
+    def sample(self, attrs, n, guidance, sampler, gen):
+        m = np.full((12, 12), 4, dtype=np.uint8)   # body envelope everywhere
+        m[2:6, 2:6] = 1
+        m[8, 8] = 5                                  # a speck of a context cluster inside the body
+        m[8, 2] = 2                                  # a speck of a declared class
+        m[0, 11] = 3                                 # 'outside' at the canvas edge: padding, left alone
+        return m[None]
+
+
+def test_generated_maps_lose_specks_of_context_classes_too_but_keep_the_outside_class():
+    sampler = GeneratedMapSampler(_MapOnlyGenerator(), [], 1.0, 3, ["spine", "ribs"])
+    clean, record = sampler.make(np.random.default_rng(0))
+    clean = np.asarray(clean)
+    assert clean[8, 8] == 4 and clean[8, 2] == 4 and clean[0, 11] == 3
+    assert (clean == 1).sum() == 16 and record["fragment_voxels_relabelled"] == 2
 
 
 # ---------------------------------------------------------------------------------------------- 3D

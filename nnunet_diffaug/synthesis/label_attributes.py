@@ -1,8 +1,10 @@
 """Attributes of class-index label maps, requests for them, and clean-up of generated maps.
 
 Class indices follow :mod:`synthesis.data`: ``0`` is background, ``1..K-1`` the declared
-foreground labels, ``K`` (the last) is nnU-Net's 'outside the nonzero region'. The attributes a
-label generator is conditioned on are the volume fractions of the foreground classes ``1..K-1``.
+foreground labels, ``K`` is nnU-Net's 'outside the nonzero region', and context classes (body
+envelope, intensity clusters; :mod:`synthesis.context`), when the synthesizer has them, follow it.
+The attributes a label generator is conditioned on are the volume fractions of the foreground
+classes ``1..K-1``.
 """
 from __future__ import annotations
 
@@ -26,16 +28,17 @@ def component_counts(label_map: np.ndarray, num_foreground: int) -> np.ndarray:
     return np.array([label(label_map == k)[1] for k in range(1, num_foreground + 1)], dtype=np.int64)
 
 
-def remove_small_fragments(label_map: np.ndarray, min_voxels: int, num_foreground: int) -> np.ndarray:
-    """Components of a foreground class smaller than ``min_voxels`` take the most common label around them.
+def remove_small_fragments(label_map: np.ndarray, min_voxels: int, classes) -> np.ndarray:
+    """Components of each class in ``classes`` smaller than ``min_voxels`` take the most common label around them.
 
-    Why: argmax over decoded logits leaves speckles at class borders that no real label map has.
+    Why: argmax over decoded logits leaves speckles at class borders that no real label map has. Context classes
+    are cleaned too: the painter paints a speck of the fat cluster as a speck of fat.
     """
     if min_voxels <= 1:
         return label_map
     from scipy.ndimage import binary_dilation, label
     out = np.array(label_map, copy=True)
-    for k in range(1, num_foreground + 1):
+    for k in classes:
         comps, n = label(out == k)
         if n == 0:
             continue

@@ -1,8 +1,8 @@
 """New label maps from the fold's label generator (``diffaug_synthesize --labels generated``).
 
 The label generator samples a map, optionally asked for class volume fractions (``--volume CLASS=LOW:HIGH``) with
-guidance weight ``--guidance``; fragments below ``--min-component-voxels`` are removed; the case record keeps what
-was asked and what came out.
+guidance weight ``--guidance``; fragments below ``--min-component-voxels`` of the declared classes and of the context
+classes are removed; the case record keeps what was asked and what came out.
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ class LabelMapSampler:
         self.gen, self.requests, self.guidance = generator, requests, guidance
         self.min_component_voxels = min_component_voxels
         self.class_names = class_names  # foreground classes 1..K-1, by label name
+        # the declared foreground classes and the context classes; not 'outside' (index K), which the canvas
+        # padding makes and the written case crops away
+        k = generator.num_attributes
+        self.cleaned_classes = [*range(1, k + 1), *range(k + 2, generator.num_classes)]
         self.sampler = generator.sampler(sampler_name)
 
     def provenance(self, folder) -> dict:
@@ -43,7 +47,7 @@ class LabelMapSampler:
         gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         raw = self.gen.sample(attrs[None], 1, self.guidance, self.sampler, gen)[0]
         k = self.gen.num_attributes
-        clean = remove_small_fragments(raw, self.min_component_voxels, k)
+        clean = remove_small_fragments(raw, self.min_component_voxels, self.cleaned_classes)
         return clean, {"requested_volume": [r.to_json() for r in self.requests], "guidance": self.guidance,
                        "condition_fractions": self._named(attrs), "measured_fractions": self._named(
                            volume_fractions(clean, k)),
