@@ -23,7 +23,7 @@ from nnunet_diffaug.paths import resolve_dataset_name, synthesizer_folder
 from nnunet_diffaug.synthesis.data import FoldData
 from nnunet_diffaug.synthesis.label_attributes import component_counts, volume_fractions
 from nnunet_diffaug.synthesis.label_generator import LabelGenerator
-from nnunet_diffaug.synthesis.label_training import LabelMapSampler
+from nnunet_diffaug.synthesis.label_training import TrainingLabelMaps
 from nnunet_diffaug.synthesis.synthesizer import read_run_files
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     untrained = LabelGenerator(cfg.label_generator, spec.spatial_dims, spec.num_classes, dev)
     untrained.state = dict(gen.state)
     data = FoldData(name, args.c, args.f, spec.plans_identifier)
-    sampler = LabelMapSampler(data, spec, dataclasses.replace(cfg, label_generator=gen.cfg))
+    sampler = TrainingLabelMaps(data, spec, dataclasses.replace(cfg, label_generator=gen.cfg))
     k = gen.num_attributes
     names = {v: n for n, v in data.dataset_json["labels"].items() if n != "ignore"}
     classes = [names[v] for v in spec.label_values[1:]]

@@ -30,8 +30,8 @@ from nnunet_diffaug.synthesis.ema import ema_weights
 from nnunet_diffaug.synthesis.label_attributes import (component_counts, parse_volume_requests,
                                                        remove_small_fragments, volume_fractions)
 from nnunet_diffaug.synthesis.label_generator import LabelGenerator
-from nnunet_diffaug.synthesis.label_training import LabelMapSampler
-from nnunet_diffaug.synthesis.label_map_sampler import LabelMapSampler as GeneratedMapSampler
+from nnunet_diffaug.synthesis.label_training import TrainingLabelMaps
+from nnunet_diffaug.synthesis.label_map_sampler import LabelMapSampler
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def _real_maps(configuration: str, gen: LabelGenerator) -> list[np.ndarray]:
     cfg = dataclasses.replace(cfg, label_generator=gen.cfg)
     spec = type("Spec", (), {"spatial_dims": data.spatial_dims, "num_classes": gen.num_classes,
                              "outside_class": data.outside_class, "label_values": data.label_values})()
-    sampler = LabelMapSampler(data, spec, cfg)
+    sampler = TrainingLabelMaps(data, spec, cfg)
     return [sampler._fit(m, None) for m in sampler.maps]
 
 
@@ -226,7 +226,7 @@ class _MapOnlyGenerator:
 
 
 def test_generated_maps_lose_specks_of_context_classes_too_but_keep_the_outside_class():
-    sampler = GeneratedMapSampler(_MapOnlyGenerator(), [], 1.0, 3, ["spine", "ribs"])
+    sampler = LabelMapSampler(_MapOnlyGenerator(), [], 1.0, 3, ["spine", "ribs"])
     clean, record = sampler.make(np.random.default_rng(0))
     clean = np.asarray(clean)
     assert clean[8, 8] == 4 and clean[8, 2] == 4 and clean[0, 11] == 3

@@ -40,7 +40,7 @@ def _step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
 
 
 
-class LabelMapSampler:
+class TrainingLabelMaps:
     """The fold's training label maps (3D volumes or 2D slices), cropped/padded to the canvas.
 
     Padding uses the 'outside' class: beyond a small case there is nothing, as in nnU-Net's crop.
@@ -92,7 +92,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
     """Trains (or resumes, or skips) both label stages. Returns True when both have finished. ``init``: an
     ``outside_data.InitSource`` whose label generator each stage starts from (when the label sets agree)."""
     lg = cfg.label_generator
-    maps = LabelMapSampler(data, spec, cfg)
+    maps = TrainingLabelMaps(data, spec, cfg)
     # initial weights must not depend on what ran before in this process (a resumed run skips finished stages)
     torch.manual_seed(_step_seed(seed, "label_autoencoder", INIT_STEP))
     gen = LabelGenerator(lg, spec.spatial_dims, spec.num_classes, len(spec.label_values) - 1, device)
@@ -198,7 +198,7 @@ def train_label_generator(cfg: SynthesizerConfig, spec: DataSpec, data: FoldData
 
 
 @torch.no_grad()
-def _autoencoder_montage(ae, maps: LabelMapSampler, folder: Path, title: str, num_classes: int, n: int, device,
+def _autoencoder_montage(ae, maps: TrainingLabelMaps, folder: Path, title: str, num_classes: int, n: int, device,
                          seed: int) -> None:
     from nnunet_diffaug.synthesis.label_generator import crop_centre
     ae.eval()
@@ -208,7 +208,7 @@ def _autoencoder_montage(ae, maps: LabelMapSampler, folder: Path, title: str, nu
              [("real", real), ("reconstruction", list(crop_centre(recon, maps.canvas)))], num_classes)
 
 
-def _diffusion_montage(gen: LabelGenerator, maps: LabelMapSampler, folder: Path, title: str, num_classes: int,
+def _diffusion_montage(gen: LabelGenerator, maps: TrainingLabelMaps, folder: Path, title: str, num_classes: int,
                        n: int, seed: int) -> None:
     real = [maps._fit(maps.maps[i], None) for i in np.random.default_rng([seed, 80]).integers(len(maps.maps),
                                                                                              size=n)]
