@@ -25,7 +25,8 @@ import numpy as np
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import atomic_write_json, read_json, remove_stale_temporaries
-from nnunet_diffaug.provenance import CANDIDATES_ROLE, CASE_RECORDS_DIR, SyntheticProvenance, read_provenance
+from nnunet_diffaug.provenance import (CANDIDATES_ROLE, CASE_RECORDS_DIR, SyntheticProvenance, read_provenance,
+                                       read_seen_data)
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json, read_fold
 from nnunet_diffaug.synthetic_sets import (check_synthetic_matches_real, output_folder,
                                            synthetic_dataset_name)
@@ -219,8 +220,10 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
         raise DiffAugError(f"{candidates} holds {len(scores)} complete candidate(s), fewer than the {keep} to keep.")
     kept, dropped = select(scores, keep, min_class_dice)
 
+    # the kept cases come from the candidates' synthesizer: what it saw goes with them, for the trainer's check
     writer = SyntheticDatasetWriter(output, real_json, filtered_provenance(prov, judge, candidates, len(scores), keep,
-                                                                          min_class_dice), overwrite=overwrite)
+                                                                          min_class_dice), overwrite=overwrite,
+                                    seen_data=read_seen_data(candidates))
     import SimpleITK as sitk
     for cid in kept:
         if writer.has_case(cid):

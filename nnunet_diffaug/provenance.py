@@ -2,7 +2,9 @@
 
 ``diffaug_provenance.json`` (one per set) names the source dataset, the fold, every real case the
 generator saw, the generator and the seed; ``diffaug_cases/<case>.json`` (one per case) says where that
-case came from (label source, seed, ...). Which set belongs to a fold, and whether it may be used, is
+case came from (label source, seed, ...). ``diffaug_seen_data.json``, only in sets whose synthesizer saw more
+than the fold's labelled cases (unlabelled images, an init source's cases), is a copy of its seen data:
+labelled cases per dataset, content hashes of the unlabelled images, label names. Which set belongs to a fold, and whether it may be used, is
 decided from these records by :mod:`nnunet_diffaug.synthetic_sets`.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import read_json
 
 PROVENANCE_FILE = "diffaug_provenance.json"
+SEEN_DATA_FILE = "diffaug_seen_data.json"
 CASE_RECORDS_DIR = "diffaug_cases"
 PROVENANCE_FORMAT = 1
 
@@ -56,3 +59,17 @@ def read_provenance(synthetic_folder: str | os.PathLike) -> SyntheticProvenance:
     if not isinstance(obj, dict):
         raise DiffAugError(f"{path} must hold a JSON object.")
     return SyntheticProvenance.from_json(obj, str(path))
+
+
+def read_seen_data(synthetic_folder: str | os.PathLike) -> dict | None:
+    """A set's SEEN_DATA_FILE (None where it has none: its synthesizer saw the fold's labelled cases only, or the
+    set is older than the file)."""
+    path = Path(synthetic_folder) / SEEN_DATA_FILE
+    if not path.is_file():
+        return None
+    obj = read_json(path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("labelled_cases"), dict)
+            and isinstance(obj.get("unlabeled_content_sha256"), list)):
+        raise DiffAugError(f"{path} must hold an object with 'labelled_cases' (dataset -> case ids) and "
+                           f"'unlabeled_content_sha256' (a list); synthesize the set again to rewrite it.")
+    return obj

@@ -5,7 +5,9 @@ Every synthetic set carries ``diffaug_provenance.json`` (written by ``diffaug_sy
 fold is the one in ``$nnUNet_raw`` whose provenance names the real dataset and the fold (judge
 candidates excluded); a user names another explicitly (an environment variable for the trainer, a flag
 for the commands). It may be used only if it was made from this dataset and fold, declares the same
-channels, labels and file ending, and its generator never saw a validation case of the fold. A new set
+channels, labels and file ending, and its generator never saw a validation case of the fold: not as a
+training case (the provenance), nor through what its ``diffaug_seen_data.json`` names (unlabelled images by
+content hash, an init source's labelled cases), compared with the split as it is now. A new set
 is named ``DatasetYYY_<Source>SynthF<fold>``, by default with the first id from 900 that nnU-Net's
 folders do not use yet.
 """
@@ -18,8 +20,10 @@ from pathlib import Path
 
 from nnunet_diffaug import paths
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.provenance import CANDIDATES_ROLE, PROVENANCE_FILE, SyntheticProvenance, read_provenance
+from nnunet_diffaug.provenance import (CANDIDATES_ROLE, PROVENANCE_FILE, SEEN_DATA_FILE, SyntheticProvenance,
+                                       read_provenance, read_seen_data)
 from nnunet_diffaug.raw_dataset import load_dataset_json
+from nnunet_diffaug.unlabeled import seen_validation_leak
 
 
 def synthetic_dataset_name(dataset_id: int, source_dataset_name: str, fold: int) -> str:
@@ -119,9 +123,11 @@ def locate_synthetic_set(dataset_name: str, fold, choice: str | None, how_to_cho
 
 
 def check_synthetic_set(folder: Path, real_dataset_json: dict, dataset_name: str, fold,
-                        validation_cases: list[str], how_to_make: str = "") -> SyntheticProvenance:
+                        validation_cases: list[str], how_to_make: str = "",
+                        plans: dict | None = None) -> SyntheticProvenance:
     """Refuses a set made from another dataset or fold, declaring other channels/labels/file ending, or whose
-    generator saw a validation case of the fold. Returns its provenance."""
+    generator saw a validation case of the fold. Returns its provenance. ``plans``: the real dataset's (its image
+    reader), to compare unlabelled images by content; None: only names are compared, and a note says so."""
     provenance = read_provenance(folder)
     if provenance.source_dataset != dataset_name:
         raise DiffAugError(f"{folder}: made from {provenance.source_dataset}, not {dataset_name}.")
@@ -131,6 +137,7 @@ def check_synthetic_set(folder: Path, real_dataset_json: dict, dataset_name: str
     check_synthetic_matches_real(real_dataset_json, folder)
     if str(fold) != "all":  # fold 'all' validates on its training cases anyway
         check_no_validation_leak(provenance, validation_cases, folder)
+        check_seen_data(folder, provenance, validation_cases, plans)
     return provenance
 
 
@@ -160,3 +167,40 @@ def check_no_validation_leak(provenance: SyntheticProvenance, validation_cases: 
             f"fold {provenance.fold} ({', '.join(leaked[:5])}{', ...' if len(leaked) > 5 else ''}). Training with it "
             f"would leak validation data. Train a synthesizer on this fold's training cases only "
             f"(diffaug_train_synthesizer -f {provenance.fold}) and synthesize again.")
+
+
+# provenance ``generator`` entries of data from outside the fold's labelled cases (synthesis/outside_data.py)
+_OUTSIDE_DATA = {"unlabeled": "unlabelled images", "init_from": "init source (--init-from)"}
+
+
+def check_seen_data(synthetic_folder: str | os.PathLike, provenance: SyntheticProvenance,
+                    validation_cases: list[str], plans: dict | None) -> None:
+    """Refuses a set whose synthesizer's weights saw one of the fold's validation cases as they are now, through
+    what the set's SEEN_DATA_FILE names (the split may have changed since the synthesizer was trained). Raw
+    validation images are read only when that file names something to compare by content."""
+    path = Path(synthetic_folder) / SEEN_DATA_FILE
+    seen = read_seen_data(synthetic_folder)
+    fold, dataset = provenance.fold, provenance.source_dataset
+    if seen is None:
+        used = [what for key, what in _OUTSIDE_DATA.items() if key in provenance.generator]
+        if used:
+            print(f"NOTE: {synthetic_folder}: its synthesizer's {' and '.join(used)} could not be re-checked against "
+                  f"fold {fold}'s current validation cases: the set was made before sets recorded what their "
+                  f"synthesizer saw ({SEEN_DATA_FILE}); synthesize again to have them checked.")
+        return
+
+    def uncompared(name: str | None) -> None:
+        what = f"the labelled cases of {name}" if name else "its unlabelled images and other datasets' cases"
+        where = f"$nnUNet_raw/{name} is absent or unreadable here" if name else "no plans to read images with"
+        print(f"NOTE: {path}: {what} could not be compared by content with fold {fold}'s validation cases "
+              f"({where}); only names were checked.")
+    leak = seen_validation_leak(seen, dataset, validation_cases, plans, "validation case(s)",
+                                f"of fold {fold} of {dataset}", f"{path} (what the synthesizer saw)", uncompared)
+    if leak is not None:
+        how = {"labelled": (" as labelled cases", "from an init source that never saw them"),
+               "unlabelled": ("", "without those unlabelled images"),
+               "copy": ("", "from an init source that never saw them")}[leak.kind]
+        raise DiffAugError(
+            f"{path}: the synthesizer that made this set has seen {leak.text}{how[0]}, so training with this set "
+            f"would leak validation data (splits_final.json changed since it was trained?). Retrain the synthesizer "
+            f"on this fold's split (diffaug_train_synthesizer -f {fold}, {how[1]}) and synthesize again.")

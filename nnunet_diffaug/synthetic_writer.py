@@ -1,6 +1,6 @@
 """Writing a synthetic raw dataset, one complete case at a time, safely from several processes at once.
 
-On-disk layout (a valid nnU-Net raw dataset plus two extras)::
+On-disk layout (a valid nnU-Net raw dataset plus our records)::
 
     DatasetYYY_<Source>SynthF<fold>/
         dataset.json                 labels, channel_names and file_ending copied from the real dataset
@@ -8,6 +8,7 @@ On-disk layout (a valid nnU-Net raw dataset plus two extras)::
         labelsTr/<case><ending>      written LAST: a case is complete iff its label exists
         diffaug_provenance.json      source dataset, fold, training cases, generator, seed
         diffaug_cases/<case>.json    where each case came from (label source, seed, ...)
+        diffaug_seen_data.json       only when the synthesizer saw more than the fold's labelled cases
 
 Every file is written atomically (temporary sibling, then ``os.replace``).
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import (atomic_write_image, atomic_write_json, folder_lock, is_lock_file,
                                     remove_stale_temporaries, temporary_name)
-from nnunet_diffaug.provenance import CASE_RECORDS_DIR, PROVENANCE_FILE, SyntheticProvenance, read_provenance
+from nnunet_diffaug.provenance import (CASE_RECORDS_DIR, PROVENANCE_FILE, SEEN_DATA_FILE, SyntheticProvenance,
+                                       read_provenance)
 from nnunet_diffaug.raw_dataset import image_file, label_file, list_cases, num_channels, validate_case_id
 
 
@@ -28,14 +30,16 @@ class SyntheticDatasetWriter:
     """Writes synthetic cases into a raw dataset folder, one complete case at a time.
 
     Safe to use from several processes on the same folder (``-num_parts/-part_id``): each case is
-    written atomically with its label last, and dataset.json is updated under a lock.
+    written atomically with its label last, and dataset.json is updated under a lock. ``seen_data``: what the
+    synthesizer saw beyond the fold's labelled cases (SEEN_DATA_FILE), None when nothing.
     """
 
     def __init__(self, folder: str | os.PathLike, real_dataset_json: dict, provenance: SyntheticProvenance,
-                 overwrite: bool = False):
+                 overwrite: bool = False, seen_data: dict | None = None):
         self.folder = Path(folder)
         self.real_dataset_json = real_dataset_json
         self.provenance = provenance
+        self.seen_data = seen_data
         self.file_ending = real_dataset_json["file_ending"]
         with folder_lock(self.folder):
             self._prepare(overwrite)
@@ -60,6 +64,9 @@ class SyntheticDatasetWriter:
         remove_stale_temporaries(self.folder)
         if not prov_path.is_file():
             atomic_write_json(prov_path, self.provenance.to_json())
+        # the same provenance names the same synthesizer weights: an older set continued gets the file too
+        if self.seen_data is not None and not (self.folder / SEEN_DATA_FILE).is_file():
+            atomic_write_json(self.folder / SEEN_DATA_FILE, self.seen_data)
         self._write_dataset_json()
 
     def _wipe(self) -> None:

@@ -291,6 +291,51 @@ def cases_equal_to(validation: dict[str, str], other_dataset: str, cases: list[s
     return {c: validation[h] for (h, _), c in zip(hashes, present) if h in validation}
 
 
+@dataclasses.dataclass
+class SeenLeak:
+    """A protected case that a synthesizer's weights have seen (seen_validation_leak)."""
+    kind: str   # "labelled": this dataset's case by name; "unlabelled": an unlabelled image's content;
+    #             "copy": another dataset's labelled case with the same content
+    text: str   # what was seen, to follow "has seen": "validation case(s) ['a'] of fold 0 of D ..."
+
+
+def seen_validation_leak(seen: dict, dataset_name: str, protected: list[str], plans: dict | None, what: str,
+                         of: str, why: str, uncompared) -> SeenLeak | None:
+    """The first thing in ``seen`` (a synthesizer's seen data: labelled cases per dataset, content hashes of its
+    unlabelled images) that is one of the ``protected`` cases of ``dataset_name`` (a fold's validation cases, or
+    every labelled case), or None. The one comparison for an --init-from source and for the trainer's check of a
+    synthetic set.
+
+    This dataset's cases are compared by name; unlabelled images and other datasets' labelled cases (a copy of
+    this dataset under another name) by content, reading the protected cases' raw images only when there is such
+    a thing to compare. ``what``, ``of``: how the protected cases are named ("validation case(s)", "of fold 0 of
+    D"); ``why``: what is checked, for the refusal of a missing raw image. ``uncompared(name)`` is called for
+    another dataset whose cases cannot be compared by content here, and ``uncompared(None)`` when ``plans`` is
+    None and something would have been (only names were then compared)."""
+    leaked = sorted(set(seen["labelled_cases"].get(dataset_name, [])) & set(protected))
+    if leaked:
+        return SeenLeak("labelled", f"{what} {leaked[:5]} {of}")
+    others = {name: ids for name, ids in seen["labelled_cases"].items() if name != dataset_name and ids}
+    if not (seen["unlabeled_content_sha256"] or others):
+        return None
+    if plans is None:
+        uncompared(None)
+        return None
+    val = validation_hashes(dataset_name, protected, plans, why)
+    hit = sorted(val[h] for h in seen["unlabeled_content_sha256"] if h in val)
+    if hit:
+        return SeenLeak("unlabelled", f"{what} {hit[:5]} {of} among its unlabelled images (same content hash)")
+    for name, cases in sorted(others.items()):
+        equal = cases_equal_to(val, name, cases, plans, dataset_name)
+        if equal:
+            pairs = ", ".join(f"{c} = {v}" for c, v in sorted(equal.items())[:5])
+            return SeenLeak("copy", f"labelled cases of {name} whose images are {what.replace('(s)', 's')} {of} "
+                                    f"(same content hash: {pairs})")
+        if equal is None:
+            uncompared(name)
+    return None
+
+
 def hash_and_check(images: list[UnlabeledImage], dataset_name: str, plans: dict, validation_cases: list[str],
                    fold: int | None, progress: bool = False) -> None:
     """Fills in the content hashes of ``images`` (reading each once; refusing unreadable ones) and refuses any

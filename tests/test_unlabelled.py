@@ -212,6 +212,85 @@ def test_a_set_made_with_unlabelled_images_has_another_provenance(example, plain
     assert with_[0]["unlabeled"] == run["unlabeled"]
 
 
+def _sets(root: Path, outside: bool) -> list[Path]:
+    """Fold 0's unguided sets made with (``outside``) or without unlabelled images."""
+    return [s for s in sorted((root / "raw").glob("Dataset*_*SynthF0"))
+            if ("unlabeled" in read_provenance(s).generator) == outside
+            and "label_guidance" not in read_provenance(s).generator]
+
+
+def _check_set(root: Path, folder: Path, validation: list[str]):
+    """The trainer's check of a synthetic set (nnUNetTrainerDiffAug passes its plans)."""
+    from nnunet_diffaug.trainers.synthetic_source import validate_synthetic_dataset
+    real_json = json.loads((root / "raw" / EXAMPLE_NAME / "dataset.json").read_text())
+    plans = json.loads((root / "preprocessed" / EXAMPLE_NAME / "nnUNetPlans.json").read_text())
+    return validate_synthetic_dataset(folder, real_json, EXAMPLE_NAME, 0, "2d", validation, is_3d=False, plans=plans)
+
+
+def test_a_set_made_with_unlabelled_images_is_checked_against_the_split_as_it_is_now(example, plain,
+                                                                                    with_unlabeled):
+    """The set carries what its synthesizer saw; after the split changes so that one unlabelled image is now a
+    validation case (added to the dataset and to fold 0's validation cases), the trainer refuses the set."""
+    from nnunet_diffaug.raw_dataset import read_fold
+    root, pool = example
+    folder = _sets(root, outside=True)[0]
+    seen = json.loads((folder / "diffaug_seen_data.json").read_text())
+    assert seen == json.loads((with_unlabeled / "seen_data.json").read_text())
+    assert len(seen["unlabeled_content_sha256"]) == 2
+    assert _check_set(root, folder, read_fold(root / "preprocessed" / EXAMPLE_NAME, 0)[1])  # the split it was made on
+
+    raw, splits_file = root / "raw" / EXAMPLE_NAME, root / "preprocessed" / EXAMPLE_NAME / "splits_final.json"
+    added = [raw / "imagesTr" / "chest_new_0000.nii.gz", raw / "labelsTr" / "chest_new.nii.gz"]
+    splits = splits_file.read_text()
+    shutil.copy(pool / "pool_a_0000.nii.gz", added[0])  # mirrored chest_001: its label's grid fits
+    shutil.copy(raw / "labelsTr" / "chest_001.nii.gz", added[1])
+    changed = json.loads(splits)
+    changed[0]["val"].append("chest_new")
+    splits_file.write_text(json.dumps(changed))
+    try:
+        with pytest.raises(DiffAugError) as e:
+            _check_set(root, folder, read_fold(root / "preprocessed" / EXAMPLE_NAME, 0)[1])
+        text = str(e.value)
+        assert text.startswith(f"{folder / 'diffaug_seen_data.json'}: the synthesizer that made this set has seen "
+                               f"validation case(s) ['chest_new'] of fold 0 of {EXAMPLE_NAME} among its unlabelled "
+                               f"images"), text
+        assert "Retrain the synthesizer on this fold's split" in text and "synthesize again" in text
+    finally:
+        splits_file.write_text(splits)
+        for f in added:
+            f.unlink()
+
+
+def test_a_set_without_outside_data_has_no_seen_data_and_its_check_reads_no_raw_image(example, plain,
+                                                                                      with_unlabeled, tmp_path,
+                                                                                      capsys):
+    """Its check compares names only: it passes with the validation cases' raw images gone (the set made with
+    unlabelled images then needs them); a set made with them before the file existed gets a note."""
+    root, _ = example
+    folder = _sets(root, outside=False)[0]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "dataset.json", "diffaug_cases", "diffaug_montage.png", "diffaug_provenance.json", "imagesTr", "labelsTr"]
+    validation = ["chest_000", "chest_002", "chest_004", "chest_006"]
+    images = [_raw_image(root, c) for c in validation]
+    for f in images:
+        f.rename(f.with_name(f"aside_{f.name}"))
+    try:
+        assert _check_set(root, folder, validation)
+        with pytest.raises(DiffAugError, match=r"lacks the raw images of validation case\(s\)"):
+            _check_set(root, _sets(root, outside=True)[0], validation)
+    finally:
+        for f in images:
+            f.with_name(f"aside_{f.name}").rename(f)
+    older = tmp_path / "older_unlabelled_set"  # as made before sets carried the file
+    shutil.copytree(_sets(root, outside=True)[0], older)
+    (older / "diffaug_seen_data.json").unlink()
+    capsys.readouterr()
+    assert _check_set(root, older, validation)
+    out = capsys.readouterr().out
+    assert f"NOTE: {older}: its synthesizer's unlabelled images could not be re-checked against fold 0's current " \
+           f"validation cases" in out and out.count("NOTE") == 1
+
+
 def test_label_guidance_needs_the_no_label_condition(example, plain, with_unlabeled):
     labels = np.zeros((1, 64, 64), dtype=np.int64)
     labels[0, 20:40, 20:40] = 1
@@ -249,12 +328,69 @@ def test_synthesize_takes_a_label_guidance_weight_and_records_it(example, plain,
     unguided = synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False)
     assert unguided != guided and "label_guidance" not in read_provenance(unguided).generator
     _make_fold_synthesizer(plain)
-    with pytest.raises(DiffAugError, match=r"--label-guidance: .*trained without the 'no label' condition"):
+    with pytest.raises(DiffAugError, match=r"--label-guidance 2: .*trained without the 'no label' condition"):
         synthesize(EXAMPLE_NAME, "2d", 0, 1, sampler="ddim", steps=2, device="cpu", progress=False,
                    label_guidance=2.0)
     with pytest.raises(DiffAugError, match=r"--label-guidance do\(es\) not apply to --generator randomised"):
         synthesize(EXAMPLE_NAME, "2d", 0, 1, generator="randomised", progress=False, label_guidance=2.0)
     _make_fold_synthesizer(before)  # as it was, for the tests below
+
+
+def _null_config(**diffusion) -> SynthesizerConfig:
+    return _config({**MICRO, "diffusion": {**MICRO["diffusion"], **diffusion}})
+
+
+def test_label_guidance_is_refused_where_the_no_label_input_is_missing_or_untrained(tmp_path):
+    """The decision alone, on run files: images, dropout or a loaded init source train the input; a source of
+    another label set, or one whose condition-map tensors were not loaded (another layout), does not."""
+    from nnunet_diffaug.synthesis.outside_data import guidance_refusal
+
+    def refusal(config, run, not_loaded=None, guidance=2.0):
+        folder = tmp_path / f"syn{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "synthesizer.json").write_text(json.dumps(run))
+        if not_loaded is not None:
+            (folder / "init_from_diffusion.json").write_text(json.dumps(
+                {"loaded": [], "not_loaded": [{"tensor": t, "why": "shape"} for t in not_loaded]}))
+        return guidance_refusal(folder, config, guidance)
+    same, other = {"init_from": {"same_labels": True}}, {"init_from": {"same_labels": False}}
+    assert refusal(_null_config(), {}, guidance=1.0) is None  # plain conditional sampling needs nothing
+    assert "trained without the 'no label' condition" in refusal(_null_config(), {})
+    assert refusal(_null_config(null_label=True), {"unlabeled": {"images": 2}}) is None
+    assert refusal(_null_config(null_label=True, label_dropout=0.1), {}) is None
+    assert refusal(_null_config(null_label=True), same) is None
+    assert refusal(_null_config(null_label=True), same, ["model.down_blocks.0.norm.weight"]) is None
+    for run, not_loaded in ((other, None), (same, ["model.mid_block.resnets.0.norm1.mlp_shared.0.weight"]),
+                            ({}, None)):
+        why = refusal(_null_config(null_label=True), run, not_loaded)
+        assert "has the 'no label' input, but never trained it" in why
+        assert "Use label guidance 1" in why and "--unlabeled SOURCE" in why and "label_dropout" in why
+
+
+def test_synthesize_refuses_guidance_from_an_untrained_no_label_input_before_writing(example, with_unlabeled,
+                                                                                   tmp_path, capsys):
+    """A synthesizer whose 'no label' channel was only carried for an init source of another label set (its
+    input re-initialised, never trained): --label-guidance is refused by the command, naming the folder."""
+    root, _ = example
+    before = shutil.copytree(synthesizer_folder(EXAMPLE_NAME, "2d", 0), tmp_path / "before")
+
+    def carried(run: dict, seen: dict) -> None:
+        del run["unlabeled"]
+        run["init_from"] = {"folder": "/elsewhere", "weights_sha256": "0" * 64, "dataset": "Dataset997_Other",
+                            "fold": 0, "same_labels": False}
+    _make_fold_synthesizer(_copy_of(with_unlabeled, "carried_null_channel", carried))
+    sets = _listing(root / "raw")
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.synthesize_entry(["-d", EXAMPLE_NAME, "-f", "0", "-c", "2d", "-n", "1", "-device", "cpu",
+                                  "--label-guidance", "2"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--label-guidance 2: the synthesizer in {synthesizer_folder(EXAMPLE_NAME, '2d', 0)}" in err
+        assert "never trained it" in err and "Use label guidance 1" in err
+        assert _listing(root / "raw") == sets  # nothing written
+    finally:
+        _make_fold_synthesizer(before)
 
 
 def test_mixed_batches_hold_the_configured_share_on_the_null_condition(example, with_unlabeled):

@@ -111,9 +111,11 @@ def resolve_inputs(dataset: str | int, fold: int, synthetic: str | None = None, 
     if (synth_folder / PROVENANCE_FILE).is_file():
         # the validation cases are the held-out reference of every metric: a synthesizer that saw them would
         # make the comparisons flatter the synthetic set
+        plans_file = paths.nnunet_preprocessed() / dataset_name / f"{plans}.json"  # its reader, for content hashes
         provenance = check_synthetic_set(synth_folder, real_json, dataset_name, fold, validation,
                                          "Evaluate a set with -f of the fold it was made for: that fold's validation cases "
-                                         "are the ones it never saw.")
+                                         "are the ones it never saw.",
+                                         read_json(plans_file) if plans_file.is_file() else None)
     else:
         notes.append(f"{synth_folder} has no {PROVENANCE_FILE}: which real cases its generator saw is unknown, "
                      f"so the held-out status of the validation cases cannot be checked.")

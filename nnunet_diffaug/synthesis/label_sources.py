@@ -99,6 +99,10 @@ class LabelSource:
         """Entries this mode adds to the provenance's ``generator`` (a different request is another dataset)."""
         return {}
 
+    def seen_data(self) -> dict | None:
+        """What this mode's weights saw beyond the fold's labelled cases (see Generator.seen_data)."""
+        return None
+
     def draw(self, index: int, seed: int, rng: np.random.Generator, painter: Generator) -> CaseDraw:
         raise NotImplementedError
 
@@ -138,6 +142,11 @@ class GeneratedLabelSource(LabelSource):
 
     def provenance(self):
         return {"label_generator": self.generated.provenance(self._folder)}
+
+    def seen_data(self):
+        # an init source's label generator is loaded with the same label set; it never sees images
+        from nnunet_diffaug.synthesis.outside_data import seen_beyond_fold
+        return seen_beyond_fold(self._folder, self.data.dataset_name, self.data.training_cases, images=False)
 
     def draw(self, index, seed, rng, painter):
         label_map, extra = self.generated.make(rng)

@@ -14,6 +14,9 @@ Files in the synthesizer's folder:
     init_from_<stage>.json the tensors of each stage that were loaded from the init source, and those that
                            were not (re-initialised)
 
+A synthetic set made by a synthesizer that saw more than its fold's labelled cases carries a copy of its seen data
+(``diffaug_seen_data.json``, seen_beyond_fold), which the trainer checks against the split it trains with.
+
 Starting from another synthesizer: every stage starts from its finished weights wherever a tensor's name and
 shape match, and fine-tunes. When the label sets differ (other names or values), the tensors that read the
 label map (SPADE's input convolutions, ControlNet's condition embedding input) and the whole label generator
@@ -64,13 +67,29 @@ def seen_data(folder: Path) -> dict:
             "labels": None}
 
 
-def _merge_seen(a: dict, b: dict) -> dict:
+def merge_seen(a: dict, b: dict) -> dict:
     cases = {k: sorted(set(v)) for k, v in a["labelled_cases"].items()}
     for k, v in b["labelled_cases"].items():
         cases[k] = sorted(set(cases.get(k, [])) | set(v))
     return {"labelled_cases": cases,
             "unlabeled_content_sha256": sorted(set(a["unlabeled_content_sha256"]) | set(b["unlabeled_content_sha256"])),
             "labels": a.get("labels")}
+
+
+def seen_beyond_fold(folder: Path, dataset_name: str, training_cases: list[str], images: bool = True) -> dict | None:
+    """What the synthesizer in ``folder`` has seen, when that is more than ``training_cases`` of ``dataset_name``
+    (unlabelled images, an init source's labelled cases): a synthetic set it makes carries it, for the trainer to
+    check against the validation cases of the split it trains with. None otherwise (and for synthesizers without
+    seen_data.json, which saw their own cases only), so such sets keep their files. ``images`` False: the label
+    generator's part (it never sees images)."""
+    if not (Path(folder) / SEEN_FILE).is_file():
+        return None
+    seen = seen_data(folder)
+    if not images:
+        seen = {**seen, "unlabeled_content_sha256": []}
+    own = set(training_cases)
+    beyond = any(set(ids) - own if name == dataset_name else ids for name, ids in seen["labelled_cases"].items())
+    return seen if beyond or seen["unlabeled_content_sha256"] else None
 
 
 def _context_classes(context: ContextConfig) -> int:
@@ -89,15 +108,48 @@ def _label_input_layout(config: SynthesizerConfig, num_classes: int, image_chann
                                       else d.controlnet_embedding_channels[0])
 
 
-def _null_input_trained(config: SynthesizerConfig, run: dict) -> bool:
+def _null_input_trained(config: SynthesizerConfig, run: dict, folder: Path | None = None) -> bool:
     """Whether a finished synthesizer's "no label" input was trained: by unlabelled images, by label dropout, or
     loaded from its own init source with the same label set. That last one is trusted, not followed down the chain
     (the source's source may be gone); since diffaug_train_synthesizer refuses a "no label" condition that nothing
     trains (check_no_label_condition), a synthesizer has it on only then, or where it was carried for its source's
-    tensors to fit."""
+    tensors to fit. ``folder``: the synthesizer's, whose init_from_diffusion.json tells whether that input was
+    loaded (a same label set with another condition layout re-initialises it)."""
     d = config.diffusion
-    return d.null_label and bool(run.get("unlabeled") or run.get("unlabeled_only") or d.label_dropout > 0
-                                 or (run.get("init_from") or {}).get("same_labels"))
+    if not d.null_label:
+        return False
+    if run.get("unlabeled") or run.get("unlabeled_only") or d.label_dropout > 0:
+        return True
+    return bool((run.get("init_from") or {}).get("same_labels")) and (folder is None or _label_inputs_loaded(folder))
+
+
+def _label_inputs_loaded(folder: Path) -> bool:
+    """Whether the tensors that read the condition map (the "no label" input among them) were all loaded from the
+    init source, as the synthesizer's init_from_diffusion.json says (no such file: trusted)."""
+    try:
+        record = json.loads((Path(folder) / "init_from_diffusion.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return True
+    return not any(frag in r.get("tensor", "") for r in record.get("not_loaded", []) for frag in LABEL_INPUT_TENSORS)
+
+
+def guidance_refusal(folder: Path, config: SynthesizerConfig, guidance: float) -> str | None:
+    """Why the finished synthesizer in ``folder`` must not sample with label guidance ``guidance`` (None: it may).
+    Guidance other than 1 samples null + w x (conditional - null): without a trained "no label" input that
+    extrapolates from a random branch. Its input is untrained where the channel was only carried for an init
+    source's tensors to fit (another label set or condition layout)."""
+    if float(guidance) == 1.0:
+        return None
+    if not config.diffusion.null_label:
+        why = "was trained without the 'no label' condition (diffusion.null_label)"
+    elif not _null_input_trained(config, json.loads((Path(folder) / SPEC_FILE).read_text()), folder):
+        why = ("has the 'no label' input, but never trained it: no unlabelled images, no label dropout, and its "
+               "--init-from source's trained input was not loaded (another label set or condition layout)")
+    else:
+        return None
+    return (f"the synthesizer in {folder} {why}, so guided sampling (null + w x (conditional - null)) would "
+            f"extrapolate from an untrained branch. Use label guidance 1 (plain conditional sampling), or retrain "
+            f"the synthesizer with --unlabeled SOURCE or \"label_dropout\": 0.1 in the diffusion block of its config.")
 
 
 @dataclasses.dataclass
@@ -210,39 +262,15 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
     cases, of = (("labelled case(s)", f"of {data.dataset_name}") if unlabeled_only
                  else ("validation case(s)", f"of fold {data.fold} of {data.dataset_name}"))
     seen = seen_data(src)
-    leaked = sorted(set(seen["labelled_cases"].get(data.dataset_name, [])) & set(validation))
-    if leaked and unlabeled_only:
-        raise DiffAugError(f"--init-from {src}: its weights have seen labelled case(s) {leaked[:5]} {of}: an "
-                           f"--unlabeled-only synthesizer must be blind to every labelled case of the dataset (each is "
-                           f"some fold's validation case). Start from a synthesizer of another dataset, or from "
-                           f"another --unlabeled-only one.")
-    if leaked:
-        raise DiffAugError(f"--init-from {src}: its weights have seen validation case(s) {leaked[:5]} of fold "
-                           f"{data.fold} of {data.dataset_name} (as labelled cases; a synthesizer of another fold "
-                           f"trains on this fold's validation cases). Start from a synthesizer of another dataset "
-                           f"or of this fold.")
-    # another dataset's name can hide this dataset's cases (a copy, or "Dataset1xx = Dataset0xx + more"): compare
-    # the contents of what the source saw, not only names
-    others = {name: ids for name, ids in seen["labelled_cases"].items() if name != data.dataset_name and ids}
-    if seen["unlabeled_content_sha256"] or others:
-        val = unl.validation_hashes(data.dataset_name, validation, data.plans_manager.plans, f"--init-from {src}")
-        hit = sorted(val[h] for h in seen["unlabeled_content_sha256"] if h in val)
-        if hit:
-            raise DiffAugError(f"--init-from {src}: its weights have seen {cases} {hit[:5]} {of} among its "
-                               f"unlabelled images (same content hash).")
-        for name, other_cases in sorted(others.items()):
-            equal = unl.cases_equal_to(val, name, other_cases, data.plans_manager.plans, data.dataset_name)
-            if equal:
-                pairs = ", ".join(f"{c} = {v}" for c, v in sorted(equal.items())[:5])
-                raise DiffAugError(f"--init-from {src}: its weights have seen labelled cases of {name} whose images "
-                                   f"are {cases.replace('(s)', 's')} {of} (same content hash: {pairs}). Start from a "
-                                   f"synthesizer that never saw them.")
-            if equal is None:
-                against = ("the dataset's labelled cases" if unlabeled_only
-                           else f"fold {data.fold}'s validation cases")
-                print(f"NOTE: --init-from {src}: the labelled cases it saw of {name} could not be compared by content "
-                      f"with {against} ($nnUNet_raw/{name} is absent or unreadable here); only their names were "
-                      f"checked.")
+
+    def uncompared(name: str) -> None:
+        against = "the dataset's labelled cases" if unlabeled_only else f"fold {data.fold}'s validation cases"
+        print(f"NOTE: --init-from {src}: the labelled cases it saw of {name} could not be compared by content "
+              f"with {against} ($nnUNet_raw/{name} is absent or unreadable here); only their names were checked.")
+    leak = unl.seen_validation_leak(seen, data.dataset_name, validation, data.plans_manager.plans, cases, of,
+                                    f"--init-from {src}", uncompared)
+    if leak is not None:
+        raise DiffAugError(f"--init-from {src}: its weights have seen {leak.text}{_init_advice(leak, unlabeled_only)}")
     our_labels = dict(data.dataset_json["labels"])
     if seen.get("labels") is not None:
         same = seen["labels"] == our_labels
@@ -250,8 +278,20 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
         same = spec.dataset_name == data.dataset_name and list(spec.label_values) == list(data.label_values)
     run = json.loads((src / SPEC_FILE).read_text())
     return InitSource(src, config, spec.dataset_name, spec.fold, same, ckpt.weights_sha256(src, STAGES), seen,
-                      _null_input_trained(config, run),
+                      _null_input_trained(config, run, src),
                       _label_input_layout(config, spec.num_classes, spec.in_channels))
+
+
+def _init_advice(leak: unl.SeenLeak, unlabeled_only: bool) -> str:
+    """What to do about an init source that has seen a protected case (the refusal's tail)."""
+    if leak.kind == "labelled" and unlabeled_only:
+        return (": an --unlabeled-only synthesizer must be blind to every labelled case of the dataset (each is some "
+                "fold's validation case). Start from a synthesizer of another dataset, or from another "
+                "--unlabeled-only one.")
+    if leak.kind == "labelled":
+        return (" (as labelled cases; a synthesizer of another fold trains on this fold's validation cases). Start "
+                "from a synthesizer of another dataset or of this fold.")
+    return ". Start from a synthesizer that never saw them."
 
 
 def check_no_label_condition(requested: SynthesizerConfig, data: FoldData, trains: bool,
@@ -314,7 +354,7 @@ class OutsideData:
         own = {"labelled_cases": {} if self.unlabeled_only else {data.dataset_name: list(data.training_cases)},
                "unlabeled_content_sha256": sorted({im.content_sha256 for im in self.images}),
                "labels": dict(data.dataset_json["labels"])}
-        return own if self.init is None else _merge_seen(own, self.init.seen)
+        return own if self.init is None else merge_seen(own, self.init.seen)
 
     def write(self, folder: Path, data: FoldData) -> None:
         if self.unlabeled_record is not None:

@@ -73,6 +73,13 @@ def write_montage(folder: Path, dataset_json: dict, max_cases: int = 8) -> None:
                  f"{folder.name}: {', '.join(cid for cid, _ in cases)}", float(lo), float(hi))
 
 
+def _seen_data(painter: Generator, label_source) -> dict | None:
+    """What the weights that make the set saw beyond the fold's labelled cases (None: nothing)."""
+    from nnunet_diffaug.synthesis.outside_data import merge_seen
+    parts = [s for s in (painter.seen_data(), label_source.seen_data()) if s is not None]
+    return None if not parts else parts[0] if len(parts) == 1 else merge_seen(*parts)
+
+
 # ``--generator`` name -> implementation; each refuses the label modes and flags it cannot take
 GENERATORS: dict[str, type[Generator]] = {
     "diffusion": DiffusionGenerator,
@@ -156,13 +163,14 @@ def synthesize(dataset: str | int, configuration: str, fold: int, num_cases: int
     label_source = source_kind.open({**label_options, "min_component_voxels": min_component_voxels}, painter,
                                     real_dj, dev)
     provenance.generator.update(label_source.provenance())
+    seen = _seen_data(painter, label_source)
     out_folder = output_folder(dataset_name, fold, provenance, output_id, num_parts)
     # one writer per part: a second process for the same part would only redo the same cases
     part_lock = folder_lock(out_folder, timeout_s=env_float(env_vars.LOCK_WAIT_S, PART_LOCK_WAIT_S, 0.0, 10.0 ** 6),
                                     name=f".diffaug.part{part_id}of{num_parts}.lock",
                                     holder=f"another diffaug_synthesize writing part {part_id} of {num_parts}")
     with part_lock:
-        writer = SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite)
+        writer = SyntheticDatasetWriter(out_folder, real_dj, provenance, overwrite=overwrite, seen_data=seen)
         raw_space = RawSpace(data.plans_manager, data.cm, data.spatial_dims, data.label_values,
                              data.num_classes - data.outside_class - 1)
 

@@ -114,7 +114,8 @@ class nnUNetTrainerDiffAug(MirroringFromEnv, nnUNetTrainer):
         real_name = self.plans_manager.dataset_name
         folder = locate_synthetic_dataset(real_name, self.fold, self.configuration_name)
         validate_synthetic_dataset(folder, self.dataset_json, real_name, self.fold, self.configuration_name,
-                                   validation_cases, is_3d=len(self.configuration_manager.patch_size) == 3)
+                                   validation_cases, is_3d=len(self.configuration_manager.patch_size) == 3,
+                                   plans=self.plans_manager.plans)
         output = paths.synthetic_preprocessed_folder(real_name, folder.name, self.configuration_manager.data_identifier)
         if self.local_rank == 0:
             identifiers = preprocess_synthetic_cases(folder, self.dataset_json, self.plans_manager.plans,

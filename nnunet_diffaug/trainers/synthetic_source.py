@@ -30,11 +30,13 @@ def locate_synthetic_dataset(real_dataset_name: str, fold, configuration: str) -
 
 
 def validate_synthetic_dataset(folder: Path, real_dataset_json: dict, real_dataset_name: str, fold,
-                               configuration: str, validation_cases: list[str], is_3d: bool) -> list[str]:
-    """Checks a synthetic set against the real dataset and fold; returns its complete case ids."""
+                               configuration: str, validation_cases: list[str], is_3d: bool,
+                               plans: dict | None = None) -> list[str]:
+    """Checks a synthetic set against the real dataset and fold; returns its complete case ids. ``plans``: the
+    real dataset's, to compare what the set's synthesizer saw with the validation cases by content."""
     how_to_make = _how_to_make(real_dataset_name, fold, configuration)
     provenance = check_synthetic_set(folder, real_dataset_json, real_dataset_name, fold, validation_cases,
-                                     how_to_make)
+                                     how_to_make, plans)
     if is_3d and provenance.configuration == "2d":
         raise DiffAugError(f"{folder}: made by a 2d synthesizer (single slices); it cannot feed 3D training "
                            f"({configuration}). Synthesize with a 3d_fullres synthesizer.")

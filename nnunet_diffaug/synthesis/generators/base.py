@@ -84,6 +84,11 @@ class Generator:
         """Where a trained synthesizer (and label generator) would be; None if the generator has none."""
         return None
 
+    def seen_data(self) -> dict | None:
+        """What the generator's weights saw beyond the fold's labelled cases (the set's diffaug_seen_data.json);
+        None: nothing (a generator without weights)."""
+        return None
+
     def generator_entry(self, labels: str) -> dict:
         """The provenance's ``generator`` entry (``kind`` first): identical requests give identical dicts."""
         raise NotImplementedError

@@ -102,6 +102,18 @@ def _extra_conditioning(syn: Synthesizer) -> dict:
     return out
 
 
+def _check_label_guidance(syn: Synthesizer, syn_folder: Path, guidance: float | None) -> None:
+    """Refuses, before anything is written, label guidance (``--label-guidance``, else the config's) from a
+    synthesizer whose "no label" input is missing or untrained."""
+    from nnunet_diffaug.synthesis.outside_data import guidance_refusal
+    weight = syn.config.sampling.label_guidance if guidance is None else float(guidance)
+    why = guidance_refusal(syn_folder, syn.config, weight)
+    if why is not None:
+        given = (f"--label-guidance {weight:g}" if guidance is not None
+                 else f"sampling.label_guidance {weight:g} in {syn_folder / 'config.json'}")
+        raise DiffAugError(f"{given}: {why}")
+
+
 class DiffusionGenerator(Generator):
     """The fold's trained label-conditioned latent diffusion synthesizer (``--generator diffusion``)."""
     kind = "diffusion"
@@ -144,9 +156,10 @@ class DiffusionGenerator(Generator):
         intensity_request = {"jitter": float(jitter), "means": sorted(means or [])} if jitter or means else None
         smp = syn.sampler(request.options.get("--sampler"), request.options.get("--steps"))
         guidance = request.options.get("--label-guidance")
+        _check_label_guidance(syn, syn_folder, guidance)
         if guidance is not None:  # this run's weight; the provenance records it (another set than unguided)
             try:
-                syn.sampling_model(guidance)  # refuses a model without the 'no label' condition
+                syn.sampling_model(guidance)  # refuses a negative weight (the CLI allows >= 1 only)
             except DiffAugError as e:
                 raise DiffAugError(f"--label-guidance: {e} ({syn_folder})") from None
             syn.config.sampling.label_guidance = float(guidance)
@@ -164,6 +177,10 @@ class DiffusionGenerator(Generator):
     @property
     def synthesizer_folder(self) -> Path:
         return self._syn_folder
+
+    def seen_data(self) -> dict | None:
+        from nnunet_diffaug.synthesis.outside_data import seen_beyond_fold
+        return seen_beyond_fold(self._syn_folder, self.data.dataset_name, self.training_cases)
 
     def generator_entry(self, labels: str) -> dict:
         syn, folder = self.syn, self._syn_folder
