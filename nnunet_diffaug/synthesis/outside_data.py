@@ -108,19 +108,21 @@ def _label_input_layout(config: SynthesizerConfig, num_classes: int, image_chann
                                       else d.controlnet_embedding_channels[0])
 
 
-def _null_input_trained(config: SynthesizerConfig, run: dict, folder: Path | None = None) -> bool:
+def _null_input_trained(config: SynthesizerConfig, folder: Path) -> bool:
     """Whether a finished synthesizer's "no label" input was trained: by unlabelled images, by label dropout, or
     loaded from its own init source with the same label set. That last one is trusted, not followed down the chain
     (the source's source may be gone); since diffaug_train_synthesizer refuses a "no label" condition that nothing
     trains (check_no_label_condition), a synthesizer has it on only then, or where it was carried for its source's
-    tensors to fit. ``folder``: the synthesizer's, whose init_from_diffusion.json tells whether that input was
-    loaded (a same label set with another condition layout re-initialises it)."""
+    tensors to fit. ``folder``: the synthesizer's; its synthesizer.json says what trained it, its
+    init_from_diffusion.json whether that input was loaded (a same label set with another condition layout
+    re-initialises it)."""
     d = config.diffusion
     if not d.null_label:
         return False
+    run = json.loads((Path(folder) / SPEC_FILE).read_text())
     if run.get("unlabeled") or run.get("unlabeled_only") or d.label_dropout > 0:
         return True
-    return bool((run.get("init_from") or {}).get("same_labels")) and (folder is None or _label_inputs_loaded(folder))
+    return bool((run.get("init_from") or {}).get("same_labels")) and _label_inputs_loaded(folder)
 
 
 def _label_inputs_loaded(folder: Path) -> bool:
@@ -142,7 +144,7 @@ def guidance_refusal(folder: Path, config: SynthesizerConfig, guidance: float) -
         return None
     if not config.diffusion.null_label:
         why = "was trained without the 'no label' condition (diffusion.null_label)"
-    elif not _null_input_trained(config, json.loads((Path(folder) / SPEC_FILE).read_text()), folder):
+    elif not _null_input_trained(config, folder):
         why = ("has the 'no label' input, but never trained it: no unlabelled images, no label dropout, and its "
                "--init-from source's trained input was not loaded (another label set or condition layout)")
     else:
@@ -276,9 +278,8 @@ def open_init_source(folder: str, data: FoldData, out_folder: Path, validation: 
         same = seen["labels"] == our_labels
     else:  # older synthesizers recorded no label names: the same dataset with the same values counts as same
         same = spec.dataset_name == data.dataset_name and list(spec.label_values) == list(data.label_values)
-    run = json.loads((src / SPEC_FILE).read_text())
     return InitSource(src, config, spec.dataset_name, spec.fold, same, ckpt.weights_sha256(src, STAGES), seen,
-                      _null_input_trained(config, run, src),
+                      _null_input_trained(config, src),
                       _label_input_layout(config, spec.num_classes, spec.in_channels))
 
 
