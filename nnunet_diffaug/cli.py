@@ -100,7 +100,9 @@ def make_example_entry(argv=None):
         description="Write the built-in example dataset (real chest CT from the slicerio package, cut into "
                     "disjoint axial slabs) into $nnUNet_raw.")
     p.add_argument("-d", type=int, default=990, help="dataset id to write")
-    p.add_argument("--slab-slices", type=POSITIVE_INT, default=4, help="axial slices per case")
+    p.add_argument("--slab-slices", type=POSITIVE_INT, default=4,
+                   help="axial slices per case (3d_fullres needs at least 4: stock nnU-Net's blur augmentation "
+                        "pads each axis by up to 3)")
     p.add_argument("--in-plane-size", type=POSITIVE_INT, default=64, help="in-plane voxels per side (the CT has 128)")
     p.add_argument("--overwrite", action="store_true", help="rewrite the dataset if it exists")
     p.add_argument("--labels", nargs="+", metavar="NAME", default=None,

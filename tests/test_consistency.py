@@ -3,7 +3,7 @@
 The judge is the ``judged_example`` fixture's tiny 3d_fullres nnU-Net (4 epochs on fold 0's real slabs; of the
 example's classes it reads soft tissue, Dice 0.81 on the validation slabs, and none of the others yet). Two
 synthesizers are trained for the module, identical (same autoencoder file, seed, batches and noise) except for the
-loss; their difference is what the loss did.
+loss; their difference is what the loss did. The 2d path gets its own pair and a tiny 2d judge (``root_2d``).
 """
 from __future__ import annotations
 
@@ -134,15 +134,21 @@ def test_the_loss_is_logged_beside_the_diffusion_loss_and_falls(pair):
     assert "consistency" not in read_state(pair[0] / "diffusion.safetensors")["losses"]   # off: not logged
 
 
-def _judge_reading(folder: Path, loss_folder: Path, root: Path) -> tuple[list[float], list[float]]:
-    """(the consistency loss on fixed batches at fixed timesteps, the judge's soft-tissue Dice on images sampled
-    for fixed label maps of the fold's training cases), for the synthesizer in ``folder``."""
+def _loaded(folder: Path, loss_folder: Path) -> tuple[Synthesizer, ConsistencyLoss]:
+    """The synthesizer in ``folder`` and the consistency loss of the run in ``loss_folder`` (its judge)."""
     syn = Synthesizer.load(folder, torch.device("cpu"))
     entry = json.loads((loss_folder / "synthesizer.json").read_text())["consistency"]
     judge = ConsistencyLoss(load_config(str(loss_folder / "config.json")), syn.spec, entry, syn.autoencoder,
                             syn.train_scheduler, torch.device("cpu"))
-    patches = PatchSampler(FoldData(EXAMPLE_ID, CONFIG, 0, PLANS), syn.spec.patch_size, 0.67)
-    losses, dice = [], []
+    return syn, judge
+
+
+def _fixed_batch_losses(syn: Synthesizer, judge: ConsistencyLoss, configuration: str,
+                        on_batch=None) -> list[float]:
+    """The consistency loss of ``syn`` on fixed batches of the fold's training cases at fixed timesteps;
+    ``on_batch(images, labels, seed)`` is called for each batch."""
+    patches = PatchSampler(FoldData(EXAMPLE_ID, configuration, 0, PLANS), syn.spec.patch_size, 0.67)
+    losses = []
     with torch.no_grad():
         for seed in range(4):
             images, labels, _ = patches.batch_with_cases(np.random.default_rng(100 + seed), 8)
@@ -153,17 +159,30 @@ def _judge_reading(folder: Path, loss_folder: Path, root: Path) -> tuple[list[fl
                 noisy = syn.train_scheduler.add_noise(z, noise, t)
                 out = syn.model(noisy, t, syn.condition(labels))
                 losses.append(float(judge(noisy, out, t, labels, syn.scale_factor, torch.ones(len(z), dtype=torch.bool))))
-            painted = syn.generate(labels[:, 0].numpy(), syn.sampler(), torch.Generator().manual_seed(seed))
-            read = judge.judge_logits(torch.from_numpy(painted)).argmax(1) == SOFT_TISSUE
-            truth = judge.lut[labels[:, 0]] == SOFT_TISSUE
-            dice.append(float(2 * (read & truth).sum() / (read.sum() + truth.sum())))
-    return losses, dice
+            if on_batch is not None:
+                on_batch(images, labels, seed)
+    return losses
+
+
+def _judge_reading(folder: Path, loss_folder: Path) -> tuple[list[float], list[float]]:
+    """(the consistency loss on fixed batches at fixed timesteps, the judge's soft-tissue Dice on images sampled
+    for fixed label maps of the fold's training cases), for the synthesizer in ``folder``."""
+    syn, judge = _loaded(folder, loss_folder)
+    dice = []
+
+    def read_painted(images, labels, seed):
+        painted = syn.generate(labels[:, 0].numpy(), syn.sampler(), torch.Generator().manual_seed(seed))
+        read = judge.judge_logits(torch.from_numpy(painted)).argmax(1) == SOFT_TISSUE
+        truth = judge.lut[labels[:, 0]] == SOFT_TISSUE
+        dice.append(float(2 * (read & truth).sum() / (read.sum() + truth.sum())))
+
+    return _fixed_batch_losses(syn, judge, CONFIG, read_painted), dice
 
 
 def test_trained_with_the_loss_the_judge_reads_its_painted_cases_better(pair, root):
     without, with_loss = pair
-    loss_off, dice_off = _judge_reading(without, with_loss, root)
-    loss_on, dice_on = _judge_reading(with_loss, with_loss, root)
+    loss_off, dice_off = _judge_reading(without, with_loss)
+    loss_on, dice_on = _judge_reading(with_loss, with_loss)
     print(f"fixed-batch consistency loss without {np.round(loss_off, 3)}, with {np.round(loss_on, 3)}")
     print(f"judge soft-tissue Dice on painted crops without {np.round(dice_off, 3)}, with {np.round(dice_on, 3)}")
     # what the loss optimises, on batches it never trained on: lower for every batch and timestep
@@ -327,3 +346,54 @@ def test_the_consistency_arm_trains_its_synthesizer_with_the_folds_stock_model_a
     sets = {Path(env["nnUNet_results"]).name: env["DIFFAUG_SYNTHETIC_DATASET"]
             for name, _, env in runner.calls if name == "nnUNetv2_train" and "DIFFAUG_SYNTHETIC_DATASET" in env}
     assert sets["diffaug_r33_auto_consistency"] != sets["diffaug_r33_auto"]
+
+
+# ---------------------------------------------------------------------------------------------- 2d
+
+@pytest.fixture(scope="module")
+def root_2d(planned_example, tmp_path_factory):
+    """A private copy of the example with a tiny 2d nnU-Net trained on fold 0's real slabs: the judge of the
+    2d path, where the painter and the judge both work on single slices."""
+    root = private_copy_of_example(planned_example[0], tmp_path_factory.mktemp("consistency_2d"))
+    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
+              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+    subprocess.run([console_script("nnUNetv2_train"), EXAMPLE_NAME, "2d", "0", "-tr", TRAINER, "-p", PLANS,
+                    "-device", "cpu"], env=nnunet_env(root, **budget), check=True, capture_output=True)
+    with nnunet_folders(root):
+        yield root
+
+
+def test_in_2d_the_loss_reads_slices_with_a_2d_judge_and_falls(root_2d):
+    judge = root_2d / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__2d"
+    # a 3d judge for a 2d painter is refused: it reads volumes, the painter paints slices
+    with pytest.raises(DiffAugError, match="trained on configuration '2d', not '3d_fullres'"):
+        train_synthesizer(EXAMPLE_ID, CONFIG, 0, _config(judge, diffusion={"steps": 2}), plans_identifier=PLANS,
+                          device="cpu", seed=0, progress=False)
+    assert not synthesizer_folder(EXAMPLE_NAME, CONFIG, 0).exists()   # refused before anything was written
+    # the same synthesizer without and with the loss (same autoencoder, seed, batches and noise), as the 3d pair
+    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_synthesizer(EXAMPLE_ID, "2d", 0, _config(), plans_identifier=PLANS, device="cpu", seed=0, progress=False)
+        without = folder.parent / "without_consistency"
+        folder.rename(without)
+        _with_autoencoder(folder, without / "autoencoder.safetensors")
+        train_synthesizer(EXAMPLE_ID, "2d", 0, _config(judge), plans_identifier=PLANS, device="cpu", seed=0,
+                          progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    consistency = read_state(folder / "diffusion.safetensors")["losses"]["consistency"]
+    assert len(consistency) == DIFFUSION_STEPS and all(np.isfinite(v) for v in consistency)
+    first, last = np.mean(consistency[:15]), np.mean(consistency[-15:])
+    syn_off, loss = _loaded(without, folder)
+    loss_off = _fixed_batch_losses(syn_off, loss, "2d")
+    loss_on = _fixed_batch_losses(_loaded(folder, folder)[0], loss, "2d")
+    print(f"2d consistency loss: first 15 steps {first:.3f}, last 15 {last:.3f}; fixed batches without "
+          f"{np.round(loss_off, 3)}, with {np.round(loss_on, 3)}")
+    assert last < first - 0.03
+    # what the loss adds beyond denoising better: lower on batches it never trained on than without it
+    assert np.mean(loss_on) < np.mean(loss_off) and sum(on < off for on, off in zip(loss_on, loss_off)) >= 6
+    entry = json.loads((folder / "synthesizer.json").read_text())["consistency"]
+    assert entry["judge"] == str(judge) and entry["judge_sha256"] == file_sha256(judge / "fold_0" /
+                                                                                 "checkpoint_final.pth")
