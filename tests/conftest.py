@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, console_script, nnunet_env, nnunet_folders,  # noqa: E402
-                     private_copy_of_example, run, write_splits)
+                     private_copy_of_example, run, train_tiny_judge, write_splits)
 
 
 def pytest_configure(config):
@@ -75,10 +75,6 @@ def judged_example(planned_example, tmp_path_factory):
     """
     def train_judge(root: Path) -> None:
         private_copy_of_example(planned_example[0], root)
-        trainer, plans, configuration = JUDGE
-        budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
-                  "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
-        run([console_script("nnUNetv2_train"), EXAMPLE_NAME, configuration, "0", "-tr", trainer, "-p", plans,
-             "-device", "cpu"], nnunet_env(root, **budget))
+        train_tiny_judge(root, JUDGE[2])
 
     return _built_once(tmp_path_factory, "judged_example", train_judge)

@@ -97,6 +97,16 @@ def run(cmd: list[str], env: dict, timeout: int = 900, expect_ok: bool = True) -
     return proc
 
 
+def train_tiny_judge(root: Path, configuration: str) -> None:
+    """A tiny nnU-Net (``JUDGE``'s trainer and plans, 4 epochs x 40 iterations) trained on the real training cases
+    of fold 0 of the example copied into ``root``, with nnU-Net's own console script."""
+    trainer, plans, _ = JUDGE
+    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
+              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
+    run([console_script("nnUNetv2_train"), EXAMPLE_NAME, configuration, "0", "-tr", trainer, "-p", plans,
+         "-device", "cpu"], nnunet_env(root, **budget))
+
+
 
 
 def write_raw_dataset(folder: Path, cases: dict, channel: str, labels: dict[str, int]) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, RecordingRunner, console_script, nnunet_env, nnunet_folders,
                      judge_trained_with_synthetic_cases, judge_validated_on_another_split,
-                     private_copy_of_example, toy_benchmark_dataset)
+                     private_copy_of_example, toy_benchmark_dataset, train_tiny_judge)
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import file_sha256
@@ -51,8 +51,8 @@ def _config(judge: Path | None = None, autoencoder_steps: int = 60, diffusion: d
     return SynthesizerConfig.from_json(obj)
 
 
-def _train(config: SynthesizerConfig, **kwargs) -> Path:
-    return train_synthesizer(EXAMPLE_ID, CONFIG, 0, config, plans_identifier=PLANS, device="cpu", seed=0,
+def _train(config: SynthesizerConfig, configuration: str = CONFIG, **kwargs) -> Path:
+    return train_synthesizer(EXAMPLE_ID, configuration, 0, config, plans_identifier=PLANS, device="cpu", seed=0,
                              progress=False, **kwargs)
 
 
@@ -73,21 +73,27 @@ def root(judged_example, tmp_path_factory):
         yield dst
 
 
-@pytest.fixture(scope="module")
-def pair(root):
-    """(without, with): the same synthesizer trained without and with the consistency loss (SPADE, 3d_fullres)."""
-    folder = synthesizer_folder(EXAMPLE_NAME, CONFIG, 0)
+def _train_pair(configuration: str, judge: Path) -> tuple[Path, Path]:
+    """(without, with): fold 0's synthesizer trained without and with the consistency loss, identical otherwise
+    (the second starts from the first's autoencoder file; same seed, batches and noise)."""
+    folder = synthesizer_folder(EXAMPLE_NAME, configuration, 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # both runs reduce floats in the same order, whatever the number of workers
     try:
-        _train(_config())
+        _train(_config(), configuration)
         without = folder.parent / "without_consistency"
         folder.rename(without)
         _with_autoencoder(folder, without / "autoencoder.safetensors")
-        _train(_config(_judge_folder(root)))
+        _train(_config(judge), configuration)
     finally:
         torch.set_num_threads(threads)
     return without, folder
+
+
+@pytest.fixture(scope="module")
+def pair(root):
+    """(without, with): the same synthesizer trained without and with the consistency loss (SPADE, 3d_fullres)."""
+    return _train_pair(CONFIG, _judge_folder(root))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -355,10 +361,7 @@ def root_2d(planned_example, tmp_path_factory):
     """A private copy of the example with a tiny 2d nnU-Net trained on fold 0's real slabs: the judge of the
     2d path, where the painter and the judge both work on single slices."""
     root = private_copy_of_example(planned_example[0], tmp_path_factory.mktemp("consistency_2d"))
-    budget = {"DIFFAUG_NUM_EPOCHS": 4, "DIFFAUG_ITERATIONS_PER_EPOCH": 40, "DIFFAUG_VAL_ITERATIONS": 1,
-              "DIFFAUG_SEED": 0, "nnUNet_n_proc_DA": 0}
-    subprocess.run([console_script("nnUNetv2_train"), EXAMPLE_NAME, "2d", "0", "-tr", TRAINER, "-p", PLANS,
-                    "-device", "cpu"], env=nnunet_env(root, **budget), check=True, capture_output=True)
+    train_tiny_judge(root, "2d")
     with nnunet_folders(root):
         yield root
 
@@ -367,22 +370,9 @@ def test_in_2d_the_loss_reads_slices_with_a_2d_judge_and_falls(root_2d):
     judge = root_2d / "results" / EXAMPLE_NAME / f"{TRAINER}__{PLANS}__2d"
     # a 3d judge for a 2d painter is refused: it reads volumes, the painter paints slices
     with pytest.raises(DiffAugError, match="trained on configuration '2d', not '3d_fullres'"):
-        train_synthesizer(EXAMPLE_ID, CONFIG, 0, _config(judge, diffusion={"steps": 2}), plans_identifier=PLANS,
-                          device="cpu", seed=0, progress=False)
+        _train(_config(judge, diffusion={"steps": 2}))
     assert not synthesizer_folder(EXAMPLE_NAME, CONFIG, 0).exists()   # refused before anything was written
-    # the same synthesizer without and with the loss (same autoencoder, seed, batches and noise), as the 3d pair
-    folder = synthesizer_folder(EXAMPLE_NAME, "2d", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_synthesizer(EXAMPLE_ID, "2d", 0, _config(), plans_identifier=PLANS, device="cpu", seed=0, progress=False)
-        without = folder.parent / "without_consistency"
-        folder.rename(without)
-        _with_autoencoder(folder, without / "autoencoder.safetensors")
-        train_synthesizer(EXAMPLE_ID, "2d", 0, _config(judge), plans_identifier=PLANS, device="cpu", seed=0,
-                          progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    without, folder = _train_pair("2d", judge)   # as the 3d pair
     consistency = read_state(folder / "diffusion.safetensors")["losses"]["consistency"]
     assert len(consistency) == DIFFUSION_STEPS and all(np.isfinite(v) for v in consistency)
     first, last = np.mean(consistency[:15]), np.mean(consistency[-15:])
