@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from nnunet_diffaug.synthetic_writer import SyntheticDatasetWriter
 
 SUMMARY_FILE = "diffaug_judge_summary.json"
 SCORES_DIR = "diffaug_judge_scores"      # inside the candidate set: one record per judged candidate
+BLIND_CLASS_DICE = 0.1   # below this Dice on its own validation cases, a judge does not read a class
 
 
 @dataclass
@@ -118,6 +120,33 @@ def check_judge(judge: Judge, dataset_name: str, fold: int, real_json: dict) -> 
         raise DiffAugError(f"{debug}: the judge was trained with synthetic cases ({synthetic}). A judge must be "
                            f"trained on real cases only (e.g. nnUNetTrainer), or it rewards the synthesizer's "
                            f"own mistakes.")
+
+
+def judge_validation_dice(judge: Judge, fold: int, real_json: dict) -> dict[str, float]:
+    """The judge's mean Dice per class (by label name) on its fold's validation cases, from nnU-Net's
+    validation/summary.json (which check_judge requires); classes nnU-Net scored NaN (never present) are left out."""
+    mean = read_json(judge.model_folder / f"fold_{fold}" / "validation" / "summary.json")["mean"]
+    dice = {}
+    for name, value in real_json["labels"].items():
+        key = str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)  # regions: nnU-Net's key
+        if name != "background" and key in mean and not np.isnan(mean[key]["Dice"]):
+            dice[name] = float(mean[key]["Dice"])
+    return dice
+
+
+def blind_classes_note(judge: Judge, fold: int, real_json: dict, use: str) -> str | None:
+    """A warning naming the classes the judge does not read on its own validation cases, or None.
+
+    Such a judge scores every case low on those classes (judge filtering) and gives the painter a gradient toward
+    whatever its untrained channel happens to respond to (the consistency loss): no information either way."""
+    blind = {n: d for n, d in judge_validation_dice(judge, fold, real_json).items() if d < BLIND_CLASS_DICE}
+    if not blind:
+        return None
+    listed = ", ".join(f"{n} (Dice {d:.2f})" for n, d in blind.items())
+    them = "that class" if len(blind) == 1 else "those classes"
+    return (f"note: the judge {judge.model_folder} barely reads {listed} on fold {fold}'s validation cases: its "
+            f"reading of {them} is noise, and {use} gains nothing there. A judge trained longer or on more cases "
+            f"may read {them}.")
 
 
 def _score(dice: dict[str, float], present: list[int]) -> tuple[float, dict[str, float]]:
@@ -214,6 +243,9 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     real_json = load_dataset_json(paths.nnunet_raw() / prov.source_dataset)
     check_synthetic_matches_real(real_json, candidates)
     check_judge(judge, prov.source_dataset, int(prov.fold), real_json)
+    note = blind_classes_note(judge, int(prov.fold), real_json, "judge filtering")
+    if note:
+        print(note, file=sys.stderr)
     cases = list_cases(candidates)
     scores = score_candidates(candidates, cases, judge, int(prov.fold), progress, device)
     if len(scores) < keep:
@@ -238,6 +270,7 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     summary = {
         "candidates_dataset": str(candidates), "judge": str(judge.model_folder), "keep": keep,
         "min_class_dice": min_class_dice, "kept": kept, "dropped": dropped,
+        "judge_validation_dice": judge_validation_dice(judge, int(prov.fold), real_json),
         "score_kept": _distribution([scores[c]["score"] for c in kept]),
         "score_dropped": _distribution([scores[c]["score"] for c in dropped]),
         "scores": {c: {"score": s["score"], "dice_per_class": s["dice_per_class"]} for c, s in sorted(scores.items())},

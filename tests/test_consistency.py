@@ -23,8 +23,10 @@ from support import (EXAMPLE_ID, EXAMPLE_NAME, JUDGE, RecordingRunner, console_s
 
 from nnunet_diffaug.errors import DiffAugError
 from nnunet_diffaug.file_io import file_sha256
+from nnunet_diffaug.judge_filter import BLIND_CLASS_DICE, Judge, judge_validation_dice
 from nnunet_diffaug.paths import synthesizer_folder
 from nnunet_diffaug.provenance import read_provenance
+from nnunet_diffaug.raw_dataset import load_dataset_json
 from nnunet_diffaug.synthesis.autoencoder import encode_mean
 from nnunet_diffaug.synthesis.checkpoint import read_state
 from nnunet_diffaug.synthesis.config import SynthesizerConfig, load_config
@@ -125,7 +127,7 @@ def test_bad_values_are_refused_and_configs_without_the_block_load_and_resume(tm
 
 # ---------------------------------------------------------------------------------------------- training
 
-def test_the_loss_is_logged_beside_the_diffusion_loss_and_falls(pair):
+def test_the_loss_is_logged_beside_the_diffusion_loss_and_falls(pair, root):
     _, folder = pair
     losses = read_state(folder / "diffusion.safetensors")["losses"]
     consistency = losses["consistency"]
@@ -136,6 +138,11 @@ def test_the_loss_is_logged_beside_the_diffusion_loss_and_falls(pair):
     assert last < first - 0.03
     log = (folder / "training_log.txt").read_text()
     assert "segmentation-consistency loss x 5" in log and "consistency first" in log
+    # the classes this 4-epoch judge does not read on its validation cases are named in the log, the others not
+    dice = judge_validation_dice(Judge(_judge_folder(root)), 0, load_dataset_json(root / "raw" / EXAMPLE_NAME))
+    note = next((line for line in log.splitlines() if "barely reads" in line), "")
+    print("judge's validation Dice:", dice)
+    assert all((f"{n} (Dice" in note) == (d < BLIND_CLASS_DICE) for n, d in dice.items())
     assert (folder / "diffusion_losses.png").is_file()
     assert "consistency" not in read_state(pair[0] / "diffusion.safetensors")["losses"]   # off: not logged
 

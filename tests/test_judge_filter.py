@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, filter_synthetic_set
+from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, blind_classes_note, filter_synthetic_set
 from nnunet_diffaug.provenance import CASE_RECORDS_DIR, read_provenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import find_synthetic_datasets
@@ -116,6 +116,33 @@ def test_judges_of_another_fold_dataset_or_trained_on_synthetic_cases_are_refuse
         with pytest.raises(DiffAugError, match=message):
             filter_synthetic_set(candidates, out, bad, keep=2, progress=False)
         assert not out.exists()  # refused before anything is written
+
+
+def _validation_dice(folder, dice_by_value):
+    """Sets the judge's per-class validation Dice in its fold 0 summary.json."""
+    summary = folder / "fold_0" / "validation" / "summary.json"
+    data = json.loads(summary.read_text())
+    for value, dice in dice_by_value.items():
+        data["mean"][str(value)]["Dice"] = dice
+    summary.write_text(json.dumps(data))
+
+
+def test_a_judge_blind_to_a_class_is_named_with_that_class(judged, tmp_path, capsys):
+    root, _, candidates, judge = judged
+    real_json = load_dataset_json(root / "raw" / EXAMPLE_NAME)
+    labels = {n: v for n, v in real_json["labels"].items() if n != "background"}
+    blind_name = sorted(labels)[0]
+    blind = _copy_model(judge, tmp_path / "blind", lambda f: _validation_dice(
+        f, {v: (0.02 if n == blind_name else 0.8) for n, v in labels.items()}))
+    note = blind_classes_note(blind, 0, real_json, "judge filtering")
+    assert f"{blind_name} (Dice 0.02)" in note and str(blind.model_folder) in note
+    assert not any(f"{n} (Dice" in note for n in labels if n != blind_name)
+    sighted = _copy_model(judge, tmp_path / "sighted", lambda f: _validation_dice(f, {v: 0.8 for v in labels.values()}))
+    assert blind_classes_note(sighted, 0, real_json, "judge filtering") is None
+    # filtering says so on stderr and records the judge's validation Dice beside its scores
+    summary = filter_synthetic_set(candidates, tmp_path / "Dataset974_X", blind, keep=2, progress=False)
+    assert f"{blind_name} (Dice 0.02)" in capsys.readouterr().err
+    assert summary["judge_validation_dice"] == {n: (0.02 if n == blind_name else 0.8) for n in labels}
 
 
 _FILTER_SCRIPT = """

@@ -67,6 +67,13 @@ def open_judge(config: SynthesizerConfig, data: FoldData) -> dict | None:
             "max_timestep": float(c.max_timestep), "every": int(c.every)}
 
 
+def weak_judge_note(entry: dict, data: FoldData) -> str | None:
+    """A warning when the judge does not read some class on its own validation cases (judge_filter)."""
+    from nnunet_diffaug.judge_filter import Judge, blind_classes_note
+    return blind_classes_note(Judge(Path(entry["judge"]), JUDGE_CHECKPOINT), data.fold, data.dataset_json,
+                              "the consistency loss")
+
+
 def check_same_judge(old: dict | None, new: dict | None, where: Path) -> None:
     """A run is continued with the judge it started with, or not at all."""
     if old and new and old.get("judge_sha256") != new.get("judge_sha256"):

@@ -26,7 +26,7 @@ from nnunet_diffaug.synthesis.autoencoder import (AutoencoderLoss, build_autoenc
                                                   encode_mean, estimate_scale_factor)
 from nnunet_diffaug.synthesis.config import SynthesizerConfig
 from nnunet_diffaug.synthesis.consistency import RUN_KEY as CONSISTENCY_KEY
-from nnunet_diffaug.synthesis.consistency import ConsistencyLoss, check_same_judge, open_judge
+from nnunet_diffaug.synthesis.consistency import ConsistencyLoss, check_same_judge, open_judge, weak_judge_note
 from nnunet_diffaug.synthesis.context import fit_context
 from nnunet_diffaug.synthesis.data import DataSpec, FoldData, PatchSampler, fit_patch_size
 from nnunet_diffaug.synthesis.ema import EMA_MODULE, build_ema, update_ema
@@ -404,6 +404,8 @@ def _train_synthesizer(dataset: str | int, configuration: str, fold: int, config
     folder = (unlabeled_only_folder(data.dataset_name, configuration) if unlabeled_only
               else paths.synthesizer_folder(data.dataset_name, configuration, fold))
     early_log: list[str] = []  # the log file is opened once the folder is prepared
+    if judge and (note := weak_judge_note(judge, data)):
+        early_log.append(note)
     with distributed.main_process_first():  # the main process preprocesses new unlabelled images, the others reuse
         outside, config = gather(data, config, folder, unlabeled, init_from, early_log.append,
                                  progress and distributed.is_main_process(), unlabeled_only)
