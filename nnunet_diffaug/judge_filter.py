@@ -134,12 +134,13 @@ def judge_validation_dice(judge: Judge, fold: int, real_json: dict) -> dict[str,
     return dice
 
 
-def blind_classes_note(judge: Judge, fold: int, real_json: dict, use: str) -> str | None:
-    """A warning naming the classes the judge does not read on its own validation cases, or None.
+def blind_classes_note(judge: Judge, fold: int, validation_dice: dict[str, float], use: str) -> str | None:
+    """A warning naming the classes the judge does not read on its own validation cases (``validation_dice``, from
+    :func:`judge_validation_dice`), or None.
 
     Such a judge scores every case low on those classes (judge filtering) and gives the painter a gradient toward
     whatever its untrained channel happens to respond to (the consistency loss): no information either way."""
-    blind = {n: d for n, d in judge_validation_dice(judge, fold, real_json).items() if d < BLIND_CLASS_DICE}
+    blind = {n: d for n, d in validation_dice.items() if d < BLIND_CLASS_DICE}
     if not blind:
         return None
     listed = ", ".join(f"{n} (Dice {d:.2f})" for n, d in blind.items())
@@ -243,7 +244,8 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     real_json = load_dataset_json(paths.nnunet_raw() / prov.source_dataset)
     check_synthetic_matches_real(real_json, candidates)
     check_judge(judge, prov.source_dataset, int(prov.fold), real_json)
-    note = blind_classes_note(judge, int(prov.fold), real_json, "judge filtering")
+    validation_dice = judge_validation_dice(judge, int(prov.fold), real_json)
+    note = blind_classes_note(judge, int(prov.fold), validation_dice, "judge filtering")
     if note:
         print(note, file=sys.stderr)
     cases = list_cases(candidates)
@@ -270,7 +272,7 @@ def filter_synthetic_set(candidates: Path, output: Path, judge: Judge, keep: int
     summary = {
         "candidates_dataset": str(candidates), "judge": str(judge.model_folder), "keep": keep,
         "min_class_dice": min_class_dice, "kept": kept, "dropped": dropped,
-        "judge_validation_dice": judge_validation_dice(judge, int(prov.fold), real_json),
+        "judge_validation_dice": validation_dice,
         "score_kept": _distribution([scores[c]["score"] for c in kept]),
         "score_dropped": _distribution([scores[c]["score"] for c in dropped]),
         "scores": {c: {"score": s["score"], "dice_per_class": s["dice_per_class"]} for c, s in sorted(scores.items())},

@@ -17,7 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_diffaug.errors import DiffAugError
-from nnunet_diffaug.judge_filter import SCORES_DIR, SUMMARY_FILE, Judge, blind_classes_note, filter_synthetic_set
+from nnunet_diffaug.judge_filter import (SCORES_DIR, SUMMARY_FILE, Judge, blind_classes_note, filter_synthetic_set,
+                                         judge_validation_dice)
 from nnunet_diffaug.provenance import CASE_RECORDS_DIR, read_provenance
 from nnunet_diffaug.raw_dataset import list_cases, load_dataset_json
 from nnunet_diffaug.synthetic_sets import find_synthetic_datasets
@@ -134,11 +135,11 @@ def test_a_judge_blind_to_a_class_is_named_with_that_class(judged, tmp_path, cap
     blind_name = sorted(labels)[0]
     blind = _copy_model(judge, tmp_path / "blind", lambda f: _validation_dice(
         f, {v: (0.02 if n == blind_name else 0.8) for n, v in labels.items()}))
-    note = blind_classes_note(blind, 0, real_json, "judge filtering")
+    note = blind_classes_note(blind, 0, judge_validation_dice(blind, 0, real_json), "judge filtering")
     assert f"{blind_name} (Dice 0.02)" in note and str(blind.model_folder) in note
     assert not any(f"{n} (Dice" in note for n in labels if n != blind_name)
     sighted = _copy_model(judge, tmp_path / "sighted", lambda f: _validation_dice(f, {v: 0.8 for v in labels.values()}))
-    assert blind_classes_note(sighted, 0, real_json, "judge filtering") is None
+    assert blind_classes_note(sighted, 0, judge_validation_dice(sighted, 0, real_json), "judge filtering") is None
     # filtering says so on stderr and records the judge's validation Dice beside its scores
     summary = filter_synthetic_set(candidates, tmp_path / "Dataset974_X", blind, keep=2, progress=False)
     assert f"{blind_name} (Dice 0.02)" in capsys.readouterr().err

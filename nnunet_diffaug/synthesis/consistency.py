@@ -69,8 +69,9 @@ def open_judge(config: SynthesizerConfig, data: FoldData) -> dict | None:
 
 def weak_judge_note(entry: dict, data: FoldData) -> str | None:
     """A warning when the judge does not read some class on its own validation cases (judge_filter)."""
-    from nnunet_diffaug.judge_filter import Judge, blind_classes_note
-    return blind_classes_note(Judge(Path(entry["judge"]), JUDGE_CHECKPOINT), data.fold, data.dataset_json,
+    from nnunet_diffaug.judge_filter import Judge, blind_classes_note, judge_validation_dice
+    judge = Judge(Path(entry["judge"]), JUDGE_CHECKPOINT)
+    return blind_classes_note(judge, data.fold, judge_validation_dice(judge, data.fold, data.dataset_json),
                               "the consistency loss")
 
 
